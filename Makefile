@@ -1,0 +1,28 @@
+# Everything runs from a .venv at the repo root, created on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev,pipeline,serve,bench]"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the main job on the embedded default world
+	$(BIN)/genco demo --out runs/demo
+
+test: $(STAMP)  ## the whole test suite
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)  ## benchmarks print JSON; figures are kept in BENCHMARKS.md
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf runs build .pytest_cache

@@ -1,0 +1,132 @@
+"""The ``genco`` command line: a thin shell over the library.
+
+User mistakes (bad files, bad flags, failed validation) print one clear line to stderr and
+exit with status 2; only bugs produce tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from genco import __version__
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from genco.simulate import simulate, world_summary
+
+    out = simulate(
+        args.world,
+        seed=args.seed,
+        out_dir=args.out,
+        n_impressions=args.n_impressions,
+        impressions_format=args.format,
+    )
+    _print_json(world_summary(out))
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from genco.contract import load_catalog, load_constraints
+    from genco.ingest import IngestConfig, ingest
+
+    catalog = load_catalog(args.catalog)
+    constraints = load_constraints(args.constraints, catalog)
+    config = IngestConfig(max_bad_fraction=args.max_bad_fraction, chunk_rows=args.chunk_rows)
+    summary = ingest(
+        args.impressions, catalog, constraints, args.out, config, progress=not args.quiet
+    )
+    _print_json(summary.to_dict())
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from genco.demo import run_demo
+
+    _print_json(run_demo(args.out, seed=args.seed, progress=not args.quiet))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from genco.simulate import WORLDS
+
+    p = argparse.ArgumentParser(
+        prog="genco",
+        description="GenCO: learn the best combination of ad creative elements from click logs.",
+    )
+    p.add_argument("--version", action="version", version=f"genco {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "simulate",
+        help="write a simulated world: catalog, constraints, impressions, ground truth",
+        description="Simulate a world with known ground truth and log impressions from its "
+        "logging policy (uniform or epsilon-greedy, with exact propensities).",
+    )
+    s.add_argument("--world", default="default", choices=list(WORLDS), help="world preset")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument(
+        "--n-impressions", type=int, default=None, help="log size (default: the world's own)"
+    )
+    s.add_argument(
+        "--format",
+        choices=("csv", "parquet"),
+        default="csv",
+        help="impressions file format (default csv)",
+    )
+    s.add_argument("--out", required=True, help="output directory (local or gs://)")
+    s.set_defaults(func=cmd_simulate)
+
+    v = sub.add_parser(
+        "validate",
+        help="validate an impression log; write valid rows, quarantine and summary",
+        description="Check impressions against the catalog and constraints. Valid rows go to "
+        "OUT/impressions.parquet, rejected rows to OUT/quarantine.csv with a reason, counts to "
+        "OUT/summary.json (also printed).",
+    )
+    v.add_argument("--catalog", required=True, help="catalog CSV/Parquet (local or gs://)")
+    v.add_argument("--impressions", required=True, help="impressions CSV/Parquet")
+    v.add_argument("--constraints", default=None, help="forbidden pairs CSV/Parquet (optional)")
+    v.add_argument("--out", required=True, help="output directory (local or gs://)")
+    v.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.05,
+        help="fail when more rows than this fraction are quarantined (default 0.05)",
+    )
+    v.add_argument("--chunk-rows", type=int, default=262_144, help="rows per streamed chunk")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=cmd_validate)
+
+    d = sub.add_parser(
+        "demo",
+        help="the main job on the embedded default world (no cluster, no cloud)",
+        description="Simulate the default world, validate it and print a summary.",
+    )
+    d.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except USER_ERRORS as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"genco {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
