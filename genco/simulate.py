@@ -53,7 +53,7 @@ class WorldConfig:
     )
     n_features: int = field(default=4, metadata={"help": "feat_* columns per element."})
     style_rank: int = field(default=2, metadata={"help": "Rank of the interaction styles."})
-    base_logit: float = field(default=-3.4, metadata={"help": "Logit of an average impression."})
+    base_logit: float = field(default=-3.6, metadata={"help": "Logit of an average impression."})
     appeal_scale: float = field(default=0.3, metadata={"help": "SD of per-ad appeal."})
     main_scale: float = field(default=0.3, metadata={"help": "SD of element main effects."})
     feature_share: float = field(
@@ -73,7 +73,11 @@ class WorldConfig:
         default=1.0, metadata={"help": "Logging policy: uniform with prob epsilon, else greedy."}
     )
     greedy: str = field(
-        default="random", metadata={"help": "Logging policy's greedy combo: random | worst."}
+        default="random",
+        metadata={
+            "help": "Logging policy's greedy combo per ad: random | confounded (the worst "
+            "combination on appealing ads, the best on the others)."
+        },
     )
     popularity_skew: float = field(
         default=0.0, metadata={"help": "Zipf exponent of impressions per ad (by appeal rank)."}
@@ -95,8 +99,8 @@ class WorldConfig:
             raise ValueError(f"n_components must be <= {len(COMPONENT_NAMES)}")
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon}")
-        if self.greedy not in ("random", "worst"):
-            raise ValueError(f"greedy must be 'random' or 'worst', got '{self.greedy}'")
+        if self.greedy not in ("random", "confounded"):
+            raise ValueError(f"greedy must be 'random' or 'confounded', got '{self.greedy}'")
         if not 0.0 <= self.cold_start_share < 1.0:
             raise ValueError(f"cold_start_share must be in [0, 1), got {self.cold_start_share}")
 
@@ -125,7 +129,7 @@ WORLDS: dict[str, WorldConfig] = {
             n_candidates=6,
             pool_size=10,
             interaction_scale=0.0,
-            main_scale=0.35,
+            main_scale=0.3,
             n_impressions=200_000,
         ),
         WorldConfig(
@@ -135,7 +139,7 @@ WORLDS: dict[str, WorldConfig] = {
             n_candidates=6,
             pool_size=10,
             main_scale=0.12,
-            interaction_scale=0.25,
+            interaction_scale=0.2,
             n_impressions=500_000,
         ),
         WorldConfig(
@@ -144,11 +148,11 @@ WORLDS: dict[str, WorldConfig] = {
             n_components=3,
             n_candidates=6,
             pool_size=6,
-            appeal_scale=0.8,
-            main_scale=0.3,
+            appeal_scale=0.7,
+            main_scale=0.25,
             interaction_scale=0.05,
             epsilon=0.3,
-            greedy="worst",
+            greedy="confounded",
             popularity_skew=1.0,
             n_impressions=200_000,
         ),
@@ -170,9 +174,9 @@ WORLDS: dict[str, WorldConfig] = {
             n_components=3,
             n_candidates=6,
             pool_size=10,
-            main_scale=0.3,
+            main_scale=0.2,
             interaction_scale=0.1,
-            context_flip=1.6,
+            context_flip=1.5,
             n_impressions=300_000,
         ),
         WorldConfig(
@@ -250,6 +254,20 @@ class GroundTruth:
                 "nr,rs,ns->n", self.style[k][combos[:, k]], w, self.style[m][combos[:, m]]
             )
         return np.clip(z, _LOGIT_MIN, _LOGIT_MAX)
+
+    def element_effects(self) -> list[np.ndarray]:
+        """Each element's average marginal effect on the logit, centred per component.
+
+        E[logit | e_k = e] - E[logit] with every other component drawn uniformly from its
+        catalog elements and ctx_0 a fair coin (so the flip averages out): the main effect
+        plus each pairwise term averaged over the partner component. Unlike a split of the
+        pairwise terms, this is identified from clicks, so models can be compared on it.
+        """
+        out = [m.copy() for m in self.main]
+        for (k, m), w in self.inter.items():
+            out[k] += self.style[k] @ w @ self.style[m].mean(0)
+            out[m] += self.style[m] @ w.T @ self.style[k].mean(0)
+        return [o - o.mean() for o in out]
 
     def ctr(self, ads: np.ndarray, combos: np.ndarray, ctx: np.ndarray | None = None) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-self.logit(ads, combos, ctx)))
@@ -352,7 +370,8 @@ def make_world(config: WorldConfig, seed: int) -> World:
     if config.interaction_scale > 0:
         for k in range(K):
             for m_ in range(k + 1, K):
-                inter[(k, m_)] = config.interaction_scale * rng.normal(size=(R, R))
+                # Divided by R so that each pairwise term has SD ~ interaction_scale.
+                inter[(k, m_)] = config.interaction_scale / R * rng.normal(size=(R, R))
     appeal = config.appeal_scale * rng.normal(size=config.n_ads)
     ctx_appeal = np.array([0.2, 0.0]) if config.contextual else np.zeros(0)
 
@@ -405,9 +424,13 @@ def make_world(config: WorldConfig, seed: int) -> World:
     ctx0 = _default_context(truth, 1)
     for a in range(config.n_ads):
         legal = legal_combinations(catalog, constraints, a, warm[a])
-        if config.greedy == "worst":
-            z = truth.logit(np.full(len(legal), a), legal, np.repeat(ctx0, len(legal), 0))
-            greedy[a] = legal[np.argmin(z)]
+        if config.greedy == "confounded":
+            # Popular products shown with bad creatives, unpopular ones with good creatives:
+            # naive per-element CTRs then credit elements with the product's appeal.
+            ctx = None if ctx0 is None else np.repeat(ctx0, len(legal), 0)
+            z = truth.logit(np.full(len(legal), a), legal, ctx)
+            pick = np.argmin(z) if appeal[a] > np.median(appeal) else np.argmax(z)
+            greedy[a] = legal[pick]
         else:
             greedy[a] = legal[rng.integers(len(legal))]
     ranks = np.argsort(np.argsort(-appeal))  # most appealing ads are the most shown
