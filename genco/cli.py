@@ -46,6 +46,52 @@ def cmd_validate(args: argparse.Namespace) -> None:
     _print_json(summary.to_dict())
 
 
+def cmd_attribute(args: argparse.Namespace) -> None:
+    from genco.attribution import run_attribute
+    from genco.ingest import IngestConfig
+    from genco.reward import RewardModelConfig
+
+    config = RewardModelConfig(
+        dim=args.dim,
+        epochs=args.epochs,
+        propensity_weighting=args.propensity_weighting,
+        seed=args.seed,
+    )
+    result = run_attribute(
+        args.catalog,
+        args.impressions,
+        args.out,
+        constraints_path=args.constraints,
+        config=config,
+        ingest_config=IngestConfig(max_bad_fraction=args.max_bad_fraction),
+        progress=not args.quiet,
+    )
+    test = result.get("test", {})
+    _print_json(
+        {
+            "model_dir": args.out,
+            "rows_valid": result["ingest"]["rows_valid"],
+            "rows_quarantined": result["ingest"]["rows_quarantined"],
+            "epochs": result["train"]["epochs"],
+            "train_seconds": round(result["train"]["seconds"], 1),
+            **{k: round(test[k], 5) for k in ("auc", "log_loss", "ece") if k in test},
+        }
+    )
+
+
+def _add_io(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--catalog", required=True, help="catalog CSV/Parquet (local or gs://)")
+    p.add_argument("--impressions", required=True, help="impressions CSV/Parquet")
+    p.add_argument("--constraints", default=None, help="forbidden pairs CSV/Parquet (optional)")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.05,
+        help="fail when more rows than this fraction are quarantined (default 0.05)",
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from genco.demo import run_demo
 
@@ -89,19 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/impressions.parquet, rejected rows to OUT/quarantine.csv with a reason, counts to "
         "OUT/summary.json (also printed).",
     )
-    v.add_argument("--catalog", required=True, help="catalog CSV/Parquet (local or gs://)")
-    v.add_argument("--impressions", required=True, help="impressions CSV/Parquet")
-    v.add_argument("--constraints", default=None, help="forbidden pairs CSV/Parquet (optional)")
-    v.add_argument("--out", required=True, help="output directory (local or gs://)")
-    v.add_argument(
-        "--max-bad-fraction",
-        type=float,
-        default=0.05,
-        help="fail when more rows than this fraction are quarantined (default 0.05)",
-    )
+    _add_io(v, "output directory (local or gs://)")
     v.add_argument("--chunk-rows", type=int, default=262_144, help="rows per streamed chunk")
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=cmd_validate)
+
+    a = sub.add_parser(
+        "attribute",
+        help="train the reward model and attribute clicks to elements",
+        description="Validate the log, train the multi-instance reward model on all but the "
+        "latest 10%% of impressions, evaluate on them, and write OUT/reward_model.{pt,json}, "
+        "OUT/attributions.parquet (per impression), OUT/element_attribution.csv (per element) "
+        "and OUT/reward_metrics.json.",
+    )
+    _add_io(a, "model directory (local or gs://)")
+    a.add_argument("--epochs", type=int, default=30, help="maximum epochs (default 30)")
+    a.add_argument("--dim", type=int, default=8, help="interaction vector size (default 8)")
+    a.add_argument(
+        "--propensity-weighting", action="store_true", help="weight impressions by 1/propensity"
+    )
+    a.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(func=cmd_attribute)
 
     d = sub.add_parser(
         "demo",

@@ -1,0 +1,189 @@
+"""Reward model: exact attribution, learning, cold start, bundle, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from genco.attribution import ELEMENT_FILE, IMPRESSION_FILE, element_table, fit_and_attribute
+from genco.bundle import BundleError, load_reward_model, save_reward_model
+from genco.metrics import spearman
+from genco.reward import BoundModel, RewardModelConfig, encode, train_reward_model
+from genco.simulate import WORLDS, log_impressions, make_world
+
+FAST = RewardModelConfig(epochs=6, batch_size=2048)
+
+
+@pytest.fixture(scope="module")
+def additive():
+    world = make_world(WORLDS["additive"], seed=0)
+    log = log_impressions(world, 60_000, seed=0)
+    model, report = train_reward_model(world.catalog, log, FAST)
+    return world, log, model, report
+
+
+def test_attributions_sum_exactly_to_the_creative_logit(additive):
+    world, log, model, _ = additive
+    b = BoundModel(model, world.catalog)
+    enc = encode(log.iloc[:2000], world.catalog)
+    base, credit = b.credit(enc.ads, enc.combos, enc.ctx)
+    logit = b.logit(enc.ads, enc.combos, enc.ctx)
+    np.testing.assert_allclose(credit.sum(1), logit - base, atol=1e-5)
+    # And the base is the appeal: it does not move with the combination.
+    other = enc.combos.copy()
+    other[:, 0] = world.catalog.candidates[0][0][0]
+    base2, _ = b.credit(np.zeros(len(enc), np.int64), other, enc.ctx)
+    base0, _ = b.credit(np.zeros(len(enc), np.int64), enc.combos, enc.ctx)
+    np.testing.assert_allclose(base2, base0, atol=1e-6)
+
+
+def test_a_training_step_changes_parameters():
+    world = make_world(WORLDS["default"], seed=0)
+    log = log_impressions(world, 3000, seed=0)
+    from genco.reward import RewardModel, Vocab
+
+    before = RewardModel(Vocab.from_catalog(world.catalog, ()), RewardModelConfig(epochs=1))
+    model, report = train_reward_model(world.catalog, log, RewardModelConfig(epochs=1))
+    assert report.epochs == 1
+    changed = [
+        name
+        for name, p in model.state_dict().items()
+        if p.dtype.is_floating_point and not torch.equal(p, before.state_dict()[name])
+    ]
+    assert {"bias", "id_main.weight", "id_ffm.weight", "w_ffm", "appeal.weight"} <= set(changed)
+
+
+def test_learned_effects_correlate_with_the_truth(additive):
+    world, _, model, report = additive
+    learned = BoundModel(model, world.catalog).element_effects()
+    true = world.truth.element_effects()
+    per = [spearman(a, b) for a, b in zip(learned, true)]
+    assert min(per) > 0.8, per
+    assert report.split == "time" and report.val_rows == 6000
+
+
+def test_cold_start_elements_are_scored_from_features():
+    world = make_world(WORLDS["cold_start"], seed=0)
+    log = log_impressions(world, 60_000, seed=0)
+    model, _ = train_reward_model(world.catalog, log, FAST)
+    b = BoundModel(model, world.catalog)
+    learned, true = b.element_effects(), world.truth.element_effects()
+    cold_l = np.concatenate([e[c] for e, c in zip(learned, world.truth.cold)])
+    cold_t = np.concatenate([e[c] for e, c in zip(true, world.truth.cold)])
+    assert len(cold_l) >= 9
+    # Never logged, yet ranked like the truth through their features alone.
+    assert spearman(cold_l, cold_t) > 0.6
+    table = element_table(b, encode(log, world.catalog))
+    cold_rows = table[table.cold]
+    assert (cold_rows.impressions == 0).all() and cold_rows.effect.notna().all()
+    assert len(cold_rows) == len(cold_l)
+
+
+def test_bundle_round_trip_and_tamper_check(tmp_path, additive):
+    world, log, model, _ = additive
+    save_reward_model(model, str(tmp_path))
+    again, meta = load_reward_model(str(tmp_path))
+    enc = encode(log.iloc[:500], world.catalog)
+    a = BoundModel(model, world.catalog).logit(enc.ads, enc.combos)
+    b = BoundModel(again, world.catalog).logit(enc.ads, enc.combos)
+    np.testing.assert_array_equal(a, b)
+    assert meta["vocab"]["components"] == list(world.catalog.components)
+    weights = tmp_path / "reward_model.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256 .* does not match the recorded"):
+        load_reward_model(str(tmp_path))
+    with pytest.raises(BundleError, match="not a reward model directory"):
+        load_reward_model(str(tmp_path / "nope"))
+
+
+def test_fit_and_attribute_writes_tables_next_to_the_model(tmp_path):
+    world = make_world(WORLDS["default"], seed=0)
+    log = log_impressions(world, 20_000, seed=0)
+    metrics = fit_and_attribute(world.catalog, log, str(tmp_path), FAST)
+    assert 0.5 < metrics["test"]["auc"] < 1.0
+    per_imp = pd.read_parquet(tmp_path / IMPRESSION_FILE)
+    assert len(per_imp) == len(log)
+    credits = per_imp[[f"credit_{c}" for c in world.catalog.components]].sum(axis=1)
+    np.testing.assert_allclose(credits, per_imp["creative_logit"], atol=1e-5)
+    per_el = pd.read_csv(tmp_path / ELEMENT_FILE, dtype={"element_id": str})
+    assert len(per_el) == sum(len(e) for e in world.catalog.elements)
+    assert per_el.impressions.sum() == len(log) * world.catalog.n_components
+    shown = per_el[per_el.impressions > 0]
+    assert (shown.ci_low < shown.effect).all() and (shown.effect < shown.ci_high).all()
+    saved = json.loads((tmp_path / "reward_metrics.json").read_text())
+    assert saved["train"]["best_epoch"] >= 1
+
+
+def test_bad_inputs_give_clear_errors():
+    world = make_world(WORLDS["default"], seed=0)
+    log = log_impressions(world, 500, seed=0)
+    with pytest.raises(ValueError, match="^impressions: no rows to learn from$"):
+        train_reward_model(world.catalog, log.iloc[:0])
+    with pytest.raises(ValueError, match="^impressions: no clicks at all"):
+        train_reward_model(world.catalog, log.assign(click=0))
+    with pytest.raises(ValueError, match="^impressions: ad_id 'ad_9999' is not in the catalog$"):
+        train_reward_model(world.catalog, log.assign(ad_id="ad_9999"))
+    # A model trained on fewer ads refuses to score an ad it never saw.
+    from genco.contract import Catalog
+
+    small = Catalog.from_frame(world.catalog.to_frame().query("ad_id != 'ad_0019'"))
+    model, _ = train_reward_model(small, log[log.ad_id != "ad_0019"], FAST)
+    with pytest.raises(ValueError, match="ad_id 'ad_0019' is not known to the reward model"):
+        BoundModel(model, world.catalog)
+    assert BoundModel(model, world.catalog, allow_unknown_ads=True).ad_map[-1] == small.n_ads
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dim": 0}, "dim must be > 0, got 0"),
+        ({"val_fraction": 1.0}, "val_fraction must be in [0, 1), got 1.0"),
+        ({"l2_id": -1.0}, "l2_id must be >= 0, got -1.0"),
+        ({"patience": 0}, "patience must be >= 1, got 0"),
+    ],
+)
+def test_config_validates_itself(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        RewardModelConfig(**kwargs)
+    assert str(err.value) == message
+
+
+def test_cli_attribute(tmp_path):
+    run = [sys.executable, "-m", "genco.cli"]
+    subprocess.run(
+        [*run, "simulate", "--n-impressions", "8000", "--out", str(tmp_path / "w")],
+        check=True,
+        capture_output=True,
+    )
+    r = subprocess.run(
+        [
+            *run,
+            "attribute",
+            "--catalog",
+            str(tmp_path / "w" / "catalog.csv"),
+            "--impressions",
+            str(tmp_path / "w" / "impressions.csv"),
+            "--constraints",
+            str(tmp_path / "w" / "constraints.csv"),
+            "--out",
+            str(tmp_path / "m"),
+            "--epochs",
+            "3",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["rows_valid"] == 8000 and out["epochs"] <= 3 and 0.5 < out["auc"] < 1
+    model, _ = load_reward_model(str(tmp_path / "m"))
+    assert model.vocab.components == ("title", "image", "highlight")
