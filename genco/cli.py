@@ -79,6 +79,54 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from genco.generator import GeneratorConfig
+    from genco.ingest import IngestConfig
+    from genco.reward import RewardModelConfig
+    from genco.train import run_train
+
+    result = run_train(
+        args.catalog,
+        args.impressions,
+        args.out,
+        constraints_path=args.constraints,
+        reward_config=RewardModelConfig(epochs=args.epochs, seed=args.seed),
+        generator_config=GeneratorConfig(rl_steps=args.rl_steps, seed=args.seed),
+        ingest_config=IngestConfig(max_bad_fraction=args.max_bad_fraction),
+        warm_start_dir=args.warm_start,
+        progress=not args.quiet,
+    )
+    test = result["reward"].get("test", {})
+    _print_json(
+        {
+            "model_dir": args.out,
+            "rows_valid": result["ingest"]["rows_valid"],
+            "rows_quarantined": result["ingest"]["rows_quarantined"],
+            "reward_auc": round(test["auc"], 5) if "auc" in test else None,
+            "reward_train_seconds": round(result["reward"]["train"]["seconds"], 1),
+            "generator_seconds": round(result["generator"]["seconds"], 1),
+            "warm_start": result["manifest"]["warm_start"],
+        }
+    )
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    from genco import storage
+    from genco.contract import load_catalog, load_constraints
+    from genco.predictor import Predictor
+
+    catalog = constraints = None
+    if args.catalog:
+        catalog = load_catalog(args.catalog)
+        constraints = load_constraints(args.constraints, catalog)
+    predictor = Predictor.load(args.model, catalog, constraints)
+    contexts = storage.read_table(args.contexts, dtype={"ad_id": str}) if args.contexts else None
+    frame = predictor.recommend_frame(contexts, top_k=args.top_k)
+    storage.write_table(frame, args.out)
+    print(frame.head(10).to_string(index=False))
+    print(f"... {len(frame)} rows written to {args.out}", file=sys.stderr)
+
+
 def _add_io(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--catalog", required=True, help="catalog CSV/Parquet (local or gs://)")
     p.add_argument("--impressions", required=True, help="impressions CSV/Parquet")
@@ -157,6 +205,34 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(func=cmd_attribute)
+
+    t = sub.add_parser(
+        "train",
+        help="validate, fit the reward model, train the generator: one bundle",
+        description="Validate the log, fit the reward model (attribution tables included), "
+        "train the generator by policy gradient against it, and write one bundle directory.",
+    )
+    _add_io(t, "bundle directory (local or gs://)")
+    t.add_argument("--epochs", type=int, default=30, help="reward model epochs (default 30)")
+    t.add_argument("--rl-steps", type=int, default=300, help="generator updates (default 300)")
+    t.add_argument("--warm-start", default=None, help="previous bundle to start from")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser(
+        "recommend",
+        help="best combinations per ad (or per context row) from a bundle",
+        description="Write recommendations (ad_id, ctx_*, rank, one column per component, "
+        "score = predicted CTR) for every ad of the catalog, or for each row of --contexts.",
+    )
+    r.add_argument("--model", required=True, help="bundle directory from 'genco train'")
+    r.add_argument("--catalog", default=None, help="catalog (default: the bundle's own)")
+    r.add_argument("--constraints", default=None, help="constraints (with --catalog)")
+    r.add_argument("--contexts", default=None, help="ad_id + ctx_* rows (default: every ad)")
+    r.add_argument("--top-k", type=int, default=1, help="combinations per row (default 1)")
+    r.add_argument("--out", required=True, help="recommendations CSV/Parquet")
+    r.set_defaults(func=cmd_recommend)
 
     d = sub.add_parser(
         "demo",

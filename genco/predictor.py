@@ -1,0 +1,206 @@
+"""The predictor: one object that turns a bundle into recommendations.
+
+The CLI's ``recommend``, the pipeline's evaluation and the TorchServe handler all call it.
+Modes: ``beam`` (the best combinations: generator beam search re-ranked by the reward model)
+and ``sample`` (exploration: combinations drawn from the generator with their exact
+propensities, for logging and off-policy evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from genco import storage
+from genco.bundle import load_reward_model
+from genco.contract import (
+    AD,
+    COMPONENT,
+    CONTEXT_PREFIX,
+    ELEMENT,
+    Catalog,
+    Constraints,
+    load_catalog,
+    load_constraints,
+)
+from genco.generator import BoundGenerator, Generator
+from genco.reward import BoundModel, RewardModel
+from genco.train import CATALOG, CONSTRAINTS, MANIFEST, load_generator
+
+MODES = ("beam", "sample")
+MAX_TOP_K = 100
+
+
+@dataclass
+class Recommendation:
+    rank: int
+    elements: dict[str, str]
+    score: float  # predicted CTR
+    propensity: float | None = None
+    attribution: dict[str, float] | None = None
+
+    def to_dict(self) -> dict:
+        out: dict = {"rank": self.rank, "elements": self.elements, "score": self.score}
+        if self.propensity is not None:
+            out["propensity"] = self.propensity
+        if self.attribution is not None:
+            out["attribution"] = self.attribution
+        return out
+
+
+@dataclass
+class Predictor:
+    reward: RewardModel
+    generator: Generator
+    catalog: Catalog
+    constraints: Constraints
+    version: str = "unversioned"
+    _bound: tuple[BoundModel, BoundGenerator] | None = field(default=None, repr=False)
+
+    @staticmethod
+    def load(
+        model_dir: str,
+        catalog: Catalog | None = None,
+        constraints: Constraints | None = None,
+        client=None,
+    ) -> Predictor:
+        """Load a bundle; by default with the catalog and constraints it was trained on."""
+        reward, _ = load_reward_model(model_dir, client=client)
+        generator = load_generator(model_dir, client=client)
+        if catalog is None:
+            catalog = load_catalog(storage.join(model_dir, CATALOG), client=client)
+            if constraints is None:
+                constraints = load_constraints(
+                    storage.join(model_dir, CONSTRAINTS), catalog, client=client
+                )
+        constraints = constraints if constraints is not None else Constraints.empty()
+        version = "unversioned"
+        manifest_path = storage.join(model_dir, MANIFEST)
+        if storage.exists(manifest_path, client=client):
+            m = storage.read_json(manifest_path, client=client)
+            version = m.get("version") or m.get("created_at", version)
+        return Predictor(reward, generator, catalog, constraints, version)
+
+    @property
+    def context_columns(self) -> tuple[str, ...]:
+        return self.reward.vocab.context_columns
+
+    def bound(self) -> tuple[BoundModel, BoundGenerator]:
+        if self._bound is None:
+            with torch.inference_mode():
+                b = BoundModel(self.reward, self.catalog, allow_unknown_ads=True)
+                g = BoundGenerator(self.generator, self.catalog, self.constraints)
+                g.candidate_vectors()  # warm the cache
+            self._bound = (b, g)
+        return self._bound
+
+    def context_vector(self, ctx: dict[str, float] | np.ndarray | None) -> np.ndarray | None:
+        """Context as the model's column order; missing columns are an error naming them."""
+        cols = self.context_columns
+        if not cols:
+            return None
+        if ctx is None:
+            raise ValueError(f"context is required: {', '.join(cols)}")
+        if isinstance(ctx, dict):
+            missing = [c for c in cols if c not in ctx]
+            if missing:
+                raise ValueError(f"context is missing '{missing[0]}'")
+            return np.array([float(ctx[c]) for c in cols], dtype=np.float32)
+        arr = np.asarray(ctx, dtype=np.float32).reshape(-1)
+        if len(arr) != len(cols):
+            raise ValueError(f"context has {len(arr)} values, expected {len(cols)}")
+        return arr
+
+    @torch.inference_mode()
+    def recommend(
+        self,
+        ad_id: str,
+        ctx: dict[str, float] | np.ndarray | None = None,
+        top_k: int = 5,
+        mode: str = "beam",
+        explain: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Recommendation]:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be in [1, {MAX_TOP_K}], got {top_k}")
+        ad = self.catalog.ad_code(ad_id)
+        x = self.context_vector(ctx)
+        reward, gen = self.bound()
+        propensity = None
+        if mode == "beam":
+            width = max(gen.model.config.beam_width, top_k)
+            codes, _ = gen.beam(ad, x, width)
+        else:
+            g = torch.Generator().manual_seed(seed) if seed is not None else None
+            ads = np.full(top_k, ad)
+            xs = None if x is None else np.tile(x, (top_k, 1))
+            slots, logp, _ = gen.sample(ads, xs, temperature=temperature, generator=g)
+            codes = gen.masks.to_codes(torch.as_tensor(ads), slots)
+            codes, first = np.unique(codes, axis=0, return_index=True)
+            propensity = np.exp(logp.sum(1).numpy())[first]
+        n = len(codes)
+        xs = None if x is None else np.tile(x, (n, 1))
+        base, credit = reward.credit(np.full(n, ad), codes, xs)
+        score = 1.0 / (1.0 + np.exp(-(base + credit.sum(1))))
+        order = np.argsort(-score, kind="stable")[:top_k]
+        out = []
+        comps = self.catalog.components
+        for r, i in enumerate(order, start=1):
+            elements = {c: self.catalog.elements[k][codes[i, k]] for k, c in enumerate(comps)}
+            out.append(
+                Recommendation(
+                    rank=r,
+                    elements=elements,
+                    score=float(score[i]),
+                    propensity=None if propensity is None else float(propensity[i]),
+                    attribution=(
+                        {c: float(credit[i, k]) for k, c in enumerate(comps)} if explain else None
+                    ),
+                )
+            )
+        return out
+
+    def recommend_frame(self, contexts: pd.DataFrame | None, top_k: int = 1) -> pd.DataFrame:
+        """Recommendations in the contract format: one block of top_k rows per input row."""
+        if contexts is None:
+            contexts = pd.DataFrame({AD: list(self.catalog.ads)})
+        if AD not in contexts.columns:
+            raise ValueError("contexts: missing required column 'ad_id'")
+        ctx_cols = [c for c in contexts.columns if c.startswith(CONTEXT_PREFIX)]
+        rows = []
+        for rec in contexts.to_dict("records"):
+            ad_id = str(rec[AD])
+            ctx = {c: rec[c] for c in ctx_cols} if ctx_cols else None
+            for r in self.recommend(ad_id, ctx, top_k=top_k):
+                rows.append(
+                    {AD: ad_id, **(ctx or {}), "rank": r.rank, **r.elements, "score": r.score}
+                )
+        cols = [AD, *ctx_cols, "rank", *self.catalog.components, "score"]
+        return pd.DataFrame(rows, columns=cols)
+
+
+def inline_catalog(
+    candidates: dict[str, list], feature_names: tuple[str, ...], ad_id: str = "__inline__"
+) -> Catalog:
+    """A one-ad catalog from a request's ``{component: [element id | {id, feat_*...}]}``."""
+    rows = []
+    for comp, elems in candidates.items():
+        if not isinstance(elems, list) or not elems:
+            raise ValueError(f"candidates.{comp} must be a non-empty list")
+        for e in elems:
+            if isinstance(e, dict):
+                if "id" not in e:
+                    raise ValueError(f"candidates.{comp}: an element object needs an 'id'")
+                feats = [float(e.get(f, 0.0)) for f in feature_names]
+                rows.append((ad_id, comp, str(e["id"]), *feats))
+            else:
+                rows.append((ad_id, comp, str(e), *([0.0] * len(feature_names))))
+    return Catalog.from_frame(
+        pd.DataFrame(rows, columns=[AD, COMPONENT, ELEMENT, *feature_names]), "candidates"
+    )
