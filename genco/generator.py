@@ -23,26 +23,30 @@ from genco.contract import Catalog, Constraints
 from genco.legal import LegalMasks
 from genco.reward import Vocab
 
+CREDITS = ("combination", "element", "counterfactual")
+
 
 @dataclass(frozen=True)
 class GeneratorConfig:
     hidden: int = field(default=64, metadata={"help": "State and candidate vector size."})
     rl_steps: int = field(default=300, metadata={"help": "Policy-gradient updates."})
-    prompts: int = field(default=64, metadata={"help": "(ad, context) prompts per update."})
-    group_size: int = field(default=16, metadata={"help": "Samples per prompt (group baseline)."})
+    prompts: int = field(default=32, metadata={"help": "(ad, context) prompts per update."})
+    group_size: int = field(default=32, metadata={"help": "Samples per prompt (group baseline)."})
     lr: float = field(default=3e-3, metadata={"help": "Adam learning rate."})
     entropy: float = field(default=0.01, metadata={"help": "Entropy bonus weight."})
     credit: str = field(
-        default="element",
+        default="combination",
         metadata={
-            "help": "'combination': one advantage per sample; 'element': per-step "
-            "advantage from the reward model's Shapley credits (reward-to-go)."
+            "help": "'combination': one group-normalised advantage per sample; "
+            "'element': per-step advantage from the reward model's Shapley credits "
+            "(reward-to-go); 'counterfactual': per-step advantage = reward minus the "
+            "policy-expected reward of swapping that step's element, others fixed."
         },
     )
     warm_start_steps: int = field(
         default=0, metadata={"help": "Behaviour-cloning steps on clicked logs before RL."}
     )
-    beam_width: int = field(default=16, metadata={"help": "Beams kept while decoding."})
+    beam_width: int = field(default=32, metadata={"help": "Beams kept while decoding."})
     seed: int = field(default=0, metadata={"help": "Seed for init and sampling."})
 
     def __post_init__(self) -> None:
@@ -58,8 +62,8 @@ class GeneratorConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.entropy < 0:
             raise ValueError(f"entropy must be >= 0, got {self.entropy}")
-        if self.credit not in ("combination", "element"):
-            raise ValueError(f"credit must be 'combination' or 'element', got '{self.credit}'")
+        if self.credit not in CREDITS:
+            raise ValueError(f"credit must be one of {', '.join(CREDITS)}, got '{self.credit}'")
 
 
 class Generator(nn.Module):
@@ -188,12 +192,14 @@ class BoundGenerator:
         B = len(a)
         picks = torch.zeros(B, self.model.K, dtype=torch.long)
         logps, ents = [], []
+        self.last_probs: list[torch.Tensor] = []  # per step (B, M_k), for counterfactual credit
         for k in range(self.model.K):
             allowed = self.masks.mask(k, a, picks)
             self._check_alive(allowed, k)
             c = cands[k][a]
             logits = self._logits(k, state, c).masked_fill(~allowed, float("-inf")) / temperature
             logp = torch.log_softmax(logits, -1)
+            self.last_probs.append(logp.detach().exp())
             choice = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
             picks[:, k] = choice
             logps.append(logp.gather(1, choice[:, None])[:, 0])
@@ -281,6 +287,39 @@ def _group_norm(r: torch.Tensor, groups: int) -> torch.Tensor:
     return adv.reshape(r.shape)
 
 
+def _counterfactual_advantage(
+    reward,
+    bound: BoundGenerator,
+    ads: np.ndarray,
+    ctx: np.ndarray | None,
+    slots: torch.Tensor,
+    r: torch.Tensor,
+    probs: list[torch.Tensor],
+) -> torch.Tensor:
+    """(B, K): r minus E_{e ~ pi_k}[ r(combination with step k's element swapped for e) ].
+
+    Each step is judged against what the policy would have got there on average with the
+    other picks held fixed: a per-element baseline scored by the reward model.
+    """
+    B, K = slots.shape
+    a = torch.as_tensor(ads)
+    out = torch.zeros(B, K)
+    for k in range(K):
+        M = probs[k].shape[1]
+        alt = slots[:, None, :].repeat(1, M, 1)  # (B, M, K)
+        alt[:, :, k] = torch.arange(M)[None, :]
+        flat = alt.reshape(B * M, K)
+        a_rep = a.repeat_interleave(M)
+        valid = bound.masks.valid[k][a_rep, flat[:, k]]
+        flat[~valid, k] = 0  # padding slots: scored as slot 0, then weighted by p = 0
+        codes = bound.masks.to_codes(a_rep, flat)
+        x = None if ctx is None else np.repeat(ctx, M, 0)
+        _, cr = reward.credit(a_rep.numpy(), codes, x)
+        r_alt = torch.as_tensor(cr.sum(1), dtype=torch.float32).reshape(B, M)
+        out[:, k] = r - (probs[k] * r_alt).sum(1)
+    return out
+
+
 def train_generator(
     reward,
     catalog: Catalog,
@@ -314,7 +353,7 @@ def train_generator(
                 model.feat_mean[k] = f.mean(0)
                 model.feat_std[k] = f.std(0, unbiased=False).clamp_min(1e-6)
         if C:
-            c = torch.as_tensor(contexts, dtype=torch.float32)
+            c = torch.tensor(np.asarray(contexts), dtype=torch.float32)
             model.ctx_mean.copy_(c.mean(0))
             model.ctx_std.copy_(c.std(0, unbiased=False).clamp_min(1e-6))
     bound = BoundGenerator(model, catalog, constraints)
@@ -350,6 +389,10 @@ def train_generator(
         if config.credit == "element":
             to_go = credit.flip(1).cumsum(1).flip(1)  # (B, K): credit of step k and later
             pg = -(_group_norm(to_go, P) * logp).sum(1).mean()
+        elif config.credit == "counterfactual":
+            adv = _counterfactual_advantage(reward, bound, ads, ctx, slots, r, bound.last_probs)
+            scale = r.reshape(P, G).std(1, keepdim=True).repeat_interleave(G, 0) + 1e-6
+            pg = -((adv / scale) * logp).sum(1).mean()
         else:
             pg = -(_group_norm(r, P) * logp.sum(1)).mean()
         loss = pg - config.entropy * ent.sum(1).mean()
