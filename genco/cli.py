@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
+
+    from genco.cli_pipeline import add_commands as add_pipeline_commands
+
+    add_pipeline_commands(sub)
     return p
 
 

@@ -1,0 +1,1 @@
+"""The retraining pipeline (KFP v2)."""
