@@ -23,6 +23,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)  ## benchmarks print JSON; figures are kept in BENCHMARKS.md
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/reward.py
+	$(BIN)/python bench/quality.py --worlds interactions contextual aes large
+	$(BIN)/python bench/ablation.py
+	$(BIN)/python bench/serving.py
 
 clean:
 	rm -rf runs build .pytest_cache

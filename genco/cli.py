@@ -143,7 +143,9 @@ def _add_io(p: argparse.ArgumentParser, out_help: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from genco.demo import run_demo
 
-    _print_json(run_demo(args.out, seed=args.seed, progress=not args.quiet))
+    _print_json(
+        run_demo(args.out, seed=args.seed, progress=not args.quiet, serve=not args.no_serve)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,16 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo",
         help="the main job on the embedded default world (no cluster, no cloud)",
-        description="Simulate the default world, validate it and print a summary.",
+        description="Simulate the default world, run the retraining pipeline on the local "
+        "KFP runner (gated deploy into OUT/model_store), serve the production model with a "
+        "local TorchServe and print one REST response.",
     )
     d.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--no-serve", action="store_true", help="stop after the pipeline")
     d.set_defaults(func=cmd_demo)
 
     from genco.cli_pipeline import add_commands as add_pipeline_commands
 
     add_pipeline_commands(sub)
+
+    from genco.cli_serve import add_commands as add_serve_commands
+
+    add_serve_commands(sub)
     return p
 
 

@@ -8,7 +8,21 @@ import sys
 
 import pytest
 
-VERBS = ["simulate", "validate", "demo"]
+VERBS = [
+    "simulate",
+    "validate",
+    "attribute",
+    "train",
+    "recommend",
+    "demo",
+    "pipeline",
+    "evaluate",
+    "deploy",
+    "rollback",
+    "versions",
+    "serve",
+    "archive",
+]
 
 
 def genco(*args: str, cwd=None) -> subprocess.CompletedProcess:

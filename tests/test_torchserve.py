@@ -1,0 +1,238 @@
+"""One real TorchServe (Java frontend + Python worker) over HTTP on 127.0.0.1.
+
+Bounded in time: startup waits at most ``STARTUP_S``, every HTTP call has a timeout, and the
+server's whole process group is stopped when the module ends, whatever failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from genco import serving
+from tests.test_handler import tiny_bundle
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("java") is None, reason="TorchServe needs Java 17 (.ci/run installs it)"
+)
+
+STARTUP_S = 240.0
+HTTP_S = 60.0
+AD0 = "ad_0000"
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return tiny_bundle(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store whose KServe model-store directory is the server's own, as in a pod."""
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir: str, store: Path) -> Iterator[serving.ServeHandle]:
+    handle = serving.serve(
+        bundle_dir,
+        version="v1",
+        workdir=str(store / serving.KSERVE_DIR),
+        enable_model_api=True,
+        startup_timeout_s=STARTUP_S,
+    )
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[requests.Session]:
+    with requests.Session() as s:
+        yield s
+
+
+def _post(
+    server: serving.ServeHandle, http: requests.Session, body: Any, path: str = "predictions"
+) -> requests.Response:
+    kwargs: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
+    return http.post(
+        f"{server.inference_url}/{path}/genco",
+        headers={**server.headers(), "Content-Type": "application/json"},
+        timeout=HTTP_S,
+        **kwargs,
+    )
+
+
+def test_startup_made_a_real_prediction(server: serving.ServeHandle) -> None:
+    assert server.sample_response is not None
+    assert server.sample_response["model_version"] == "v1"
+    assert server.key_file is not None and server.token("inference")
+
+
+def test_token_is_required(server: serving.ServeHandle, http: requests.Session) -> None:
+    resp = http.post(server.predictions_url(), json={"ad_id": AD0}, timeout=HTTP_S)
+    assert resp.status_code in (400, 401)  # TorchServe 0.12 answers 400 InvalidKeyException
+    assert "Token Authorization failed" in resp.text
+
+
+def test_predict(server: serving.ServeHandle, http: requests.Session) -> None:
+    resp = _post(server, http, {"ad_id": AD0, "top_k": 4})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["model_version"] == "v1"
+    assert body["ad_id"] == AD0
+    recs = body["recommendations"]
+    assert [r["rank"] for r in recs] == [1, 2, 3, 4]
+    assert all(0.0 < r["score"] < 1.0 and "attribution" not in r for r in recs)
+
+
+def test_explain_field_and_endpoint(server: serving.ServeHandle, http: requests.Session) -> None:
+    asked = _post(server, http, {"ad_id": AD0, "top_k": 2, "explain": True}).json()
+    endpoint = _post(server, http, {"ad_id": AD0, "top_k": 2}, path="explanations").json()
+    assert asked == endpoint
+    for r in asked["recommendations"]:
+        assert set(r["attribution"]) == set(r["elements"])
+
+
+def test_sample_with_propensities(server: serving.ServeHandle, http: requests.Session) -> None:
+    req = {"ad_id": AD0, "mode": "sample", "top_k": 6, "seed": 11}
+    first, again = (_post(server, http, req).json() for _ in range(2))
+    assert first == again
+    assert all(0.0 < r["propensity"] <= 1.0 for r in first["recommendations"])
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        (b'{"ad_id": ', 400, "body"),
+        (b"[]", 400, "body"),
+        ({"ad_id": "ad_9999"}, 404, "ad_id"),
+        (
+            {"candidates": {"title": [], "image": ["b"], "highlight": ["c"]}},
+            400,
+            "candidates.title",
+        ),
+        ({"ad_id": 3}, 400, "ad_id"),
+        ({"ad_id": AD0, "top_k": 0}, 400, "top_k"),
+        ({"ad_id": AD0, "top_k": 1000}, 400, "top_k"),
+        (b'{"ad_id": "' + b"x" * 70_000 + b'"}', 413, "body"),
+    ],
+)
+def test_bad_requests_get_4xx_naming_the_field(
+    server: serving.ServeHandle, http: requests.Session, body: Any, status: int, field: str
+) -> None:
+    resp = _post(server, http, body)
+    assert resp.status_code == status
+    error = resp.json()["error"]
+    assert error["field"] == field
+    assert error["message"].startswith(f"{field}: ")
+
+
+def test_oversized_beyond_torchserve_limit_is_still_4xx(
+    server: serving.ServeHandle, http: requests.Session
+) -> None:
+    resp = _post(server, http, b"x" * (serving.MAX_REQUEST_BYTES + 10))
+    assert resp.status_code == 413  # Netty's own answer above max_request_size
+
+
+def test_concurrent_batch_keeps_each_answer(
+    server: serving.ServeHandle, http: requests.Session
+) -> None:
+    bodies = [{"ad_id": AD0, "top_k": 1} if i % 2 else {"ad_id": f"bad{i}"} for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda b: _post(server, http, b).status_code, bodies))
+    assert statuses == [200 if i % 2 else 404 for i in range(16)]
+    assert _post(server, http, {"ad_id": AD0}).status_code == 200  # the worker survived
+
+
+def test_promote_switch_and_rollback(
+    server: serving.ServeHandle, http: requests.Session, bundle_dir: str, store: Path
+) -> None:
+    """The pipeline's path (on_promote), then a direct deploy, a rollback, a refused deploy.
+    v2..v4 are the same bundle archived under new versions."""
+    mgmt = server.management(http)
+    assert mgmt.versions() == ["v1"]
+    assert mgmt.default_version() == "v1"
+
+    def answered_by(version: str | None = None) -> str:
+        url = server.predictions_url(version)
+        resp = http.post(url, json={"ad_id": AD0}, headers=server.headers(), timeout=HTTP_S)
+        assert resp.status_code == 200, resp.text
+        return str(resp.json()["model_version"])
+
+    on_promote = serving.make_on_promote(
+        str(store),
+        server.management_url,
+        server.token("management"),
+        inference_url=server.inference_url,
+        inference_token=server.token("inference"),
+    )
+    on_promote(bundle_dir, "v2")
+    assert mgmt.default_version() == "v2"
+    assert answered_by() == "v2"
+    assert answered_by("v1") == "v1"  # the previous one still answers by version
+    config = store / serving.KSERVE_DIR / "config" / "config.properties"
+    assert "genco-v2.mar" in config.read_text()
+
+    serving.build_mar(bundle_dir, server.model_store, "v3")
+    deployment = serving.deploy_to_torchserve(mgmt, serving.mar_name("v3"), "v3")
+    assert deployment == serving.Deployment("v3", "v2", retired=("v1",))
+    assert sorted(mgmt.versions()) == ["v2", "v3"]
+    assert answered_by() == "v3"
+    described = http.get(
+        f"{server.management_url}/models/genco/v3",
+        headers=server.headers("management"),
+        timeout=HTTP_S,
+    ).json()[0]
+    assert (described["batchSize"], described["maxBatchDelay"]) == (8, 1)  # model-config.yaml
+
+    assert serving.rollback_default(mgmt, deployment) == "v2"
+    assert mgmt.default_version() == "v2"
+    assert answered_by() == "v2"
+
+    def failing(version: str) -> object:
+        raise RuntimeError(f"{version} looks wrong")
+
+    serving.build_mar(bundle_dir, server.model_store, "v4")
+    with pytest.raises(RuntimeError, match="v4 looks wrong"):
+        serving.deploy_to_torchserve(mgmt, serving.mar_name("v4"), "v4", check=failing)
+    assert mgmt.default_version() == "v2"
+    assert sorted(mgmt.versions()) == ["v2", "v3"]  # the refused one was unregistered
+
+    with pytest.raises(serving.ManagementError) as exc:
+        mgmt.set_default("v9")
+    assert 400 <= exc.value.status < 500
+
+    # A store rollback to v1 (retired above): registered again, default, layout switched.
+    token = server.token("management")
+    switched = serving.switch_version(str(store), "v1", server.management_url, token)
+    assert switched["torchserve"]["previous"] == "v2"
+    assert mgmt.default_version() == "v1"
+    assert answered_by() == "v1"
+    assert "genco-v1.mar" in config.read_text()
+
+
+def test_cli_serve_once_without_auth(bundle_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``genco serve --once --no-auth``: a second server, on its own ports and temp dir."""
+    from genco.cli_serve import add_commands
+
+    parser = argparse.ArgumentParser(prog="genco")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", "--model", bundle_dir, "--once", "--no-auth"])
+    args.func(args)
+    out = capsys.readouterr().out
+    info, _, rest = out.partition("}\n")
+    assert json.loads(info + "}")["key_file"] is None
+    assert "curl -s http://127.0.0.1:" in rest
+    response = json.loads(rest[rest.index("\n{") + 1 :])
+    assert len(response["recommendations"]) == 3
