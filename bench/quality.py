@@ -184,7 +184,7 @@ def run_world(name: str, n: int, seed: int = 0, with_vw: bool = True) -> dict:
 def off_policy(catalog, constraints, truth, log, enc, gen, points) -> dict:
     """IPS, SNIPS and slate pseudo-inverse estimates of the generator's SAMPLING policy value
     from the logs, with 95% normal CIs, against its true value on the logged ad/context mix."""
-    n = min(len(enc), 200_000)
+    n = min(len(enc), 50_000)
     e = enc.take(np.arange(n))
     mu = e.propensity
     slots = gen.masks.to_slots(e.ads, e.combos)
@@ -222,7 +222,7 @@ def off_policy(catalog, constraints, truth, log, enc, gen, points) -> dict:
     return out
 
 
-def _slot_marginals(gen, ads, ctx, draws: int = 64) -> list[np.ndarray]:
+def _slot_marginals(gen, ads, ctx, draws: int = 32) -> list[np.ndarray]:
     """Per-slot marginal probabilities of the sampling policy, by Monte Carlo per row."""
     n = len(ads)
     marg = [np.zeros((n, m)) for m in gen.masks.M]
