@@ -110,7 +110,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_deploy(args: argparse.Namespace) -> None:
     from genco.deploy import run_deploy
 
-    result = run_deploy(args.model, args.store, args.gate_file, args.version)
+    on_promote = None
+    if args.serving or args.management_url:
+        from genco.serving import make_on_promote, read_token
+
+        token = read_token(args.key_file, "management") if args.key_file else None
+        on_promote = make_on_promote(args.store, args.management_url, token)
+    result = run_deploy(args.model, args.store, args.gate_file, args.version, on_promote)
     _print_json(result.to_dict())
     if not result.deployed:
         raise ValueError(f"not deployed: {result.reason}")
@@ -240,6 +246,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dp.add_argument("--store", required=True, help="model store (local dir or gs://)")
     dp.add_argument("--gate-file", default=None, help="gate.json from genco evaluate")
     dp.add_argument("--version", default=None, help="version id (default: time + sha)")
+    dp.add_argument(
+        "--serving",
+        action="store_true",
+        help="also publish the version's .mar into STORE/kserve (KServe TorchServe layout)",
+    )
+    dp.add_argument(
+        "--management-url",
+        default=None,
+        help="TorchServe management URL: register the new version and make it the default "
+        "(implies --serving)",
+    )
+    dp.add_argument("--key-file", default=None, help="TorchServe key_file.json (token auth)")
     dp.set_defaults(func=cmd_deploy)
 
     rb = sub.add_parser(
