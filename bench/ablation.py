@@ -42,6 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=300_000)
     ap.add_argument("--world", default="interactions")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
     world = make_world(WORLDS[args.world], 0)
     enc = encode(log_impressions(world, args.n, 0), world.catalog)
@@ -53,7 +54,8 @@ def main() -> None:
         legal = legal_combinations(world.catalog, world.constraints, a)
         best.append((legal, bound.logit(np.full(len(legal), a), legal)))
     results = []
-    for label, kw in VARIANTS.items():
+    for label in args.variants:
+        kw = VARIANTS[label]
         cfg = GeneratorConfig(**kw)
         t = time.perf_counter()
         clicked = clicked_for_warm_start(enc) if cfg.warm_start_steps else None

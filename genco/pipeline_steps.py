@@ -19,7 +19,6 @@ columns; otherwise they start fresh and record why in the bundle manifest.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -28,7 +27,6 @@ from genco import storage
 from genco.attribution import ELEMENT_FILE, IMPRESSION_FILE, METRICS_FILE, fit_and_attribute
 from genco.bundle import REWARD_META, REWARD_WEIGHTS, load_reward_model
 from genco.contract import (
-    CLICK,
     CONTEXT_PREFIX,
     TIMESTAMP,
     Catalog,
@@ -36,18 +34,10 @@ from genco.contract import (
     load_catalog,
     load_constraints,
 )
-from genco.generator import Generator, GeneratorConfig, train_generator
+from genco.generator import Generator, GeneratorConfig
 from genco.ingest import QUARANTINE_FILE, SUMMARY_FILE, VALID_FILE, IngestConfig, ingest
-from genco.reward import BoundModel, RewardModel, RewardModelConfig, Vocab, encode
-from genco.train import (
-    CATALOG,
-    CONSTRAINTS,
-    MANIFEST,
-    clicked_for_warm_start,
-    load_generator,
-    save_generator,
-    write_manifest,
-)
+from genco.reward import RewardModel, RewardModelConfig, Vocab
+from genco.train import CATALOG, CONSTRAINTS, MANIFEST, finish_bundle, load_generator
 
 if TYPE_CHECKING:
     from google.cloud.storage import Client
@@ -212,32 +202,17 @@ def train_step(
     for name in REWARD_FILES:
         data = storage.read_bytes(storage.join(rewards_dir, name), client=client)
         storage.write_bytes(storage.join(out_dir, name), data, client=client)
-    reward, _ = load_reward_model(out_dir, client=client)
     reward_metrics = storage.read_json(storage.join(out_dir, METRICS_FILE), client=client)
     production = _production_bundle(model_store, client) if warm_start else None
     init, warm = _warm_generator(production, catalog, frame, client)
-    enc = encode(frame, catalog, reward.vocab.context_columns)
-    contexts = enc.ctx if enc.ctx.shape[1] else None
-    clicked = clicked_for_warm_start(enc) if config.warm_start_steps else None
-    gen, report = train_generator(
-        BoundModel(reward, catalog), catalog, constraints, contexts, config, clicked, init
-    )
-    save_generator(gen, out_dir, client=client)
-    storage.write_json(
-        storage.join(out_dir, "generator_metrics.json"), dataclasses.asdict(report), client=client
-    )
-    storage.write_table(catalog.to_frame(), storage.join(out_dir, CATALOG), client=client)
-    storage.write_table(
-        constraints.to_frame(catalog), storage.join(out_dir, CONSTRAINTS), client=client
-    )
-    manifest = write_manifest(
+    report, manifest = finish_bundle(
+        catalog,
+        constraints,
+        frame,
         out_dir,
-        {
-            "warm_start": warm,
-            "reward_warm_start": reward_metrics.get("warm_start", "none"),
-            "impressions": len(frame),
-            "clicks": int(frame[CLICK].sum()),
-        },
+        config,
+        init,
+        {"warm_start": warm, "reward_warm_start": reward_metrics.get("warm_start", "none")},
         client=client,
     )
     return {

@@ -25,7 +25,7 @@ from genco import __version__, storage
 from genco.attribution import fit_and_attribute
 from genco.bundle import BundleError, load_reward_model
 from genco.contract import CLICK, Catalog, Constraints, load_catalog, load_constraints
-from genco.generator import Generator, GeneratorConfig, train_generator
+from genco.generator import Generator, GeneratorConfig, GeneratorReport, train_generator
 from genco.ingest import IngestConfig, ingest
 from genco.reward import BoundModel, RewardModelConfig, Vocab, encode
 
@@ -98,6 +98,53 @@ def clicked_for_warm_start(enc) -> tuple[np.ndarray, np.ndarray, np.ndarray | No
     return enc.ads[rows], enc.combos[rows], ctx, w
 
 
+def finish_bundle(
+    catalog: Catalog,
+    constraints: Constraints,
+    impressions: pd.DataFrame,
+    out_dir: str,
+    generator_config: GeneratorConfig,
+    init_gen: Generator | None = None,
+    manifest_extra: dict | None = None,
+    progress: bool = False,
+    client=None,
+) -> tuple[GeneratorReport, dict]:
+    """Second half of a bundle: out_dir already holds the reward model; train the generator
+    against it, write it, the catalog/constraints snapshot and, last, the manifest."""
+    reward, _ = load_reward_model(out_dir, client=client)
+    enc = encode(impressions, catalog, reward.vocab.context_columns)
+    contexts = enc.ctx if enc.ctx.shape[1] else None
+    clicked = clicked_for_warm_start(enc) if generator_config.warm_start_steps else None
+    gen, report = train_generator(
+        BoundModel(reward, catalog),
+        catalog,
+        constraints,
+        contexts,
+        generator_config,
+        clicked=clicked,
+        init=init_gen,
+        progress=progress,
+    )
+    save_generator(gen, out_dir, client=client)
+    storage.write_json(
+        storage.join(out_dir, "generator_metrics.json"), dataclasses.asdict(report), client=client
+    )
+    storage.write_table(catalog.to_frame(), storage.join(out_dir, CATALOG), client=client)
+    storage.write_table(
+        constraints.to_frame(catalog), storage.join(out_dir, CONSTRAINTS), client=client
+    )
+    manifest = write_manifest(
+        out_dir,
+        {
+            **(manifest_extra or {}),
+            "impressions": len(impressions),
+            "clicks": int(impressions[CLICK].sum()),
+        },
+        client=client,
+    )
+    return report, manifest
+
+
 def train_bundle(
     catalog: Catalog,
     constraints: Constraints,
@@ -135,37 +182,16 @@ def train_bundle(
         progress=progress,
         client=client,
     )
-    reward, _ = load_reward_model(out_dir, client=client)
-    bound = BoundModel(reward, catalog)
-    enc = encode(impressions, catalog)
-    contexts = enc.ctx if enc.ctx.shape[1] else None
-    clicked = clicked_for_warm_start(enc) if generator_config.warm_start_steps else None
-    gen, report = train_generator(
-        bound,
+    report, manifest = finish_bundle(
         catalog,
         constraints,
-        contexts,
-        generator_config,
-        clicked=clicked,
-        init=init_gen,
-        progress=progress,
-    )
-    save_generator(gen, out_dir, client=client)
-    storage.write_json(
-        storage.join(out_dir, "generator_metrics.json"), dataclasses.asdict(report), client=client
-    )
-    storage.write_table(catalog.to_frame(), storage.join(out_dir, CATALOG), client=client)
-    storage.write_table(
-        constraints.to_frame(catalog), storage.join(out_dir, CONSTRAINTS), client=client
-    )
-    manifest = write_manifest(
+        impressions,
         out_dir,
-        {
-            "warm_start": warm,
-            "impressions": len(impressions),
-            "clicks": int(impressions[CLICK].sum()),
-        },
-        client=client,
+        generator_config,
+        init_gen,
+        {"warm_start": warm},
+        progress,
+        client,
     )
     return {
         "reward": reward_metrics,
