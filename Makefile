@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean java
+
+# TorchServe 0.12 needs a Java 17 runtime (serving in the demo, the TorchServe tests).
+java:
+	@command -v java >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q openjdk-17-jre-headless; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,10 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,pipeline,serve,bench]"
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the main job on the embedded default world
+demo: $(STAMP) java  ## the main job on the embedded default world
 	$(BIN)/genco demo --out runs/demo
 
-test: $(STAMP)  ## the whole test suite
+test: $(STAMP) java  ## the whole test suite
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
