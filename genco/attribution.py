@@ -14,8 +14,8 @@ import pandas as pd
 
 from genco import storage
 from genco.bundle import save_reward_model
-from genco.contract import AD, CLICK, TIMESTAMP, Catalog, load_catalog, load_constraints
-from genco.ingest import IngestConfig, ingest
+from genco.contract import AD, CLICK, TIMESTAMP, Catalog
+from genco.ingest import IngestConfig, validated_inputs
 from genco.metrics import auc, ece, log_loss, reliability
 from genco.reward import (
     BoundModel,
@@ -175,17 +175,14 @@ def run_attribute(
     client=None,
 ) -> dict:
     """``genco attribute``: validate the log, then train, evaluate and attribute."""
-    catalog = load_catalog(catalog_path, client=client)
-    constraints = load_constraints(constraints_path, catalog, client=client)
-    summary = ingest(
+    catalog, _, summary, valid = validated_inputs(
+        catalog_path,
         impressions_path,
-        catalog,
-        constraints,
+        constraints_path,
         storage.join(out_dir, "ingest"),
         ingest_config,
-        client=client,
-        progress=progress,
+        progress,
+        client,
     )
-    valid = storage.read_table(summary.valid_path, client=client)
     metrics = fit_and_attribute(catalog, valid, out_dir, config, progress=progress, client=client)
     return {"ingest": summary.to_dict(), **metrics}

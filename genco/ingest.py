@@ -33,6 +33,8 @@ from genco.contract import (
     Catalog,
     Constraints,
     ContractError,
+    load_catalog,
+    load_constraints,
 )
 
 VALID_FILE = "impressions.parquet"
@@ -624,6 +626,23 @@ def ingest(
     return summary
 
 
+def validated_inputs(
+    catalog_path: str,
+    impressions_path: str,
+    constraints_path: str | None,
+    out_dir: str,
+    config: IngestConfig | None = None,
+    progress: bool = False,
+    client=None,
+) -> tuple[Catalog, Constraints, IngestSummary, pd.DataFrame]:
+    """Load catalog and constraints, validate the log into out_dir, read the valid rows back:
+    the first step of every command that learns from a log."""
+    catalog = load_catalog(catalog_path, client=client)
+    constraints = load_constraints(constraints_path, catalog, client=client)
+    summary = ingest(impressions_path, catalog, constraints, out_dir, config, client, progress)
+    return catalog, constraints, summary, storage.read_table(summary.valid_path, client=client)
+
+
 def _chain(first: pa.Table, rest: Iterator[pa.Table]) -> Iterator[pa.Table]:
     yield first
     yield from rest
@@ -685,4 +704,5 @@ __all__ = [
     "check_header",
     "ingest",
     "iter_chunks",
+    "validated_inputs",
 ]

@@ -24,9 +24,9 @@ import torch
 from genco import __version__, storage
 from genco.attribution import fit_and_attribute
 from genco.bundle import BundleError, load_reward_model
-from genco.contract import CLICK, Catalog, Constraints, load_catalog, load_constraints
+from genco.contract import CLICK, Catalog, Constraints
 from genco.generator import Generator, GeneratorConfig, GeneratorReport, train_generator
-from genco.ingest import IngestConfig, ingest
+from genco.ingest import IngestConfig, validated_inputs
 from genco.reward import BoundModel, RewardModelConfig, Vocab, encode
 
 GEN_WEIGHTS = "generator.pt"
@@ -216,18 +216,15 @@ def run_train(
     client=None,
 ) -> dict:
     """``genco train``: validate the log (into OUT/ingest), then ``train_bundle``."""
-    catalog = load_catalog(catalog_path, client=client)
-    constraints = load_constraints(constraints_path, catalog, client=client)
-    summary = ingest(
+    catalog, constraints, summary, valid = validated_inputs(
+        catalog_path,
         impressions_path,
-        catalog,
-        constraints,
+        constraints_path,
         storage.join(out_dir, "ingest"),
         ingest_config,
-        client=client,
-        progress=progress,
+        progress,
+        client,
     )
-    valid = storage.read_table(summary.valid_path, client=client)
     result = train_bundle(
         catalog,
         constraints,
