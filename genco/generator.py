@@ -21,7 +21,7 @@ from torch import nn
 
 from genco.contract import Catalog, Constraints
 from genco.legal import LegalMasks
-from genco.reward import Vocab
+from genco.reward import Vocab, check_catalog, fit_scalers, register_vocab_buffers
 
 CREDITS = ("combination", "element", "counterfactual")
 
@@ -72,19 +72,8 @@ class Generator(nn.Module):
     def __init__(self, vocab: Vocab, config: GeneratorConfig) -> None:
         super().__init__()
         self.vocab, self.config = vocab, config
-        K, F, C, H = (
-            len(vocab.components),
-            len(vocab.feature_names),
-            len(vocab.context_columns),
-            config.hidden,
-        )
-        sizes = [len(e) for e in vocab.elements]
-        self.n_elements = sum(sizes)
-        self.register_buffer("offsets", torch.tensor(np.cumsum([0, *sizes[:-1]]), dtype=torch.long))
-        self.register_buffer("feat_mean", torch.zeros(K, max(F, 1)))
-        self.register_buffer("feat_std", torch.ones(K, max(F, 1)))
-        self.register_buffer("ctx_mean", torch.zeros(C))
-        self.register_buffer("ctx_std", torch.ones(C))
+        K, F, C = register_vocab_buffers(self, vocab)
+        H = config.hidden
         g = torch.Generator().manual_seed(config.seed)
         self.ad = nn.Embedding(len(vocab.ads) + 1, H, padding_idx=len(vocab.ads))
         self.ctx = nn.Linear(max(C, 1), H)
@@ -106,16 +95,7 @@ class BoundGenerator:
 
     def __init__(self, model: Generator, catalog: Catalog, constraints: Constraints) -> None:
         vocab = model.vocab
-        if catalog.components != vocab.components:
-            raise ValueError(
-                f"catalog components {list(catalog.components)} differ from the generator's "
-                f"{list(vocab.components)}"
-            )
-        if catalog.feature_names != vocab.feature_names:
-            raise ValueError(
-                f"catalog features {list(catalog.feature_names)} differ from the generator's "
-                f"{list(vocab.feature_names)}"
-            )
+        check_catalog(vocab, catalog, "generator")
         self.model, self.catalog = model, catalog
         self.masks = LegalMasks(catalog, constraints)
         ad_index = {a: i for i, a in enumerate(vocab.ads)}
@@ -346,16 +326,7 @@ def train_generator(
     model = Generator(vocab, config)
     if init is not None:
         model.load_state_dict(init.state_dict())
-    with torch.no_grad():
-        if model.F:
-            for k in range(catalog.n_components):
-                f = torch.as_tensor(catalog.features[k], dtype=torch.float32)
-                model.feat_mean[k] = f.mean(0)
-                model.feat_std[k] = f.std(0, unbiased=False).clamp_min(1e-6)
-        if C:
-            c = torch.tensor(np.asarray(contexts), dtype=torch.float32)
-            model.ctx_mean.copy_(c.mean(0))
-            model.ctx_std.copy_(c.std(0, unbiased=False).clamp_min(1e-6))
+    fit_scalers(model, catalog, contexts)
     bound = BoundGenerator(model, catalog, constraints)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     rng = np.random.default_rng(config.seed)

@@ -167,6 +167,50 @@ def encode(
     return Encoded(ads.astype(np.int64), combos, ctx, click, prop, ts, tuple(context_columns))
 
 
+def register_vocab_buffers(module: nn.Module, vocab: Vocab) -> tuple[int, int, int]:
+    """Buffers both models share: global element offsets and the feature/context scalers.
+
+    Returns (K, F, C): components, element features, context columns.
+    """
+    K, F, C = len(vocab.components), len(vocab.feature_names), len(vocab.context_columns)
+    sizes = [len(e) for e in vocab.elements]
+    module.n_elements = sum(sizes)
+    module.register_buffer("offsets", torch.tensor(np.cumsum([0, *sizes[:-1]]), dtype=torch.long))
+    module.register_buffer("feat_mean", torch.zeros(K, max(F, 1)))
+    module.register_buffer("feat_std", torch.ones(K, max(F, 1)))
+    module.register_buffer("ctx_mean", torch.zeros(C))
+    module.register_buffer("ctx_std", torch.ones(C))
+    return K, F, C
+
+
+@torch.no_grad()
+def fit_scalers(module: nn.Module, catalog: Catalog, contexts: np.ndarray | None) -> None:
+    """Standardise features over each component's vocabulary and contexts over given rows."""
+    if len(catalog.feature_names):
+        for k in range(catalog.n_components):
+            f = torch.as_tensor(catalog.features[k], dtype=torch.float32)
+            module.feat_mean[k] = f.mean(0)
+            module.feat_std[k] = f.std(0, unbiased=False).clamp_min(1e-6)
+    if contexts is not None and contexts.shape[1]:
+        c = torch.tensor(np.asarray(contexts), dtype=torch.float32)
+        module.ctx_mean.copy_(c.mean(0))
+        module.ctx_std.copy_(c.std(0, unbiased=False).clamp_min(1e-6))
+
+
+def check_catalog(vocab: Vocab, catalog: Catalog, who: str) -> None:
+    """A model binds to a catalog only with the same components and feature columns."""
+    if catalog.components != vocab.components:
+        raise ValueError(
+            f"catalog components {list(catalog.components)} differ from the {who}'s "
+            f"{list(vocab.components)}"
+        )
+    if catalog.feature_names != vocab.feature_names:
+        raise ValueError(
+            f"catalog features {list(catalog.feature_names)} differ from the {who}'s "
+            f"{list(vocab.feature_names)}"
+        )
+
+
 class RewardModel(nn.Module):
     """The click model over the training vocabulary (plus one zero "unknown" row per table).
 
@@ -177,19 +221,8 @@ class RewardModel(nn.Module):
     def __init__(self, vocab: Vocab, config: RewardModelConfig) -> None:
         super().__init__()
         self.vocab, self.config = vocab, config
-        K, F, C, d = (
-            len(vocab.components),
-            len(vocab.feature_names),
-            len(vocab.context_columns),
-            config.dim,
-        )
-        sizes = [len(e) for e in vocab.elements]
-        self.n_elements = sum(sizes)
-        self.register_buffer("offsets", torch.tensor(np.cumsum([0, *sizes[:-1]]), dtype=torch.long))
-        self.register_buffer("feat_mean", torch.zeros(K, max(F, 1)))
-        self.register_buffer("feat_std", torch.ones(K, max(F, 1)))
-        self.register_buffer("ctx_mean", torch.zeros(C))
-        self.register_buffer("ctx_std", torch.ones(C))
+        K, F, C = register_vocab_buffers(self, vocab)
+        d = config.dim
         self.register_buffer("seen", torch.zeros(self.n_elements + 1, dtype=torch.bool))
         self.bias = nn.Parameter(torch.zeros(()))
         self.appeal = nn.Embedding(len(vocab.ads) + 1, 1, padding_idx=len(vocab.ads))
@@ -246,16 +279,7 @@ class BoundModel:
 
     def __init__(self, model: RewardModel, catalog: Catalog, allow_unknown_ads: bool = False):
         vocab = model.vocab
-        if catalog.components != vocab.components:
-            raise ValueError(
-                f"catalog components {list(catalog.components)} differ from the reward model's "
-                f"{list(vocab.components)}"
-            )
-        if catalog.feature_names != vocab.feature_names:
-            raise ValueError(
-                f"catalog features {list(catalog.feature_names)} differ from the reward model's "
-                f"{list(vocab.feature_names)}"
-            )
+        check_catalog(vocab, catalog, "reward model")
         ad_index = {a: i for i, a in enumerate(vocab.ads)}
         unknown = [a for a in catalog.ads if a not in ad_index]
         if unknown and not allow_unknown_ads:
@@ -402,16 +426,8 @@ def train_reward_model(
     tr, va, split = _split(enc, config)
 
     # Standardise features over each component's vocabulary and contexts over training rows.
+    fit_scalers(model, catalog, enc.ctx[tr])
     with torch.no_grad():
-        if model.F:
-            for k in range(catalog.n_components):
-                f = torch.as_tensor(catalog.features[k], dtype=torch.float32)
-                model.feat_mean[k] = f.mean(0)
-                model.feat_std[k] = f.std(0, unbiased=False).clamp_min(1e-6)
-        if model.C:
-            c = torch.as_tensor(enc.ctx[tr])
-            model.ctx_mean.copy_(c.mean(0))
-            model.ctx_std.copy_(c.std(0, unbiased=False).clamp_min(1e-6))
         rate = float(enc.click[tr].mean())
         if init is None:
             model.bias.fill_(math.log(rate / (1 - rate)))
