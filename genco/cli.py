@@ -7,17 +7,13 @@ exit with status 2; only bugs produce tracebacks.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 
 from genco import __version__
+from genco.cli_common import print_json as _print_json
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
-
-
-def _print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, default=str))
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:

@@ -9,16 +9,13 @@ parses nothing itself and makes one call into the library or the pipeline module
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-
-def _print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+from genco.cli_common import print_json as _print_json
 
 
 def _retraining(image: str | None = None) -> ModuleType:

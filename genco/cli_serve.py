@@ -14,9 +14,7 @@ import threading
 
 import requests
 
-
-def _print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+from genco.cli_common import print_json as _print_json
 
 
 def _curl(url: str, body: dict, key_file: str | None) -> str:
