@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from genco.contract import Catalog, Constraints
+from genco.decode import PolicyTables, no_legal_element
 from genco.legal import LegalMasks
 from genco.reward import Vocab, check_catalog, fit_scalers, register_vocab_buffers
 
 CREDITS = ("combination", "element", "counterfactual")
+MAX_CACHED_ADS = 4096  # per-ad inference tables kept (oldest dropped first)
 
 
 @dataclass(frozen=True)
@@ -117,12 +119,16 @@ class BoundGenerator:
             feats = torch.cat([feats, torch.zeros(1, feats.shape[1])])
             self.slot_feat.append(feats[slots])
         self._cache: list[torch.Tensor] | None = None
+        self._tables: dict[int, PolicyTables] = {}
 
     # -- candidate vectors -------------------------------------------------------------
     def candidate_vectors(self) -> list[torch.Tensor]:
         """Per component (n_ads, M_k, H); recomputed while training, cached when frozen."""
-        if self._cache is not None and not torch.is_grad_enabled():
-            return self._cache
+        if not torch.is_grad_enabled():
+            if self._cache is not None:
+                return self._cache
+        else:  # training: parameters move, so cached inference state goes stale
+            self.invalidate()
         m = self.model
         out = []
         for k in range(m.K):
@@ -136,6 +142,7 @@ class BoundGenerator:
 
     def invalidate(self) -> None:
         self._cache = None
+        self._tables.clear()
 
     def _init_state(self, ads: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
         m = self.model
@@ -210,13 +217,38 @@ class BoundGenerator:
     def _check_alive(allowed: torch.Tensor, k: int) -> None:
         dead = ~allowed.any(-1)
         if dead.any():
-            raise ValueError(
-                f"no legal element left for component {k} given the earlier picks: the "
-                "constraints leave this ad without a legal completion"
-            )
+            raise ValueError(no_legal_element(k))
 
-    # -- beam search -------------------------------------------------------------------
+    # -- inference on per-ad tables ----------------------------------------------------
     @torch.inference_mode()
+    def tables(self, ad: int) -> PolicyTables:
+        """The policy folded for one ad (numpy; see ``genco.decode``), cached per ad."""
+        cached = self._tables.get(ad)
+        if cached is not None:
+            return cached
+        m = self.model
+        cands = [c[ad] for c in self.candidate_vectors()]  # (M_k, H)
+        scale = math.sqrt(m.H)
+        wq, bq = m.query.weight, m.query.bias  # q = state @ wq.T + bq
+        has_ctx = bool(m.C)
+        tables = PolicyTables(
+            masks=self.masks.for_ad(ad),
+            init=m.ad.weight[self.ad_map[ad]].numpy().copy(),
+            ctx_w=m.ctx.weight.T.numpy().copy() if has_ctx else None,
+            ctx_b=m.ctx.bias.numpy().copy() if has_ctx else None,
+            ctx_mean=m.ctx_mean.numpy().copy(),
+            ctx_std=m.ctx_std.numpy().copy(),
+            A=[(wq.T @ c.T / scale).numpy() for c in cands],
+            b=[(c @ bq / scale).numpy() for c in cands],
+            gi=[(c @ m.gru.weight_ih.T + m.gru.bias_ih).numpy() for c in cands],
+            w_hh=m.gru.weight_hh.T.numpy().copy(),
+            b_hh=m.gru.bias_hh.numpy().copy(),
+        )
+        if len(self._tables) >= MAX_CACHED_ADS:
+            self._tables.pop(next(iter(self._tables)))
+        self._tables[ad] = tables
+        return tables
+
     def beam(
         self, ad: int, ctx: np.ndarray | None = None, width: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -224,33 +256,10 @@ class BoundGenerator:
 
         Returns catalog element codes (W, K) and their log-probabilities (W,).
         """
-        width = width or self.model.config.beam_width
-        cands = self.candidate_vectors()
-        a1 = torch.tensor([ad])
-        x = None if ctx is None else torch.as_tensor(np.asarray(ctx, np.float32)).reshape(1, -1)
-        state = self._init_state(a1, x)  # (W, H), W=1 at first
-        picks = torch.zeros(1, self.model.K, dtype=torch.long)
-        score = torch.zeros(1)
-        for k in range(self.model.K):
-            W = len(score)
-            a = a1.expand(W)
-            allowed = self.masks.mask(k, a, picks)
-            self._check_alive(allowed, k)
-            c = cands[k][ad]  # (M_k, H)
-            q = self.model.query(state)
-            logits = (q @ c.T) / math.sqrt(self.model.H)
-            logp = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), -1)
-            total = (score[:, None] + logp).reshape(-1)  # (W * M_k,)
-            n_ok = int(torch.isfinite(total).sum())
-            top = torch.topk(total, min(width, n_ok))
-            beam_idx = top.indices // c.shape[0]
-            slot = top.indices % c.shape[0]
-            picks = picks[beam_idx].clone()
-            picks[:, k] = slot
-            score = top.values
-            state = self.model.gru(c[slot], state[beam_idx])
-        codes = self.masks.to_codes(a1.expand(len(score)), picks)
-        return codes, score.numpy()
+        tables = self.tables(ad)
+        x = None if ctx is None else np.asarray(ctx, np.float32).reshape(-1)
+        slots, score = tables.beam(x, width or self.model.config.beam_width)
+        return tables.masks.to_codes(slots), score
 
 
 @dataclass

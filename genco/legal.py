@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from genco.contract import Catalog, Constraints
+from genco.decode import AdMasks
 
 
 class LegalMasks:
@@ -85,3 +86,13 @@ class LegalMasks:
         """(B, K) slots -> (B, K) catalog element codes."""
         cols = [self.slots[k][ads, slot_picks[:, k]] for k in range(self.K)]
         return torch.stack(cols, 1).numpy()
+
+    def for_ad(self, ad: int) -> AdMasks:
+        """One ad's masks as numpy arrays, for decoding that ad alone."""
+        forbid = {jk: f[ad].numpy() for jk, f in self.forbid.items()}
+        return AdMasks(
+            codes=[s[ad].numpy() for s in self.slots],
+            valid=[v[ad].numpy() for v in self.valid],
+            forbid=forbid,
+            later={k: [(l_, forbid[(j, l_)]) for j, l_ in forbid if j == k] for k in range(self.K)},
+        )

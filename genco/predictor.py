@@ -26,7 +26,8 @@ from genco.contract import (
     load_catalog,
     load_constraints,
 )
-from genco.generator import BoundGenerator, Generator
+from genco.decode import PolicyTables, RewardTables
+from genco.generator import MAX_CACHED_ADS, BoundGenerator, Generator
 from genco.reward import BoundModel, RewardModel
 from genco.train import CATALOG, CONSTRAINTS, MANIFEST, load_generator
 
@@ -59,6 +60,7 @@ class Predictor:
     constraints: Constraints
     version: str = "unversioned"
     _bound: tuple[BoundModel, BoundGenerator] | None = field(default=None, repr=False)
+    _reward_tables: dict[int, RewardTables] = field(default_factory=dict, repr=False)
 
     @staticmethod
     def load(
@@ -97,6 +99,18 @@ class Predictor:
             self._bound = (b, g)
         return self._bound
 
+    def tables(self, ad: int) -> tuple[PolicyTables, RewardTables]:
+        """The generator and reward model folded for one ad, cached per ad."""
+        reward, gen = self.bound()
+        policy = gen.tables(ad)  # cached by the generator
+        tables = self._reward_tables.get(ad)
+        if tables is None:
+            tables = reward.tables(ad, policy.masks.codes)
+            if len(self._reward_tables) >= MAX_CACHED_ADS:
+                self._reward_tables.pop(next(iter(self._reward_tables)))
+            self._reward_tables[ad] = tables
+        return policy, tables
+
     def context_vector(self, ctx: dict[str, float] | np.ndarray | None) -> np.ndarray | None:
         """Context as the model's column order; missing columns are an error naming them."""
         cols = self.context_columns
@@ -114,7 +128,6 @@ class Predictor:
             raise ValueError(f"context has {len(arr)} values, expected {len(cols)}")
         return arr
 
-    @torch.inference_mode()
     def recommend(
         self,
         ad_id: str,
@@ -131,23 +144,19 @@ class Predictor:
             raise ValueError(f"top_k must be in [1, {MAX_TOP_K}], got {top_k}")
         ad = self.catalog.ad_code(ad_id)
         x = self.context_vector(ctx)
-        reward, gen = self.bound()
+        policy, reward = self.tables(ad)
         propensity = None
         if mode == "beam":
-            width = max(gen.model.config.beam_width, top_k)
-            codes, _ = gen.beam(ad, x, width)
+            width = max(self.generator.config.beam_width, top_k)
+            slots, _ = policy.beam(x, width)
         else:
-            g = torch.Generator().manual_seed(seed) if seed is not None else None
-            ads = np.full(top_k, ad)
-            xs = None if x is None else np.tile(x, (top_k, 1))
-            slots, logp, _ = gen.sample(ads, xs, temperature=temperature, generator=g)
-            codes = gen.masks.to_codes(torch.as_tensor(ads), slots)
-            codes, first = np.unique(codes, axis=0, return_index=True)
-            propensity = np.exp(logp.sum(1).numpy())[first]
-        n = len(codes)
-        xs = None if x is None else np.tile(x, (n, 1))
-        base, credit = reward.credit(np.full(n, ad), codes, xs)
-        score = 1.0 / (1.0 + np.exp(-(base + credit.sum(1))))
+            rng = np.random.default_rng(seed)
+            slots, logp = policy.sample(x, top_k, rng, temperature)
+            slots, first = np.unique(slots, axis=0, return_index=True)
+            propensity = np.exp(logp[first])
+        codes = policy.masks.to_codes(slots)
+        base, credit = reward.credit(slots, x)
+        score = 1.0 / (1.0 + np.exp(-(base + credit.sum(1, dtype=np.float64))))
         order = np.argsort(-score, kind="stable")[:top_k]
         out = []
         comps = self.catalog.components

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from genco.contract import AD, CLICK, CONTEXT_PREFIX, PROPENSITY, TIMESTAMP, Catalog
+from genco.decode import RewardTables
 
 
 @dataclass(frozen=True)
@@ -337,6 +338,38 @@ class BoundModel:
         """
         base, main, inter = self.parts(ads, combos, ctx)
         return base, main + inter.sum(-1) / 2
+
+    @torch.no_grad()
+    def tables(self, ad: int, slot_codes: list[np.ndarray]) -> RewardTables:
+        """The model folded for one ad over its slots (``slot_codes[k]``: catalog code per
+        slot of component k, -1 for padding): see ``genco.decode``."""
+        m = self.model
+        K = len(slot_codes)
+        main, vec = [], []
+        for k, codes in enumerate(slot_codes):
+            g = torch.as_tensor(np.maximum(codes, 0) + self.cat_offsets[k], dtype=torch.long)
+            elem, f = self.elem_map[g], self.feat_table[g]
+            f = (f - m.feat_mean[k]) / m.feat_std[k] if m.F else torch.zeros(len(g), 1)
+            main.append((m.id_main(elem) + f @ m.w_main[k]).numpy())  # (M_k, 1 + C)
+            v = m.id_ffm(elem) + f @ m.w_ffm[k]
+            vec.append(v.view(len(g), K, m.d))  # [slot, l]: facing component l
+        pair = {}  # no pairwise terms: no tables
+        if m.config.use_interactions:
+            for k in range(K):
+                for l_ in range(K):
+                    if l_ != k:
+                        pair[(k, l_)] = (vec[k][:, l_] @ vec[l_][:, k].T).numpy()
+        base = m.bias
+        if m.config.use_appeal:
+            base = base + m.appeal.weight[self.ad_map[ad], 0]
+        return RewardTables(
+            base=float(base),
+            ctx_w=m.ctx_w.numpy().copy(),
+            ctx_mean=m.ctx_mean.numpy().copy(),
+            ctx_std=m.ctx_std.numpy().copy(),
+            main=main,
+            pair=pair,
+        )
 
     @torch.no_grad()
     def element_effects(self, ctx: np.ndarray | None = None) -> list[np.ndarray]:

@@ -1,0 +1,125 @@
+"""Per-ad numpy tables (genco.decode) against the batched torch models they fold."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from genco.generator import BoundGenerator, Generator, GeneratorConfig
+from genco.reward import (
+    BoundModel,
+    RewardModelConfig,
+    Vocab,
+    encode,
+    fit_scalers,
+    train_reward_model,
+)
+from genco.simulate import WORLDS, log_impressions, make_world
+from genco.space import legal_combinations
+
+# Context, features and forbidden pairs: every part of the tables is exercised.
+WORLD = replace(WORLDS["contextual"], n_ads=5, n_candidates=5, pool_size=8, n_global_forbidden=8)
+CONTEXTS = [np.array([0.0, 0.0], np.float32), np.array([1.0, -0.5], np.float32)]
+
+
+@pytest.fixture(scope="module")
+def models():
+    world = make_world(WORLD, seed=1)
+    enc = encode(log_impressions(world, 20_000, seed=1), world.catalog)
+    reward, _ = train_reward_model(world.catalog, enc, RewardModelConfig(epochs=2))
+    bound = BoundModel(reward, world.catalog)
+    vocab = Vocab.from_catalog(world.catalog, reward.vocab.context_columns)
+    gen_model = Generator(vocab, GeneratorConfig())
+    fit_scalers(gen_model, world.catalog, enc.ctx)
+    with torch.no_grad():  # a peaked, context-dependent policy rather than a near-uniform one
+        gen_model.elem.weight.mul_(20.0)
+        gen_model.ctx.weight.mul_(5.0)
+    gen = BoundGenerator(gen_model, world.catalog, world.constraints)
+    assert len(world.constraints) > 0 and enc.ctx.shape[1] == 2
+    return world, bound, gen
+
+
+def legal_slots(world, gen, ad):
+    legal = legal_combinations(world.catalog, world.constraints, ad)
+    return legal, gen.masks.to_slots(np.full(len(legal), ad), legal)
+
+
+def torch_logp(gen, ad, x, slots) -> np.ndarray:
+    with torch.no_grad():
+        return gen.log_prob(np.full(len(slots), ad), np.tile(x, (len(slots), 1)), slots).sum(1)
+
+
+def test_reward_tables_give_the_models_credit(models):
+    world, bound, gen = models
+    for ad in range(world.catalog.n_ads):
+        tables = bound.tables(ad, gen.tables(ad).masks.codes)
+        legal, slots = legal_slots(world, gen, ad)
+        for x in CONTEXTS:
+            base, credit = bound.credit(np.full(len(legal), ad), legal, np.tile(x, (len(legal), 1)))
+            t_base, t_credit = tables.credit(slots.numpy(), x)
+            np.testing.assert_allclose(t_base, base, atol=1e-5)
+            np.testing.assert_allclose(t_credit, credit, atol=1e-5)
+            assert np.abs(credit).max() > 0.01  # the comparison is not between zeros
+
+
+def test_beam_on_tables_is_the_policys_exact_ranking(models):
+    world, _, gen = models
+    for ad in range(world.catalog.n_ads):
+        legal, slots = legal_slots(world, gen, ad)
+        for x in CONTEXTS:
+            lp = torch_logp(gen, ad, x, slots).numpy()
+            # Wider than the space: every legal combination, in the policy's order.
+            codes, score = gen.beam(ad, x, width=len(legal) + 7)
+            assert len(codes) == len(legal)
+            order = np.argsort(-lp, kind="stable")
+            np.testing.assert_allclose(score, lp[order], atol=1e-4)
+            assert {tuple(c) for c in codes} == {tuple(c) for c in legal}
+            assert np.exp(lp).sum() == pytest.approx(1.0, abs=1e-4)
+            # Narrow (pruned, so not necessarily the global top 3): distinct legal
+            # combinations, best first, each scored with its exact log-probability.
+            top, top_score = gen.beam(ad, x, width=3)
+            assert len({tuple(c) for c in top}) == 3
+            assert np.all(np.diff(top_score) <= 0)
+            top_slots = gen.masks.to_slots(np.full(3, ad), top)
+            np.testing.assert_allclose(top_score, torch_logp(gen, ad, x, top_slots), atol=1e-4)
+    # The context changes the answer somewhere, so the context path is live.
+    firsts = {ad: [tuple(gen.beam(ad, x, 1)[0][0]) for x in CONTEXTS] for ad in range(5)}
+    assert any(a != b for a, b in firsts.values())
+
+
+def test_sampling_on_tables_draws_legal_combinations_with_exact_propensities(models):
+    world, _, gen = models
+    ad, x = 2, CONTEXTS[1]
+    tables = gen.tables(ad)
+    slots, logp = tables.sample(x, 20_000, np.random.default_rng(0))
+    codes = tables.masks.to_codes(slots)
+    assert (world.constraints.violations(np.full(len(codes), ad), codes) < 0).all()
+    exact = torch_logp(gen, ad, x, torch.as_tensor(slots[:200])).numpy()
+    np.testing.assert_allclose(logp[:200], exact, atol=1e-4)
+    # Frequencies follow those probabilities.
+    legal, lslots = legal_slots(world, gen, ad)
+    p = np.exp(torch_logp(gen, ad, x, lslots).numpy())
+    index = {tuple(s): i for i, s in enumerate(lslots.numpy())}
+    freq = np.bincount([index[tuple(s)] for s in slots], minlength=len(legal)) / len(slots)
+    assert np.abs(freq - p).max() < 4 * np.sqrt(p.max() / len(slots)) + 1e-3
+    # Same seed, same draws; a cold temperature concentrates on the most likely combination.
+    once, _ = tables.sample(x, 50, np.random.default_rng(7))
+    again, _ = tables.sample(x, 50, np.random.default_rng(7))
+    np.testing.assert_array_equal(again, once)
+    cold, _ = tables.sample(x, 50, np.random.default_rng(1), temperature=1e-3)
+    assert (cold == lslots.numpy()[np.argmax(p)]).all()
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        tables.sample(x, 1, np.random.default_rng(0), temperature=0)
+
+
+def test_tables_follow_training_updates(models):
+    _, _, gen = models
+    before = gen.tables(0)
+    assert gen.tables(0) is before  # cached while frozen
+    gen.candidate_vectors()  # grad enabled: what training does each step
+    after = gen.tables(0)
+    assert after is not before
+    np.testing.assert_allclose(after.A[0], before.A[0])  # same weights, same numbers
