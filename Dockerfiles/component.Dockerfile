@@ -17,8 +17,11 @@ WORKDIR /opt/genco
 COPY pyproject.toml README.md ./
 COPY genco/ genco/
 # kfp (the component executor) comes with the "pipeline" extra; matplotlib draws the
-# evaluation report.
-RUN pip install ".[pipeline]" "matplotlib>=3.8"
+# evaluation report; "serve" brings torch-model-archiver, with which the deploy step archives
+# each promoted version (with serving/'s handler and model config) for TorchServe.
+RUN pip install ".[pipeline,serve]" "matplotlib>=3.8"
+COPY serving/ /opt/genco/serving/
+ENV GENCO_SERVING_DIR=/opt/genco/serving
 
 # Non-root with a numeric id, so Kubernetes' runAsNonRoot can verify it.
 RUN useradd --create-home --uid 1000 --user-group genco

@@ -24,8 +24,13 @@ from genco.metrics import spearman
 from genco.reward import BoundModel, RewardModelConfig, encode, train_reward_model
 from genco.simulate import WORLDS, log_impressions, make_world
 
-SIZES = {"interactions": 1_000_000, "confounded": 300_000, "cold_start": 200_000,
-         "additive": 200_000, "contextual": 300_000}
+SIZES = {
+    "interactions": 1_000_000,
+    "confounded": 300_000,
+    "cold_start": 200_000,
+    "additive": 200_000,
+    "contextual": 300_000,
+}
 
 
 def marginal_effects(enc, catalog) -> list[np.ndarray]:
@@ -55,8 +60,10 @@ def run_world(name: str, n: int, seed: int = 0) -> dict:
     test = encode(log_impressions(world, 200_000, seed + 1000), world.catalog)
     enc = encode(log, world.catalog)
     true = world.truth.element_effects()
-    shown = [np.bincount(enc.combos[:, k], minlength=len(e)) > 0
-             for k, e in enumerate(world.catalog.elements)]
+    shown = [
+        np.bincount(enc.combos[:, k], minlength=len(e)) > 0
+        for k, e in enumerate(world.catalog.elements)
+    ]
     out: dict = {"world": name, "impressions": n}
     variants = {"genco": RewardModelConfig()}
     if name == "confounded":
@@ -99,13 +106,18 @@ def main() -> None:
         n = SIZES[w] // (10 if args.quick else 1)
         results.append(run_world(w, n))
         print(json.dumps(results[-1]), flush=True, file=__import__("sys").stderr)
-    print(json.dumps({
-        "benchmark": "reward",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, "
-                   f"python {platform.python_version()}",
-        "date": time.strftime("%Y-%m-%d"),
-        "results": results,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "reward",
+                "machine": f"{platform.machine()} {os.cpu_count()} cores, "
+                f"python {platform.python_version()}",
+                "date": time.strftime("%Y-%m-%d"),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

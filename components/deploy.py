@@ -13,6 +13,9 @@ def deploy(
     bundle: Input[Model],
     gate: Input[Artifact],
     model_store: str,
+    serving: bool = True,
+    management_url: str = "",
+    key_file: str = "",
 ) -> NamedTuple("Deployment", [("deployed", bool), ("version", str), ("reason", str)]):
     """Copy ``bundle`` into ``model_store`` as a new version and move the production pointer.
 
@@ -20,9 +23,15 @@ def deploy(
     another bundle, or a production model that changed since the evaluation leaves
     production untouched (``deployed`` false, ``reason`` says why). Retrying is safe: the
     same bundle maps to the same version.
+    ``serving``: also publish the version as a .mar in ``model_store``/kserve, the layout an
+    InferenceService with KServe's TorchServe runtime reads. ``management_url`` (and the
+    TorchServe ``key_file`` for token auth): register it on a running TorchServe and make
+    it the default. A publishing failure fails the step with production unchanged.
     """
     from genco.deploy import run_deploy
+    from genco.serving import serving_hook
 
-    result = run_deploy(bundle.path, model_store, gate.path)
+    hook = serving_hook(model_store, serving, management_url or None, key_file or None)
+    result = run_deploy(bundle.path, model_store, gate.path, on_promote=hook)
     print(f"deploy: {result.reason}: {result.version}")
     return (result.deployed, result.version or "", result.reason)

@@ -107,13 +107,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_deploy(args: argparse.Namespace) -> None:
     from genco.deploy import run_deploy
 
-    on_promote = None
-    if args.serving or args.management_url:
-        from genco.serving import make_on_promote, read_token
-
-        token = read_token(args.key_file, "management") if args.key_file else None
-        on_promote = make_on_promote(args.store, args.management_url, token)
-    result = run_deploy(args.model, args.store, args.gate_file, args.version, on_promote)
+    hook = _serving_hook(args)
+    result = run_deploy(args.model, args.store, args.gate_file, args.version, hook)
     _print_json(result.to_dict())
     if not result.deployed:
         raise ValueError(f"not deployed: {result.reason}")
@@ -122,7 +117,29 @@ def cmd_deploy(args: argparse.Namespace) -> None:
 def cmd_rollback(args: argparse.Namespace) -> None:
     from genco.deploy import rollback
 
-    _print_json(rollback(args.store, args.to).to_dict())
+    _print_json(rollback(args.store, args.to, _serving_hook(args)).to_dict())
+
+
+def _serving_hook(args: argparse.Namespace):
+    from genco.serving import serving_hook
+
+    return serving_hook(args.store, args.serving, args.management_url, args.key_file)
+
+
+def _add_serving_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--serving",
+        action="store_true",
+        help=f"also publish {what} as a .mar into STORE/kserve (KServe TorchServe layout); "
+        "automatic once the store has that layout",
+    )
+    p.add_argument(
+        "--management-url",
+        default=None,
+        help=f"TorchServe management URL: register {what} and make it the default "
+        "(implies --serving)",
+    )
+    p.add_argument("--key-file", default=None, help="TorchServe key_file.json (token auth)")
 
 
 def cmd_versions(args: argparse.Namespace) -> None:
@@ -243,18 +260,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dp.add_argument("--store", required=True, help="model store (local dir or gs://)")
     dp.add_argument("--gate-file", default=None, help="gate.json from genco evaluate")
     dp.add_argument("--version", default=None, help="version id (default: time + sha)")
-    dp.add_argument(
-        "--serving",
-        action="store_true",
-        help="also publish the version's .mar into STORE/kserve (KServe TorchServe layout)",
-    )
-    dp.add_argument(
-        "--management-url",
-        default=None,
-        help="TorchServe management URL: register the new version and make it the default "
-        "(implies --serving)",
-    )
-    dp.add_argument("--key-file", default=None, help="TorchServe key_file.json (token auth)")
+    _add_serving_flags(dp, "the new version")
     dp.set_defaults(func=cmd_deploy)
 
     rb = sub.add_parser(
@@ -264,6 +270,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     rb.add_argument("--store", required=True, help="model store (local dir or gs://)")
     rb.add_argument("--to", default=None, help="version id (see genco versions)")
+    _add_serving_flags(rb, "the version rolled back to")
     rb.set_defaults(func=cmd_rollback)
 
     vs = sub.add_parser("versions", help="list the versions in a model store")

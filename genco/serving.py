@@ -11,9 +11,9 @@ the CLI, the pipeline's deploy step and the benchmark call the same functions:
   TorchServe runtime mounts (``config/config.properties`` + ``model-store/``);
 * control: ``ManagementClient`` speaks TorchServe's management API, ``deploy_to_torchserve``
   registers a version and makes it the default (keeping the previous one for
-  ``rollback_default``); ``publish`` does archive + register + layout switch in a safe order,
-  ``make_on_promote`` plugs it into ``genco.deploy.promote`` and ``switch_version`` serves
-  an earlier published version again (a store rollback);
+  ``rollback_default``); ``publish`` does archive + register + layout switch in a safe order
+  and ``make_on_promote`` plugs it into ``genco.deploy.promote`` and ``rollback`` (a version
+  published before is served again from its archive);
 * ``serve`` starts a private local TorchServe and returns once a real prediction succeeded.
 """
 
@@ -879,11 +879,14 @@ def publish(
     the running TorchServe if one is given (register, check, set default), and the layout's
     config last. Registration is by file name, so that server's model store must be
     ``root/model-store`` (as in a KServe pod, where ``root`` is mounted at /mnt/models)."""
-    with tempfile.TemporaryDirectory(prefix="genco-publish-") as tmp:
-        mar = build_mar(bundle_dir, tmp, version, client=client)
-        target = storage.join(root, "model-store", mar_name(version))
-        with open(mar, "rb") as f:
-            storage.write_bytes(target, f.read(), client=client)
+    target = storage.join(root, "model-store", mar_name(version))
+    # A version id names one bundle (the store refuses a reused id with other content), so
+    # an archive already there is this one: a rollback or a retried deploy reuses it.
+    if not storage.exists(target, client=client):
+        with tempfile.TemporaryDirectory(prefix="genco-publish-") as tmp:
+            mar = build_mar(bundle_dir, tmp, version, client=client)
+            with open(mar, "rb") as f:
+                storage.write_bytes(target, f.read(), client=client)
     out: dict[str, Any] = {"version": version}
     if management is not None:
         deployment = deploy_to_torchserve(management, mar_name(version), version, check=check)
@@ -892,26 +895,30 @@ def publish(
     return out
 
 
-def switch_version(
+def serving_hook(
     store_uri: str,
-    version: str,
+    publish: bool = False,
     management_url: str | None = None,
-    token: str | None = None,
+    key_file: str | None = None,
     client: Any = None,
-) -> dict[str, Any]:
-    """Serve an already published version again (the serving half of a store rollback):
-    make it the default on the TorchServe at ``management_url`` (registering it again if it
-    was retired), then point ``STORE/kserve``'s config at it."""
-    root = storage.join(store_uri, KSERVE_DIR)
-    mar = storage.join(root, "model-store", mar_name(version))
-    if not storage.exists(mar, client=client):
-        raise FileNotFoundError(f"{mar}: version '{version}' was never published")
-    out: dict[str, Any] = {"version": version}
-    if management_url:
-        management = ManagementClient(management_url, token)
-        out["torchserve"] = deploy_to_torchserve(management, mar_name(version), version).to_dict()
-    out["kserve"] = set_kserve_version(root, version, client=client).to_dict()
-    return out
+) -> Callable[[str, str], None] | None:
+    """The ``on_promote`` for ``genco deploy``/``rollback`` and the pipeline's deploy step.
+
+    With ``publish`` or a ``management_url``, or when the store already publishes for
+    serving, each version that becomes production is published in ``STORE/kserve`` (and
+    registered as TorchServe's default) before the store's pointer moves: serving never lags
+    the store. None when none of that applies.
+    """
+    if not (publish or management_url or is_published(store_uri, client=client)):
+        return None
+    token = read_token(key_file, "management") if key_file else None
+    return make_on_promote(store_uri, management_url or None, token, client=client)
+
+
+def is_published(store_uri: str, client: Any = None) -> bool:
+    """True when ``STORE/kserve`` holds a serving layout (``make_on_promote`` wrote one)."""
+    config = storage.join(store_uri, KSERVE_DIR, "config", "config.properties")
+    return storage.exists(config, client=client)
 
 
 def make_on_promote(
@@ -923,11 +930,12 @@ def make_on_promote(
     inference_token: str | None = None,
     client: Any = None,
 ) -> Callable[[str, str], None]:
-    """The serving half of ``genco.deploy.promote(..., on_promote=...)``: ``publish`` each
-    promoted version into ``STORE/kserve`` (the InferenceService's storageUri), registering
-    it on the TorchServe at ``management_url`` when given, after a real prediction against
-    the new version when ``inference_url`` is given too. Any failure raises, so promote
-    leaves production where it was."""
+    """The serving half of ``genco.deploy.promote`` and ``rollback`` (their ``on_promote``):
+    ``publish`` each version that becomes production into ``STORE/kserve`` (the
+    InferenceService's storageUri; an archive published before is reused), registering it
+    on the TorchServe at ``management_url`` when given (again, if it was retired), after a
+    real prediction against that version when ``inference_url`` is given too. Any failure
+    raises, so the store's pointer stays where it was."""
     root = storage.join(store_uri, KSERVE_DIR)
 
     def on_promote(version_dir: str, version: str) -> None:

@@ -43,6 +43,9 @@ def retraining(
     margin: float = 0.0,
     warm_start: bool = True,
     ground_truth: str = "",
+    serving: bool = True,
+    management_url: str = "",
+    key_file: str = "",
 ) -> None:
     """Retrain from the log at ``impressions`` and promote into ``model_store`` on a win.
 
@@ -50,6 +53,9 @@ def retraining(
     ``margin``: the candidate's off-policy value must reach production's x (1 + margin).
     ``warm_start``: start both models from the store's production bundle when compatible.
     ``ground_truth``: a simulated world's ground_truth.npz, for the report only.
+    ``serving``: a promotion also publishes the .mar in ``model_store``/kserve (the
+    InferenceService's storageUri); ``management_url`` / ``key_file``: and registers it as
+    the default on a running TorchServe.
     """
     data = ingest(
         catalog=catalog,
@@ -99,6 +105,9 @@ def retraining(
             bundle=bundle.outputs["bundle"],
             gate=gate.outputs["gate"],
             model_store=model_store,
+            serving=serving,
+            management_url=management_url,
+            key_file=key_file,
         )
         promoted.set_caching_options(False)
         promoted.set_cpu_request("500m").set_memory_request("1G")

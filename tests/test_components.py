@@ -177,6 +177,10 @@ def test_deploy_promotes_then_evaluate_against_production_and_refuse(chain, tmp_
         bundle=chain["bundle"], gate=gate, model_store=store
     )
     assert deployed and reason == "promoted" and current_version(store) == version
+    # Published for serving by default: the KServe layout serves the promoted version.
+    served = Path(store, "kserve", "config", "config.properties")
+    assert f"genco-{version}.mar" in served.read_text()
+    assert Path(store, "kserve", "model-store", f"genco-{version}.mar").stat().st_size > 0
 
     # The same model again, required to beat itself by 10%: the gate refuses, and a deploy
     # that is forced through anyway still refuses on the gate file.
@@ -197,6 +201,7 @@ def test_deploy_promotes_then_evaluate_against_production_and_refuse(chain, tmp_
     # Same bundle as production: nothing to change, whatever the gate says.
     assert deployed and reason == "already the current version"
     assert read_pointer(store) == pointer
+    assert f"genco-{version}.mar" in served.read_text()
 
 
 def test_warm_start_from_the_store(chain, tmp_path):

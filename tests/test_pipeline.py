@@ -95,6 +95,9 @@ def test_local_pipeline_deploys_then_gate_refuses_a_worse_model(world, tmp_path)
     assert first["sample_recommendation"]["rank"] == 1
     assert "data:image/png;base64," in Path(first["report"]).read_text()
     pointer = storage.read_bytes(storage.join(store, POINTER))
+    served = Path(store, "kserve", "config", "config.properties")
+    assert f"genco-{v1}.mar" in served.read_text()  # the deploy step published it
+    served_before = served.read_bytes()
 
     # Deliberately worse: no policy training, no warm start, one reward epoch; and it must
     # beat production by 50%.
@@ -103,6 +106,7 @@ def test_local_pipeline_deploys_then_gate_refuses_a_worse_model(world, tmp_path)
     assert not second["deployed"] and second["gate"]["passed"] is False
     assert second["gate"]["candidate_value"] < second["gate"]["production_value"] * 1.5
     assert storage.read_bytes(storage.join(store, POINTER)) == pointer
+    assert served.read_bytes() == served_before
     assert not (Path(second["pipeline_run"]) / "deploy").exists()  # branch skipped
     assert (Path(first["pipeline_run"]) / "deploy").is_dir()
     assert "REFUSED" in Path(second["report"]).read_text()

@@ -213,10 +213,12 @@ def test_promote_switch_and_rollback(
         mgmt.set_default("v9")
     assert 400 <= exc.value.status < 500
 
-    # A store rollback to v1 (retired above): registered again, default, layout switched.
-    token = server.token("management")
-    switched = serving.switch_version(str(store), "v1", server.management_url, token)
-    assert switched["torchserve"]["previous"] == "v2"
+    # A store rollback to v1 (retired above) runs the same hook: its published archive is
+    # reused, registered again and made the default, and the layout switched back.
+    v1_mar = store / serving.KSERVE_DIR / "model-store" / serving.mar_name("v1")
+    built = v1_mar.stat().st_mtime_ns
+    on_promote(bundle_dir, "v1")
+    assert v1_mar.stat().st_mtime_ns == built
     assert mgmt.default_version() == "v1"
     assert answered_by() == "v1"
     assert "genco-v1.mar" in config.read_text()
