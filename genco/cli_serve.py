@@ -31,16 +31,22 @@ def _curl(url: str, body: dict, key_file: str | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from genco.serving import serve
+    from genco.serving import serve, serve_layout
 
-    print("starting TorchServe (Java frontend + one Python worker) ...", file=sys.stderr)
-    handle = serve(
-        args.model,
-        port_base=args.port_base,
-        token_auth=not args.no_auth,
-        workers=args.workers,
-        startup_timeout_s=args.startup_timeout,
-    )
+    print("starting TorchServe (Java frontend + Python worker) ...", file=sys.stderr)
+    if args.layout:
+        for flag, value in (("--port-base", args.port_base), ("--no-auth", args.no_auth)):
+            if value:
+                raise ValueError(f"{flag} applies to --model; a layout brings its own config")
+        handle = serve_layout(args.layout, startup_timeout_s=args.startup_timeout)
+    else:
+        handle = serve(
+            args.model,
+            port_base=args.port_base,
+            token_auth=not args.no_auth,
+            workers=args.workers,
+            startup_timeout_s=args.startup_timeout,
+        )
     with handle:
         _print_json(
             {
@@ -48,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 "inference_url": handle.predictions_url(),
                 "management_url": handle.management_url,
                 "metrics_url": handle.metrics_url,
-                "token_auth": not args.no_auth,
+                "token_auth": handle.key_file is not None,
                 "key_file": handle.key_file,
                 "workdir": handle.workdir,
             }
@@ -97,12 +103,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``serve`` and ``archive`` to the ``genco`` parser."""
     s = sub.add_parser(
         "serve",
-        help="serve a bundle with a local TorchServe and print one REST response",
+        help="serve a bundle (or a published layout) with a local TorchServe and print one "
+        "REST response",
         description="Archive the bundle, start TorchServe on 127.0.0.1 (token auth on; keys "
         "in WORKDIR/key_file.json), wait until a real prediction succeeds, print the URLs, "
         "a curl command and its response, then serve until Ctrl-C (or stop with --once).",
     )
-    s.add_argument("--model", required=True, help="bundle directory from 'genco train'")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="bundle directory from 'genco train'")
+    what.add_argument(
+        "--layout",
+        help="a published KServe layout (STORE/kserve, local or gs://): serve its current "
+        "version with its own config.properties, as the InferenceService's pod does "
+        "(addresses moved to free loopback ports)",
+    )
     s.add_argument(
         "--port-base",
         type=int,

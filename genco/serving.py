@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
@@ -1155,6 +1156,106 @@ def serve(
                 max_batch_delay_ms=max_batch_delay_ms,
             )
         )
+    return _launch(
+        workdir,
+        config,
+        store,
+        version,
+        ports,
+        predictor,
+        key_file=os.path.join(workdir, "key_file.json") if token_auth else None,
+        owns=owns,
+        java=java,
+        log_config=log_config,
+        startup_timeout_s=startup_timeout_s,
+        session=session,
+    )
+
+
+def serve_layout(
+    root: str,
+    *,
+    workdir: str | None = None,
+    startup_timeout_s: float = 180.0,
+    log_config: str | os.PathLike[str] | None = LOG_CONFIG,
+    session: requests.Session | None = None,
+) -> ServeHandle:
+    """Start TorchServe on a published KServe layout (``STORE/kserve``, local or gs://) the
+    way the InferenceService's pod does: its ``config/config.properties`` (model snapshot,
+    no token auth) over its ``model-store/``, with only the listening addresses moved to free
+    loopback ports (``TS_*`` variables, which the layout's config allows). Serves the version
+    the layout points at; returns once a real prediction succeeded."""
+    java = _java()
+    config_uri = storage.join(root, "config", "config.properties")
+    if not storage.exists(config_uri):
+        raise FileNotFoundError(f"{config_uri}: no published layout (see genco deploy --serving)")
+    text = storage.read_text(config_uri)
+    props = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    models = json.loads(props["model_snapshot"])["models"][MODEL_NAME]
+    version = next(v for v, entry in models.items() if entry.get("defaultVersion"))
+    owns = workdir is None
+    workdir = os.path.abspath(workdir or tempfile.mkdtemp(prefix="genco-ts-layout-"))
+    store = os.path.join(workdir, "model-store")
+    bundle = os.path.join(workdir, "bundle")
+    for d in (store, bundle, os.path.join(workdir, "logs"), os.path.join(workdir, "tmp")):
+        os.makedirs(d, exist_ok=True)
+    try:
+        mar = os.path.join(store, mar_name(version))
+        with open(mar, "wb") as f:
+            f.write(storage.read_bytes(storage.join(root, "model-store", mar_name(version))))
+        with zipfile.ZipFile(mar) as z:  # the archive's extra files are the bundle
+            z.extractall(bundle)
+        predictor = Predictor.load(bundle)
+    except BaseException:
+        if owns:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    config = os.path.join(workdir, "config.properties")
+    with open(config, "w", encoding="utf-8") as f:
+        f.write(text)
+    ports = _free_ports(5)
+    env = {
+        "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{ports[0]}",
+        "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{ports[1]}",
+        "TS_METRICS_ADDRESS": f"http://127.0.0.1:{ports[2]}",
+        "TS_GRPC_INFERENCE_PORT": str(ports[3]),
+        "TS_GRPC_MANAGEMENT_PORT": str(ports[4]),
+    }
+    return _launch(
+        workdir,
+        config,
+        store,
+        version,
+        ports,
+        predictor,
+        key_file=None,
+        owns=owns,
+        java=java,
+        log_config=log_config,
+        startup_timeout_s=startup_timeout_s,
+        session=session,
+        extra_env=env,
+    )
+
+
+def _launch(
+    workdir: str,
+    config: str,
+    store: str,
+    version: str,
+    ports: Sequence[int],
+    predictor: Predictor,
+    *,
+    key_file: str | None,
+    owns: bool,
+    java: str,
+    log_config: str | os.PathLike[str] | None,
+    startup_timeout_s: float,
+    session: requests.Session | None,
+    extra_env: dict[str, str] | None = None,
+) -> ServeHandle:
+    """Run ``torchserve --foreground`` on a written config in its own process group and TMPDIR,
+    and wait for a real prediction."""
     env = {
         **os.environ,
         "TMPDIR": os.path.join(workdir, "tmp"),
@@ -1162,6 +1263,7 @@ def serve(
         "LOG_LOCATION": os.path.join(workdir, "logs"),
         "METRICS_LOCATION": os.path.join(workdir, "logs"),
         "JAVA_HOME": os.environ.get("JAVA_HOME") or str(Path(java).resolve().parent.parent),
+        **(extra_env or {}),
     }
     cmd = [sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs"]
     cmd += ["--ts-config", config, "--model-store", store]
@@ -1178,7 +1280,7 @@ def serve(
         workdir=workdir,
         model_store=store,
         version=version,
-        key_file=os.path.join(workdir, "key_file.json") if token_auth else None,
+        key_file=key_file,
         process=process,
         sample_request=sample_request(predictor),
         owns_workdir=owns,

@@ -1,0 +1,87 @@
+"""The published KServe layout served the way its pod serves it: a real TorchServe on the
+layout's own config.properties (model snapshot), and the manifest that mounts it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from genco import serving
+from tests.test_handler import tiny_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = ROOT / "serving" / "kserve.yaml"
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    bundle = tiny_bundle(tmp_path_factory)
+    root = tmp_path_factory.mktemp("store") / serving.KSERVE_DIR
+    serving.publish(bundle, str(root), "v1")
+    serving.publish(bundle, str(root), "v2")  # the layout now points at v2
+    return root
+
+
+@pytest.fixture(scope="module")
+def pod(layout: Path) -> Iterator[serving.ServeHandle]:
+    handle = serving.serve_layout(str(layout), startup_timeout_s=240)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def test_the_layout_serves_its_default_version_without_a_token(pod: serving.ServeHandle):
+    assert pod.version == "v2" and pod.key_file is None  # the layout's config: auth off
+    assert pod.sample_response is not None
+    assert pod.sample_response["model_version"] == "v2"
+    resp = requests.post(pod.predictions_url(), json={**pod.sample_request, "top_k": 2}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["recommendations"]) == 2
+    bad = requests.post(pod.predictions_url(), json={"ad_id": "nope"}, timeout=60)
+    assert bad.status_code == 404 and bad.json()["error"]["field"] == "ad_id"
+    # Only the default version was loaded from the snapshot, not every archive in the store.
+    models = requests.get(f"{pod.management_url}/models/genco/all", timeout=60).json()
+    assert [m["modelVersion"] for m in models] == ["v2"]
+
+
+def test_manifest_runs_torchserve_on_the_published_layout():
+    runtime, isvc = list(yaml.safe_load_all(MANIFEST.read_text()))
+    assert (runtime["kind"], isvc["kind"]) == ("ServingRuntime", "InferenceService")
+    container = runtime["spec"]["containers"][0]
+    assert container["command"] == ["torchserve"]
+    args = dict(a.split("=", 1) for a in container["args"] if "=" in a)
+    props = dict(
+        line.split("=", 1) for line in serving.kserve_properties("v1").splitlines() if "=" in line
+    )
+    # KServe mounts storageUri at /mnt/models: the layout's two folders.
+    assert args["--model-store"] == props["model_store"] == "/mnt/models/model-store"
+    assert args["--ts-config"] == "/mnt/models/config/config.properties"
+    port = int(props["inference_address"].rsplit(":", 1)[1])
+    assert container["ports"][0]["containerPort"] == port
+    predictor = isvc["spec"]["predictor"]["model"]
+    assert predictor["runtime"] == runtime["metadata"]["name"]
+    assert predictor["storageUri"].endswith("/" + serving.KSERVE_DIR)
+    fmt = runtime["spec"]["supportedModelFormats"][0]["name"]
+    assert predictor["modelFormat"]["name"] == fmt
+    assert json.loads(props["model_snapshot"])["models"]["genco"]["v1"]["defaultVersion"]
+
+
+def test_cli_serves_a_layout_once(layout: Path, capsys: pytest.CaptureFixture[str]):
+    from genco.cli import main
+
+    assert main(["serve", "--layout", str(layout), "--once"]) == 0
+    out = capsys.readouterr().out
+    info, _, rest = out.partition("}\n")
+    info_d = json.loads(info + "}")
+    assert info_d["model_version"] == "v2" and info_d["token_auth"] is False
+    response = json.loads(rest[rest.index("\n{") + 1 :])
+    assert response["model_version"] == "v2" and len(response["recommendations"]) == 3
+
+    assert main(["serve", "--layout", str(layout), "--no-auth"]) == 2
+    assert "--no-auth applies to --model" in capsys.readouterr().err
