@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
@@ -1127,49 +1127,29 @@ def serve(
     and the two gRPC ports take port_base..port_base+4 (default: free ports). log_config:
     a log4j2 file (default ``serving/log4j2.xml``: warnings only; None: TorchServe's own).
     """
-    java = _java()
+    _java()  # no Java, no TorchServe: say so before any work
     predictor = Predictor.load(model_dir)  # fail on a bad bundle before starting Java
     version = check_version(version) if version else bundle_version(model_dir)
-    owns = workdir is None
-    workdir = os.path.abspath(workdir or tempfile.mkdtemp(prefix="genco-ts-"))
-    store = os.path.join(workdir, "model-store")
-    for d in (store, os.path.join(workdir, "logs"), os.path.join(workdir, "tmp")):
-        os.makedirs(d, exist_ok=True)
-    try:
+    with _private_workdir(workdir, "genco-ts-") as (workdir, store, owns):
         build_mar(model_dir, store, version)
-    except BaseException:
-        if owns:
-            shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    ports = list(range(port_base, port_base + 5)) if port_base else _free_ports(5)
-    config = os.path.join(workdir, "config.properties")
-    with open(config, "w", encoding="utf-8") as f:
-        f.write(
-            local_properties(
-                store,
-                version,
-                ports,
-                token_auth=token_auth,
-                enable_model_api=enable_model_api,
-                workers=workers,
-                batch_size=batch_size,
-                max_batch_delay_ms=max_batch_delay_ms,
+        ports = list(range(port_base, port_base + 5)) if port_base else _free_ports(5)
+        config = os.path.join(workdir, "config.properties")
+        with open(config, "w", encoding="utf-8") as f:
+            f.write(
+                local_properties(
+                    store,
+                    version,
+                    ports,
+                    token_auth=token_auth,
+                    enable_model_api=enable_model_api,
+                    workers=workers,
+                    batch_size=batch_size,
+                    max_batch_delay_ms=max_batch_delay_ms,
+                )
             )
-        )
-    return _launch(
-        workdir,
-        config,
-        store,
-        version,
-        ports,
-        predictor,
-        key_file=os.path.join(workdir, "key_file.json") if token_auth else None,
-        owns=owns,
-        java=java,
-        log_config=log_config,
-        startup_timeout_s=startup_timeout_s,
-        session=session,
-    )
+        key_file = os.path.join(workdir, "key_file.json") if token_auth else None
+        timing = (startup_timeout_s, session)
+        return _launch(workdir, version, ports, predictor, key_file, owns, log_config, *timing)
 
 
 def serve_layout(
@@ -1185,7 +1165,7 @@ def serve_layout(
     no token auth) over its ``model-store/``, with only the listening addresses moved to free
     loopback ports (``TS_*`` variables, which the layout's config allows). Serves the version
     the layout points at; returns once a real prediction succeeded."""
-    java = _java()
+    _java()  # no Java, no TorchServe: say so before any work
     config_uri = storage.join(root, "config", "config.properties")
     if not storage.exists(config_uri):
         raise FileNotFoundError(f"{config_uri}: no published layout (see genco deploy --serving)")
@@ -1193,69 +1173,63 @@ def serve_layout(
     props = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     models = json.loads(props["model_snapshot"])["models"][MODEL_NAME]
     version = next(v for v, entry in models.items() if entry.get("defaultVersion"))
-    owns = workdir is None
-    workdir = os.path.abspath(workdir or tempfile.mkdtemp(prefix="genco-ts-layout-"))
-    store = os.path.join(workdir, "model-store")
-    bundle = os.path.join(workdir, "bundle")
-    for d in (store, bundle, os.path.join(workdir, "logs"), os.path.join(workdir, "tmp")):
-        os.makedirs(d, exist_ok=True)
-    try:
+    with _private_workdir(workdir, "genco-ts-layout-") as (workdir, store, owns):
         mar = os.path.join(store, mar_name(version))
         with open(mar, "wb") as f:
             f.write(storage.read_bytes(storage.join(root, "model-store", mar_name(version))))
+        bundle = os.path.join(workdir, "bundle")
         with zipfile.ZipFile(mar) as z:  # the archive's extra files are the bundle
             z.extractall(bundle)
         predictor = Predictor.load(bundle)
+        config = os.path.join(workdir, "config.properties")
+        with open(config, "w", encoding="utf-8") as f:
+            f.write(text)
+        ports = _free_ports(5)
+        env = {
+            "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{ports[0]}",
+            "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{ports[1]}",
+            "TS_METRICS_ADDRESS": f"http://127.0.0.1:{ports[2]}",
+            "TS_GRPC_INFERENCE_PORT": str(ports[3]),
+            "TS_GRPC_MANAGEMENT_PORT": str(ports[4]),
+        }
+        timing = (startup_timeout_s, session)
+        return _launch(workdir, version, ports, predictor, None, owns, log_config, *timing, env)
+
+
+@contextlib.contextmanager
+def _private_workdir(workdir: str | None, prefix: str) -> Iterator[tuple[str, str, bool]]:
+    """(workdir, its model-store/, whether we own it), with logs/ and tmp/ made; a workdir we
+    created is removed again if anything fails before the server is running."""
+    owns = workdir is None
+    path = os.path.abspath(workdir or tempfile.mkdtemp(prefix=prefix))
+    store = os.path.join(path, "model-store")
+    for d in (store, os.path.join(path, "logs"), os.path.join(path, "tmp")):
+        os.makedirs(d, exist_ok=True)
+    try:
+        yield path, store, owns
     except BaseException:
         if owns:
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
         raise
-    config = os.path.join(workdir, "config.properties")
-    with open(config, "w", encoding="utf-8") as f:
-        f.write(text)
-    ports = _free_ports(5)
-    env = {
-        "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{ports[0]}",
-        "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{ports[1]}",
-        "TS_METRICS_ADDRESS": f"http://127.0.0.1:{ports[2]}",
-        "TS_GRPC_INFERENCE_PORT": str(ports[3]),
-        "TS_GRPC_MANAGEMENT_PORT": str(ports[4]),
-    }
-    return _launch(
-        workdir,
-        config,
-        store,
-        version,
-        ports,
-        predictor,
-        key_file=None,
-        owns=owns,
-        java=java,
-        log_config=log_config,
-        startup_timeout_s=startup_timeout_s,
-        session=session,
-        extra_env=env,
-    )
 
 
 def _launch(
     workdir: str,
-    config: str,
-    store: str,
     version: str,
     ports: Sequence[int],
     predictor: Predictor,
-    *,
     key_file: str | None,
     owns: bool,
-    java: str,
     log_config: str | os.PathLike[str] | None,
     startup_timeout_s: float,
     session: requests.Session | None,
     extra_env: dict[str, str] | None = None,
 ) -> ServeHandle:
-    """Run ``torchserve --foreground`` on a written config in its own process group and TMPDIR,
-    and wait for a real prediction."""
+    """Run ``torchserve --foreground`` on ``workdir``'s config.properties and model-store/, in
+    its own process group and TMPDIR, and wait for a real prediction."""
+    java = _java()
+    config = os.path.join(workdir, "config.properties")
+    store = os.path.join(workdir, "model-store")
     env = {
         **os.environ,
         "TMPDIR": os.path.join(workdir, "tmp"),
