@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from genco import __version__
 from genco.cli_common import print_json as _print_json
+from genco.decode import REFINES
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
 
@@ -116,6 +117,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         catalog = load_catalog(args.catalog)
         constraints = load_constraints(args.constraints, catalog)
     predictor = Predictor.load(args.model, catalog, constraints)
+    predictor.refine = args.refine
     contexts = storage.read_table(args.contexts, dtype={"ad_id": str}) if args.contexts else None
     frame = predictor.recommend_frame(contexts, top_k=args.top_k)
     storage.write_table(frame, args.out)
@@ -230,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--contexts", default=None, help="ad_id + ctx_* rows (default: every ad)")
     r.add_argument("--top-k", type=int, default=1, help="combinations per row (default 1)")
     r.add_argument("--out", required=True, help="recommendations CSV/Parquet")
+    r.add_argument(
+        "--refine",
+        choices=REFINES,
+        default="pairs",
+        help="local search on the reward model after the beam: swaps of one component then "
+        "of two (pairs, default), of one (single), or none",
+    )
     r.set_defaults(func=cmd_recommend)
 
     d = sub.add_parser(

@@ -17,9 +17,17 @@ the batched torch path; tests hold the two to the same numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+# How beam results are improved on the reward model before ranking: "pairs" (swaps of one
+# component, then of two jointly), "single" (swaps of one component), "none" (beam + re-rank).
+REFINES = ("pairs", "single", "none")
+
+# A move that breaks a forbidden pair (or picks a padding slot) scores this much lower: far
+# below any real logit, and finite when several add up.
+PENALTY = 1e9
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -34,6 +42,7 @@ class AdMasks:
     valid: list[np.ndarray]  # per component (M_k,) bool
     forbid: dict[tuple[int, int], np.ndarray]  # (j, k), j < k: (M_j, M_k) bool
     later: dict[int, list[tuple[int, np.ndarray]]]  # k -> [(l, forbid[(k, l)])]
+    _conflicts: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)
 
     def domain(self, k: int, picks: np.ndarray, upto: int) -> np.ndarray:
         """(B, M_k) slots of component k still allowed by the picks of components < upto."""
@@ -52,6 +61,22 @@ class AdMasks:
             dom = self.domain(l_, picks, k)  # (B or 1, M_l)
             allowed = allowed & (dom[:, None, :] & ~f[None]).any(-1)
         return np.broadcast_to(allowed, (len(picks), allowed.shape[1]))
+
+    def conflicts(self) -> list[np.ndarray]:
+        """Per component k, (M_k, sum_l M_l) int8: 1 where slot i of k and slot j of l (column
+        block l) form a forbidden pair, in either order. Built once per ad."""
+        if not self._conflicts:
+            sizes = [len(v) for v in self.valid]
+            off = np.cumsum([0, *sizes[:-1]])
+            for k in range(len(sizes)):
+                rows = np.zeros((sizes[k], sum(sizes)), np.int8)
+                for (j, l_), f in self.forbid.items():
+                    if j == k:
+                        rows[:, off[l_] : off[l_] + sizes[l_]] |= f
+                    elif l_ == k:
+                        rows[:, off[j] : off[j] + sizes[j]] |= f.T
+                self._conflicts.append(rows)
+        return self._conflicts
 
     def to_codes(self, slots: np.ndarray) -> np.ndarray:
         """(B, K) slots -> (B, K) catalog element codes."""
@@ -163,9 +188,10 @@ def no_legal_element(k: int) -> str:
 class RewardTables:
     """The reward model folded for one ad (float32), in the ad's slot space.
 
-    main[k]: (M_k, 1 + C) so that main_k(slot, x) = main[k][slot, 0] + main[k][slot, 1:] @ x;
-    pair[(k, l)]: (M_k, M_l) interaction of component k's slot with component l's (k != l;
-    empty without pairwise terms). Stored flat so one gather scores a whole beam.
+    main[k]: (M_k, 1 + C) so that main_k(slot, x) = main[k][slot, 0] + main[k][slot, 1:] @ x.
+    Pairwise terms: ``inter[k]`` (M_k, sum_l M_l) holds, in column block l, the interaction of
+    component k's slots with component l's (zero blocks for l = k and without pairwise
+    terms), so the terms of every slot of k with a whole combination are one gather.
     """
 
     def __init__(
@@ -177,38 +203,146 @@ class RewardTables:
         main: list[np.ndarray],
         pair: dict[tuple[int, int], np.ndarray],
     ) -> None:
+        """pair[(k, l)]: (M_k, M_l) for k != l (both orders); empty without pairwise terms."""
         self.base = base  # bias + appeal (the context part is added per request)
         self.ctx_w, self.ctx_mean, self.ctx_std = ctx_w, ctx_mean, ctx_std  # over standardised x
-        self.main, self.pair = main, pair
-        K = len(main)
+        self.main = main
+        sizes = [len(m) for m in main]
+        K, total = len(sizes), sum(sizes)
+        self.off = np.cumsum([0, *sizes[:-1]]).astype(np.int64)  # column block of each l
         self.main_flat = np.concatenate(main)  # (sum M_k, 1 + C)
-        self.main_off = np.cumsum([0, *[len(m) for m in main[:-1]]])
-        keys = list(pair)
-        self.pair_k = np.array([k for k, _ in keys], dtype=np.int64)
-        self.pair_l = np.array([l_ for _, l_ in keys], dtype=np.int64)
-        self.pair_stride = np.array([pair[key].shape[1] for key in keys], dtype=np.int64)
-        sizes = [pair[key].size for key in keys]
-        self.pair_off = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
-        self.pair_flat = (
-            np.concatenate([pair[key].ravel() for key in keys]) if keys else np.zeros(0, np.float32)
-        )
-        self.half = np.zeros((len(keys), K), np.float32)  # pair -> the component it credits
-        self.half[np.arange(len(keys)), self.pair_k] = 0.5
+        self.inter = []
+        for k in range(K):
+            rows = np.zeros((sizes[k], total), np.float32)
+            for l_ in range(K):
+                if (k, l_) in pair:
+                    rows[:, self.off[l_] : self.off[l_] + sizes[l_]] = pair[(k, l_)]
+            self.inter.append(rows)
+        self.has_pairs = bool(pair)
+        # All of inter flat, for scoring: entry (k, i, column c) at row_off[k] + i * total + c.
+        self.inter_flat = np.concatenate([t.ravel() for t in self.inter])
+        self.row_off = np.cumsum([0, *[m * total for m in sizes[:-1]]]).astype(np.int64)
+        self.total = total
+        self.nbytes = 2 * sum(a.nbytes for a in (self.main_flat, self.inter_flat, *self.inter))
+        self._search: list[np.ndarray] | None = None  # inter with illegal pairs penalised
+
+    def _x(self, ctx: np.ndarray | None) -> np.ndarray:
+        C = len(self.ctx_w)
+        if ctx is None or C == 0:
+            return np.zeros(C, np.float32)
+        return (ctx - self.ctx_mean) / self.ctx_std
 
     def credit(self, slots: np.ndarray, ctx: np.ndarray | None) -> tuple[float, np.ndarray]:
         """(base logit, Shapley credit (B, K)) of combinations given as slots (B, K).
 
         Credit = main effect + half of each pairwise term, as ``BoundModel.credit``.
         """
-        C = len(self.ctx_w)
-        if ctx is None or C == 0:
-            x = np.zeros(C, np.float32)
-        else:
-            x = (ctx - self.ctx_mean) / self.ctx_std
+        x = self._x(ctx)
         base = self.base + float(x @ self.ctx_w)
-        m = self.main_flat[slots + self.main_off]  # (B, K, 1 + C)
+        m = self.main_flat[slots + self.off]  # (B, K, 1 + C)
         out = m[..., 0] + m[..., 1:] @ x
-        if len(self.pair_k):
-            idx = slots[:, self.pair_k] * self.pair_stride + slots[:, self.pair_l] + self.pair_off
-            out = out + self.pair_flat[idx] @ self.half
+        if self.has_pairs:
+            cols = slots + self.off  # (B, K): each pick's column
+            at = self.row_off + slots * self.total  # (B, K): each pick's row in inter_flat
+            out = out + 0.5 * self.inter_flat[at[:, :, None] + cols[:, None, :]].sum(-1)
         return base, out
+
+    def refine(
+        self, slots: np.ndarray, ctx: np.ndarray | None, masks: AdMasks, pairs: bool = True
+    ) -> tuple[np.ndarray, int]:
+        """Local search on the model's logit from each row of ``slots`` (B, K): each round
+        makes, per row, the best improving swap of one component for a legal alternative,
+        the others fixed; when none is left and ``pairs`` is set, the best improving swap of
+        two components jointly (which escapes optima where only a matched pair of changes
+        pays). Every move is exact on the tables and raises the logit; it stops when no move
+        helps. Returns the improved rows and how many combinations were scored (a round of
+        single swaps scores sum(M_k) per row, of pairs sum(M_k M_l))."""
+        t = self._search_tables(masks)
+        x = self._x(ctx)
+        # (K, M) each slot's own terms, padded and illegal slots far below anything real.
+        mains = np.where(t.valid, self.main_pad[..., 0] + self.main_pad[..., 1:] @ x, -PENALTY)
+        s = slots.copy()
+        B, K = s.shape
+        rows = np.arange(B)
+        comps = np.arange(K)
+        scored = 0
+        for _ in range(4 * K * int(t.valid.sum())):  # every round raises the logit or stops
+            cols = s + self.off  # (B, K)
+            # value[k, b, i]: slot i of component k with row b's other picks.
+            value = t.inter[:, :, cols].sum(-1).transpose(0, 2, 1) + mains[:, None, :]
+            now = value[comps[:, None], rows[None, :], s.T]  # (K, B)
+            gain = value.max(-1) - now  # (K, B)
+            scored += int(t.valid.sum()) * B
+            k = gain.argmax(0)
+            move = gain[k, rows] > 1e-6
+            if move.any():
+                b = rows[move]
+                s[b, k[move]] = value[k[move], b].argmax(-1)
+                continue
+            if not pairs or len(t.pk) == 0:
+                break
+            # Each side's value without the other side's pick, then every joint choice.
+            vk = value[t.pk] - t.inter[t.pk[:, None, None], t.slot, cols[:, t.pl].T[:, :, None]]
+            vl = value[t.pl] - t.inter[t.pl[:, None, None], t.slot, cols[:, t.pk].T[:, :, None]]
+            joint = vk[..., :, None] + vl[..., None, :] + t.both[:, None]  # (P, B, M, M)
+            P, M = len(t.pk), joint.shape[-1]
+            flat = joint.reshape(P, B, M * M)
+            scored += int(t.pair_size) * B
+            best = flat.argmax(-1)  # (P, B)
+            at = s[:, t.pk].T * M + s[:, t.pl].T  # (P, B) current joint choice
+            gain = np.take_along_axis(flat, best[..., None], -1)[..., 0]
+            gain = gain - np.take_along_axis(flat, at[..., None], -1)[..., 0]
+            p = gain.argmax(0)
+            move = gain[p, rows] > 1e-6
+            if not move.any():
+                break
+            b = rows[move]
+            choice = best[p[move], b]
+            s[b, t.pk[p[move]]] = choice // M
+            s[b, t.pl[p[move]]] = choice % M
+        return s, scored
+
+    def _search_tables(self, masks: AdMasks) -> _Search:
+        """Padded, penalised copies of the tables for ``refine`` (built once per ad)."""
+        if self._search is None:
+            K = len(self.main)
+            sizes = [len(m) for m in self.main]
+            M = max(sizes)
+            valid = np.zeros((K, M), bool)
+            # float64: a penalty added and taken away again (a pair move frees a slot that
+            # clashed with the old pick) must give back the real terms, which float32 at 1e9
+            # would round to multiples of 64.
+            inter = np.full((K, M, self.total), -PENALTY, np.float64)
+            for k, (table, clash) in enumerate(zip(self.inter, masks.conflicts(), strict=True)):
+                valid[k, : sizes[k]] = masks.valid[k]
+                inter[k, : sizes[k]] = np.where(clash > 0, -PENALTY, table)
+            pk, pl = np.triu_indices(K, 1)
+            both = np.full((len(pk), M, M), -PENALTY, np.float64)
+            for p, (k, l_) in enumerate(zip(pk, pl, strict=True)):
+                block = inter[k, :, self.off[l_] : self.off[l_] + sizes[l_]]
+                both[p, :, : sizes[l_]] = block
+            # The pair's own term is counted by ``both``: remove it from each side's value.
+            self._search = _Search(
+                valid=valid,
+                inter=inter,
+                pk=pk,
+                pl=pl,
+                both=both,
+                slot=np.arange(M)[None, None, :],
+                pair_size=sum(sizes[k] * sizes[l_] for k, l_ in zip(pk, pl, strict=True)),
+            )
+            self.main_pad = np.zeros((K, M, self.main[0].shape[1]), np.float64)
+            for k, m in enumerate(self.main):
+                self.main_pad[k, : sizes[k]] = m
+        return self._search
+
+
+@dataclass(frozen=True)
+class _Search:
+    valid: np.ndarray  # (K, M) real, legal slots
+    inter: np.ndarray  # (K, M, sum M_l) pairwise terms; forbidden pairs and padding penalised
+    pk: np.ndarray  # (P,) component pairs k < l
+    pl: np.ndarray
+    both: np.ndarray  # (P, M, M) the pair's own term, penalised where forbidden
+    slot: np.ndarray  # (1, 1, M) slot indices, for gathers
+    pair_size: int  # sum over pairs of M_k * M_l

@@ -45,6 +45,7 @@ import requests
 from genco import storage
 from genco.bundle import REWARD_META, REWARD_WEIGHTS
 from genco.contract import AD, ANY_AD, CONSTRAINT_COLUMNS, CONTEXT_PREFIX, Catalog, Constraints
+from genco.decode import REFINES
 from genco.predictor import MAX_TOP_K, MODES, Predictor, inline_catalog
 from genco.train import CATALOG, CONSTRAINTS, GEN_META, GEN_WEIGHTS, MANIFEST
 
@@ -72,7 +73,17 @@ KSERVE_DIR = "kserve"
 # by ~40% at concurrency 8 (bench/serving.py: 181 -> 320 req/s on a shared 2-core box).
 JVM_ARGS = "-XX:+UseSerialGC -Xmx512m -XX:TieredStopAtLevel=1 -XX:CICompilerCount=1"
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_FIELDS = ("ad_id", "candidates", "constraints", "top_k", "mode", "explain", "temperature", "seed")
+_FIELDS = (
+    "ad_id",
+    "candidates",
+    "constraints",
+    "top_k",
+    "mode",
+    "refine",
+    "explain",
+    "temperature",
+    "seed",
+)
 
 
 # ============================================================================ requests
@@ -105,6 +116,7 @@ class RecommendRequest:
     constraints: tuple[dict[str, str], ...] = ()
     top_k: int = 5
     mode: str = "beam"
+    refine: str | None = None  # None: the predictor's default
     explain: bool = False
     temperature: float = 1.0
     seed: int | None = None
@@ -307,6 +319,9 @@ def parse_request(body: object, predictor: Predictor) -> RecommendRequest:
     mode = data.get("mode", "beam")
     if mode not in MODES:
         raise RequestError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    refine = data.get("refine")
+    if refine is not None and refine not in REFINES:
+        raise RequestError("refine", f"must be one of {', '.join(REFINES)}, got {refine!r}")
     explain = data.get("explain", False)
     if not isinstance(explain, bool):
         raise RequestError("explain", f"must be true or false, got {_json_type(explain)}")
@@ -325,6 +340,7 @@ def parse_request(body: object, predictor: Predictor) -> RecommendRequest:
         constraints=constraints,
         top_k=top_k,
         mode=mode,
+        refine=refine,
         explain=explain,
         temperature=float(temperature),
         seed=seed,
@@ -379,6 +395,7 @@ def predict(predictor: Predictor, req: RecommendRequest) -> dict[str, Any]:
             explain=req.explain,
             temperature=req.temperature,
             seed=req.seed,
+            refine=req.refine,
         )
     except ValueError as exc:
         if not scoped:  # the bundle's own catalog always has a legal completion: a bug
@@ -455,8 +472,13 @@ def sample_request(predictor: Predictor, top_k: int = 3) -> dict[str, Any]:
     return {"ad_id": predictor.catalog.ads[0], **ctx, "top_k": top_k}
 
 
-def load_predictor(model_dir: str, threads: int | None = 1) -> Predictor:
+def load_predictor(model_dir: str, threads: int | None = 1, refine: str = "single") -> Predictor:
     """Load a bundle for serving and warm it up.
+
+    refine: the default search after the beam (a request's ``refine`` overrides it).
+    "single" rather than the library's "pairs": on 4 components x 10 candidates the pair
+    search adds ~0.5 ms to a ~0.5 ms request, which the REST latency budget does not have
+    (see BENCHMARKS.md for what each level buys).
 
     threads: torch intra-op threads for this process (None leaves them alone). One, because
     a request is a few small matrix products for which thread hand-off costs more than it
@@ -470,6 +492,7 @@ def load_predictor(model_dir: str, threads: int | None = 1) -> Predictor:
 
         torch.set_num_threads(threads)
     predictor = Predictor.load(model_dir)
+    predictor.refine = refine
     predict(predictor, parse_request(sample_request(predictor), predictor))
     return predictor
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from genco.generator import BoundGenerator, Generator, GeneratorConfig
+from genco.predictor import distinct
 from genco.reward import (
     BoundModel,
     RewardModelConfig,
@@ -123,3 +124,54 @@ def test_tables_follow_training_updates(models):
     after = gen.tables(0)
     assert after is not before
     np.testing.assert_allclose(after.A[0], before.A[0])  # same weights, same numbers
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["single", "pairs"])
+def test_refine_reaches_a_legal_local_optimum_of_the_reward_model(models, pairs):
+    world, bound, gen = models
+    rng = np.random.default_rng(0)
+    K = world.catalog.n_components
+    moved = 0
+    for ad in range(world.catalog.n_ads):
+        policy = gen.tables(ad)
+        tables = bound.tables(ad, policy.masks.codes)
+        for x in CONTEXTS:
+            start, _ = policy.sample(x, 6, rng)  # arbitrary legal starting points
+            done, scored = tables.refine(start, x, policy.masks, pairs=pairs)
+            assert scored >= 6 * sum(len(c) for c in policy.masks.codes)  # >= one sweep
+            codes = policy.masks.to_codes(done)
+            n = len(codes)
+            assert (world.constraints.violations(np.full(n, ad), codes) < 0).all()
+            X = np.tile(x, (n, 1))
+            before = bound.logit(np.full(n, ad), policy.masks.to_codes(start), X)
+            after = bound.logit(np.full(n, ad), codes, X)
+            assert np.all(after >= before - 1e-5)
+            moved += int((after > before + 1e-4).sum())
+            # No legal swap of one component (or, with pairs, of two) improves any row.
+            cands = world.catalog.candidates[ad]
+            moves = [((k,), (e,)) for k in range(K) for e in cands[k]]
+            if pairs:
+                moves += [
+                    ((k, l_), (e, f))
+                    for k in range(K)
+                    for l_ in range(k + 1, K)
+                    for e in cands[k]
+                    for f in cands[l_]
+                ]
+            for comps, elems in moves:
+                swapped = codes.copy()
+                swapped[:, list(comps)] = elems
+                legal = world.constraints.violations(np.full(n, ad), swapped) < 0
+                value = bound.logit(np.full(n, ad), swapped, X)
+                assert np.all(value[legal] <= after[legal] + 1e-5)
+    assert moved >= 10  # random starts do climb (60 starts in all)
+
+
+def test_distinct_keeps_first_occurrences_in_order():
+    rows = np.array([[2, 1], [0, 3], [2, 1], [1, 0], [0, 3]])
+    kept, first = distinct(rows)
+    np.testing.assert_array_equal(kept, [[2, 1], [0, 3], [1, 0]])
+    np.testing.assert_array_equal(first, [0, 1, 3])
+    wide = np.array([[999] * 10, [1] * 10, [999] * 10])  # 1000**10 overflows an int64 key
+    kept, first = distinct(wide)
+    np.testing.assert_array_equal(first, [0, 1])

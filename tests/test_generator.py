@@ -139,6 +139,8 @@ def test_predictor_recommends_and_explains(constrained):
         pred.recommend(ad_id, top_k=0)
     with pytest.raises(ValueError, match="mode must be one of beam, sample, got 'best'"):
         pred.recommend(ad_id, mode="best")
+    with pytest.raises(ValueError, match="refine must be one of pairs, single, none, got 'x'"):
+        pred.recommend(ad_id, refine="x")
     with pytest.raises(KeyError, match="ad_id 'nope' is not in the catalog"):
         pred.recommend("nope")
 
@@ -237,3 +239,14 @@ def test_cli_train_then_recommend(tmp_path):
         "score",
     ]
     assert len(rec) == 2 * len(pd.read_csv(w / "contexts.csv"))
+    # The beam alone never finds a better top pick than the beam plus the local search.
+    args = ["--model", str(tmp_path / "m"), "--contexts", str(w / "contexts.csv")]
+    r = subprocess.run(
+        [*run, "recommend", *args, "--refine", "none", "--out", str(tmp_path / "beam.csv")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    beam = pd.read_csv(tmp_path / "beam.csv")
+    top = pd.read_csv(tmp_path / "rec.csv").query("rank == 1").reset_index(drop=True)
+    assert (beam["score"] <= top["score"] + 1e-9).all()

@@ -297,7 +297,7 @@ BAD_REQUESTS: list[tuple[object, int, str]] = [
         {"ad": AD0},
         400,
         "ad: unknown field (allowed: ad_id, candidates, constraints, top_k, "
-        "mode, explain, temperature, seed, ctx_*)",
+        "mode, refine, explain, temperature, seed, ctx_*)",
     ),
     ({"ad_id": AD0, "top_k": 0}, 400, "top_k: must be an integer in [1, 100], got 0"),
     ({"ad_id": AD0, "top_k": 101}, 400, "top_k: must be an integer in [1, 100], got 101"),
@@ -305,6 +305,11 @@ BAD_REQUESTS: list[tuple[object, int, str]] = [
     ({"ad_id": AD0, "top_k": True}, 400, "top_k: must be an integer in [1, 100], got True"),
     ({"ad_id": AD0, "top_k": 2.5}, 400, "top_k: must be an integer in [1, 100], got 2.5"),
     ({"ad_id": AD0, "mode": "greedy"}, 400, "mode: must be one of beam, sample, got 'greedy'"),
+    (
+        {"ad_id": AD0, "refine": "all"},
+        400,
+        "refine: must be one of pairs, single, none, got 'all'",
+    ),
     ({"ad_id": AD0, "explain": "yes"}, 400, "explain: must be true or false, got string"),
     ({"ad_id": AD0, "temperature": 0}, 400, "temperature: must be a number > 0, got 0"),
     ({"ad_id": AD0, "seed": -1}, 400, "seed: must be an integer in [0, 2^63), got -1"),
@@ -483,6 +488,18 @@ def test_sample_gives_propensities_and_is_seeded(predictor: Predictor) -> None:
     assert props and all(0.0 < p <= 1.0 for p in props)
     beam = serving.predict(predictor, serving.parse_request({"ad_id": AD0}, predictor))
     assert all("propensity" not in r for r in beam["recommendations"])
+
+
+def test_refine_levels_rank_by_the_reward_model(predictor: Predictor) -> None:
+    """A deeper search never ranks a lower-scoring combination first."""
+    best = {}
+    for refine in ("none", "single", "pairs"):
+        req = {"ad_id": AD0, "top_k": 3, "refine": refine}
+        body = serving.predict(predictor, serving.parse_request(req, predictor))
+        recs = body["recommendations"]
+        assert len(recs) == 3 and [r["rank"] for r in recs] == [1, 2, 3]
+        best[refine] = recs[0]["score"]
+    assert best["none"] <= best["single"] + 1e-9 <= best["pairs"] + 2e-9
 
 
 def test_request_constraints_remove_the_best_pair(predictor: Predictor) -> None:
