@@ -10,8 +10,8 @@ Methods (top-1 per ad and context, scored by the TRUE CTR):
   genco        GenCO (Predictor.decode, the library default): beam search (width 32)
                re-ranked by the reward model, the best improved by local search on the
                reward model (swaps of one component, then of two: refine="pairs")
-  genco_single the same with swaps of one component only (refine="single", the REST default)
-  genco_beam   the same without the refinement (beam + re-rank only)
+  genco_single the same with swaps of one component only (refine="single")
+  genco_beam   the same without the refinement (beam + re-rank only; the REST default)
 
 gap closed = (ctr(pick) - ctr(uniform)) / (ctr(best legal) - ctr(uniform)), averaged.
 

@@ -94,6 +94,9 @@ def test_predict(server: serving.ServeHandle, http: requests.Session) -> None:
     recs = body["recommendations"]
     assert [r["rank"] for r in recs] == [1, 2, 3, 4]
     assert all(0.0 < r["score"] < 1.0 and "attribution" not in r for r in recs)
+    searched = _post(server, http, {"ad_id": AD0, "top_k": 4, "refine": "pairs"})
+    assert searched.status_code == 200
+    assert searched.json()["recommendations"][0]["score"] >= recs[0]["score"] - 1e-9
 
 
 def test_explain_field_and_endpoint(server: serving.ServeHandle, http: requests.Session) -> None:
