@@ -64,15 +64,21 @@ def make_bundle(out: str) -> str:
 def in_process(predictor: Predictor, calls: int) -> dict:
     ads = predictor.catalog.ads
     out = {}
-    for mode in ("beam", "sample"):
+    # The serving default (beam re-ranked), sampling, and the beam with each local search.
+    for name, mode, refine in (
+        ("beam", "beam", None),
+        ("sample", "sample", None),
+        ("beam_refine_single", "beam", "single"),
+        ("beam_refine_pairs", "beam", "pairs"),
+    ):
         for i in range(200):  # warm-up
-            predictor.recommend(ads[i % len(ads)], top_k=5, mode=mode)
+            predictor.recommend(ads[i % len(ads)], top_k=5, mode=mode, refine=refine)
         ms = []
         for i in range(calls):
             t = time.perf_counter()
-            predictor.recommend(ads[i % len(ads)], top_k=5, mode=mode)
+            predictor.recommend(ads[i % len(ads)], top_k=5, mode=mode, refine=refine)
             ms.append((time.perf_counter() - t) * 1e3)
-        out[f"recommend_{mode}"] = percentiles(ms)
+        out[f"recommend_{name}"] = percentiles(ms)
     ms = []
     for i in range(calls):
         body = json.dumps({"ad_id": ads[i % len(ads)], "top_k": 5}).encode()
