@@ -8,15 +8,18 @@ each of those small calls costs more in dispatch than in arithmetic (the profile
 - the policy's pointer logits become ``state @ A_k + b_k`` (query layer folded into the
   ad's candidate vectors), the GRU's input half becomes a per-candidate lookup ``gi_k``;
 - the reward model's per-element terms become ``main_k[slot]`` (linear in the context) and
-  its pairwise terms become one (M_k, M_l) table per component pair;
+  its pairwise terms one (M_k, M_l) table per component pair (stored as rows per component);
 - the legal masks become the ad's own (M_j, M_k) forbidden matrices.
 
 Decoding and scoring on these tables is exact (same arithmetic, float32), and training keeps
-the batched torch path; tests hold the two to the same numbers.
+the batched torch path; tests hold the two to the same numbers. On the same tables,
+``RewardTables.refine`` searches around the beam's best rows for the reward model's optimum
+(swaps of one component, then of two), a few vectorised numpy calls per move.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +31,46 @@ REFINES = ("pairs", "single", "none")
 # A move that breaks a forbidden pair (or picks a padding slot) scores this much lower: far
 # below any real logit, and finite when several add up.
 PENALTY = 1e9
+
+
+# Per-ad tables kept in memory by one predictor, for the policy and for the reward model each:
+# 4 components x 10 candidates cost ~75 KB per ad in all, 5 x 100 about 6 MB, so the bound is
+# in bytes (with this one, ~3,500 ads of the first kind stay cached, ~80 of the second).
+MAX_CACHE_BYTES = 256 * 2**20
+
+
+class TableCache:
+    """Least-recently-used per-ad tables, bounded by their total size in bytes (the newest
+    entry is always kept, whatever its size)."""
+
+    def __init__(self, max_bytes: int = MAX_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[int, tuple[object, int]] = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, key: int):
+        hit = self._items.get(key)
+        if hit is None:
+            return None
+        self._items.move_to_end(key)
+        return hit[0]
+
+    def put(self, key: int, value: object, nbytes: int) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.nbytes -= old[1]
+        self._items[key] = (value, nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > self.max_bytes and len(self._items) > 1:
+            _, (_, size) = self._items.popitem(last=False)
+            self.nbytes -= size
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -98,6 +141,12 @@ class PolicyTables:
     gi: list[np.ndarray]  # per component (M_k, 3H): GRU input gates of each candidate
     w_hh: np.ndarray  # (H, 3H)
     b_hh: np.ndarray  # (3H,)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by this ad's tables (the masks included)."""
+        arrays = [*self.A, *self.b, *self.gi, *self.masks.codes, *self.masks.forbid.values()]
+        return sum(a.nbytes for a in arrays) + 2 * sum(len(c) for c in self.masks.codes) ** 2
 
     def state0(self, ctx: np.ndarray | None) -> np.ndarray:
         h = self.init
@@ -223,7 +272,10 @@ class RewardTables:
         self.inter_flat = np.concatenate([t.ravel() for t in self.inter])
         self.row_off = np.cumsum([0, *[m * total for m in sizes[:-1]]]).astype(np.int64)
         self.total = total
-        self.nbytes = 2 * sum(a.nbytes for a in (self.main_flat, self.inter_flat, *self.inter))
+        # With the float64 search copies ``refine`` builds on first use (inter, both).
+        held = sum(a.nbytes for a in (self.main_flat, self.inter_flat, *self.inter))
+        M = max(sizes)
+        self.nbytes = held + 8 * (K * M * total + K * (K - 1) // 2 * M * M)
         self._search: list[np.ndarray] | None = None  # inter with illegal pairs penalised
 
     def _x(self, ctx: np.ndarray | None) -> np.ndarray:

@@ -20,12 +20,11 @@ import torch
 from torch import nn
 
 from genco.contract import Catalog, Constraints
-from genco.decode import PolicyTables, no_legal_element
+from genco.decode import PolicyTables, TableCache, no_legal_element
 from genco.legal import LegalMasks
 from genco.reward import Vocab, check_catalog, fit_scalers, register_vocab_buffers
 
 CREDITS = ("combination", "element", "counterfactual")
-MAX_CACHED_ADS = 4096  # per-ad inference tables kept (oldest dropped first)
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ class BoundGenerator:
             feats = torch.cat([feats, torch.zeros(1, feats.shape[1])])
             self.slot_feat.append(feats[slots])
         self._cache: list[torch.Tensor] | None = None
-        self._tables: dict[int, PolicyTables] = {}
+        self._tables = TableCache()  # per-ad inference tables
 
     # -- candidate vectors -------------------------------------------------------------
     def candidate_vectors(self) -> list[torch.Tensor]:
@@ -244,9 +243,7 @@ class BoundGenerator:
             w_hh=m.gru.weight_hh.T.numpy().copy(),
             b_hh=m.gru.bias_hh.numpy().copy(),
         )
-        if len(self._tables) >= MAX_CACHED_ADS:
-            self._tables.pop(next(iter(self._tables)))
-        self._tables[ad] = tables
+        self._tables.put(ad, tables, tables.nbytes)
         return tables
 
     def beam(

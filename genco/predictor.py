@@ -27,8 +27,8 @@ from genco.contract import (
     load_catalog,
     load_constraints,
 )
-from genco.decode import REFINES, PolicyTables, RewardTables
-from genco.generator import MAX_CACHED_ADS, BoundGenerator, Generator
+from genco.decode import REFINES, PolicyTables, RewardTables, TableCache
+from genco.generator import BoundGenerator, Generator
 from genco.reward import BoundModel, RewardModel
 from genco.train import CATALOG, CONSTRAINTS, MANIFEST, load_generator
 
@@ -75,7 +75,7 @@ class Predictor:
     version: str = "unversioned"
     refine: str = "pairs"  # how beam results are improved on the reward model: REFINES
     _bound: tuple[BoundModel, BoundGenerator] | None = field(default=None, repr=False)
-    _reward_tables: dict[int, RewardTables] = field(default_factory=dict, repr=False)
+    _reward_tables: TableCache = field(default_factory=TableCache, repr=False)
 
     @staticmethod
     def load(
@@ -121,9 +121,7 @@ class Predictor:
         tables = self._reward_tables.get(ad)
         if tables is None:
             tables = reward.tables(ad, policy.masks.codes)
-            if len(self._reward_tables) >= MAX_CACHED_ADS:
-                self._reward_tables.pop(next(iter(self._reward_tables)))
-            self._reward_tables[ad] = tables
+            self._reward_tables.put(ad, tables, tables.nbytes)
         return policy, tables
 
     def context_vector(self, ctx: dict[str, float] | np.ndarray | None) -> np.ndarray | None:

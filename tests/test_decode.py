@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from genco.decode import TableCache
 from genco.generator import BoundGenerator, Generator, GeneratorConfig
 from genco.predictor import distinct
 from genco.reward import (
@@ -175,3 +176,15 @@ def test_distinct_keeps_first_occurrences_in_order():
     wide = np.array([[999] * 10, [1] * 10, [999] * 10])  # 1000**10 overflows an int64 key
     kept, first = distinct(wide)
     np.testing.assert_array_equal(first, [0, 1])
+
+
+def test_table_cache_is_bounded_in_bytes_and_keeps_the_recently_used():
+    cache = TableCache(max_bytes=100)
+    for ad in range(3):
+        cache.put(ad, f"t{ad}", 40)
+    assert len(cache) == 2 and cache.get(0) is None  # 120 bytes > 100: the oldest went
+    assert cache.get(1) == "t1"  # now the most recent
+    cache.put(3, "t3", 40)
+    assert cache.get(2) is None and cache.get(1) == "t1" and cache.nbytes == 80
+    cache.put(4, "huge", 1000)  # bigger than the bound: kept alone
+    assert len(cache) == 1 and cache.get(4) == "huge"
