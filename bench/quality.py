@@ -7,11 +7,12 @@ Methods (top-1 per ad and context, scored by the TRUE CTR):
                when that combination is illegal, the best legal one by summed element logits
   vw           Vowpal Wabbit (genco.baselines_vw), trained on the same log
   exhaustive   argmax of GenCO's reward model over every legal combination (the search limit)
-  genco        GenCO (Predictor.decode, the library default): beam search (width 32)
+  genco        GenCO (Predictor.decode, genco recommend's default): beam search (width 32)
                re-ranked by the reward model, the best improved by local search on the
                reward model (swaps of one component, then of two: refine="pairs")
   genco_single the same with swaps of one component only (refine="single")
-  genco_beam   the same without the refinement (beam + re-rank only; the REST default)
+  genco_beam   the same without the refinement (beam + re-rank only; Predictor's and REST's
+               default)
 
 gap closed = (ctr(pick) - ctr(uniform)) / (ctr(best legal) - ctr(uniform)), averaged.
 

@@ -73,7 +73,9 @@ class Predictor:
     catalog: Catalog
     constraints: Constraints
     version: str = "unversioned"
-    refine: str = "pairs"  # how beam results are improved on the reward model: REFINES
+    # Local search on the reward model after the beam (REFINES). "none" by default: the
+    # served policy, which the evaluation gate judges; batch recommendations ask for "pairs".
+    refine: str = "none"
     _bound: tuple[BoundModel, BoundGenerator] | None = field(default=None, repr=False)
     _reward_tables: TableCache = field(default_factory=TableCache, repr=False)
 

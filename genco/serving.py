@@ -472,14 +472,13 @@ def sample_request(predictor: Predictor, top_k: int = 3) -> dict[str, Any]:
     return {"ad_id": predictor.catalog.ads[0], **ctx, "top_k": top_k}
 
 
-def load_predictor(model_dir: str, threads: int | None = 1, refine: str = "none") -> Predictor:
+def load_predictor(model_dir: str, threads: int | None = 1) -> Predictor:
     """Load a bundle for serving and warm it up.
 
-    refine: the default local search after the beam (a request's ``refine`` overrides it).
-    "none" rather than the library's "pairs": on 4 components x 10 candidates, top 5, the
-    search adds 0.2-0.6 ms to a 0.4-0.8 ms request, which the REST latency budget (p50 5 ms
-    with TorchServe's own ~4 ms) does not have; callers who want the reward model's best
-    ask for it per request (BENCHMARKS.md: what each level buys and costs).
+    Requests decode with the predictor's default ``refine`` ("none": the beam re-ranked) unless
+    they ask for a local search: on 4 components x 10 candidates, top 5, "pairs" adds
+    0.2-0.6 ms to a 0.4-0.8 ms request, which the REST latency budget (p50 5 ms, TorchServe's
+    own share ~4 ms) does not have by default (BENCHMARKS.md: what each level buys).
 
     threads: torch intra-op threads for this process (None leaves them alone). One, because
     a request is a few small matrix products for which thread hand-off costs more than it
@@ -493,7 +492,6 @@ def load_predictor(model_dir: str, threads: int | None = 1, refine: str = "none"
 
         torch.set_num_threads(threads)
     predictor = Predictor.load(model_dir)
-    predictor.refine = refine
     predict(predictor, parse_request(sample_request(predictor), predictor))
     return predictor
 
