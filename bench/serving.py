@@ -28,7 +28,7 @@ import psutil
 import requests
 import torch
 
-from genco import serving
+from genco import serving, torchserve
 from genco.generator import GeneratorConfig
 from genco.predictor import Predictor
 from genco.reward import RewardModelConfig
@@ -103,7 +103,7 @@ def group_cpu_s(pgid: int) -> float:
 
 
 def rest(
-    handle: serving.ServeHandle, ads: tuple[str, ...], concurrency: int, n: int, warmup: int
+    handle: torchserve.ServeHandle, ads: tuple[str, ...], concurrency: int, n: int, warmup: int
 ) -> dict:
     url = handle.predictions_url()
     headers = {**handle.headers(), "Content-Type": "application/json"}
@@ -185,7 +185,7 @@ def main() -> None:
             "in_process": in_process(predictor, calls),
         }
         t = time.perf_counter()
-        with serving.serve(
+        with torchserve.serve(
             bundle,
             workers=args.workers,
             batch_size=args.batch_size,

@@ -121,7 +121,7 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 
 
 def _serving_hook(args: argparse.Namespace):
-    from genco.serving import serving_hook
+    from genco.archive import serving_hook
 
     return serving_hook(args.store, args.serving, args.management_url, args.key_file)
 

@@ -1,4 +1,4 @@
-"""``genco serve`` and ``genco archive``: command-line shells over ``genco.serving``.
+"""``genco serve`` and ``genco archive``: shells over ``genco.torchserve`` and ``genco.archive``.
 
 Registered into the main parser by ``genco.cli`` through ``add_commands``; errors follow the
 CLI's rule (user mistakes raise ValueError/FileNotFoundError/KeyError -> one line, exit 2).
@@ -31,7 +31,7 @@ def _curl(url: str, body: dict, key_file: str | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from genco.serving import serve, serve_layout
+    from genco.torchserve import serve, serve_layout
 
     print("starting TorchServe (Java frontend + Python worker) ...", file=sys.stderr)
     if args.layout:
@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_archive(args: argparse.Namespace) -> None:
-    from genco.serving import (
+    from genco.archive import (
         ManagementClient,
         ManagementError,
         bundle_version,

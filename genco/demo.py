@@ -23,7 +23,7 @@ def run_demo(out_dir: str, seed: int = 0, progress: bool = True, serve: bool = T
     store = storage.join(out_dir, "model_store")
     production = current(store)
     if serve and production:
-        from genco.serving import serve as start_torchserve
+        from genco.torchserve import serve as start_torchserve
 
         handle = start_torchserve(production)
         try:

@@ -19,7 +19,7 @@ import torch
 from ts.context import Context, RequestProcessor
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 
-from genco import serving
+from genco import archive, serving
 from genco.predictor import Predictor
 
 VERSION = "v1"
@@ -74,7 +74,7 @@ def predictor(bundle_dir: str) -> Predictor:
 
 @pytest.fixture(scope="session")
 def mar(bundle_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    return serving.build_mar(bundle_dir, str(tmp_path_factory.mktemp("mar")), VERSION)
+    return archive.build_mar(bundle_dir, str(tmp_path_factory.mktemp("mar")), VERSION)
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +126,7 @@ def test_mar_holds_handler_config_and_versioned_bundle(mar: str) -> None:
         names = set(z.namelist())
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         bundle_manifest = json.loads(z.read("manifest.json"))
-    assert {"handler.py", "model-config.yaml", *serving.REQUIRED_BUNDLE_FILES} <= names
+    assert {"handler.py", "model-config.yaml", *archive.REQUIRED_BUNDLE_FILES} <= names
     assert "constraints.csv" in names
     assert manifest["model"]["modelName"] == "genco"
     assert manifest["model"]["modelVersion"] == VERSION
@@ -136,23 +136,23 @@ def test_mar_holds_handler_config_and_versioned_bundle(mar: str) -> None:
 
 def test_build_mar_refuses_what_is_not_a_bundle(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"not a bundle \(missing manifest.json\)"):
-        serving.build_mar(str(tmp_path), str(tmp_path / "out"), VERSION)
+        archive.build_mar(str(tmp_path), str(tmp_path / "out"), VERSION)
 
 
 @pytest.mark.parametrize("version", ["", "v 1", "-v1", "2026-11-28T14:10:38Z", "a/b"])
 def test_versions_must_be_url_and_file_safe(version: str) -> None:
     with pytest.raises(ValueError, match="must be 1-128 letters, digits"):
-        serving.check_version(version)
+        archive.check_version(version)
 
 
 def test_bundle_version_falls_back_to_created_at(bundle_dir: str) -> None:
     created = json.loads((Path(bundle_dir) / "manifest.json").read_text())["created_at"]
-    assert serving.bundle_version(bundle_dir) == created.replace("-", "").replace(":", "")
+    assert archive.bundle_version(bundle_dir) == created.replace("-", "").replace(":", "")
 
 
 def test_kserve_layout_is_switched_by_its_config(mar: str, bundle_dir: str, tmp_path: Path):
     store = str(tmp_path / "store")
-    layout = serving.write_kserve_layout(mar, store, VERSION)
+    layout = archive.write_kserve_layout(mar, store, VERSION)
     assert Path(layout.mar) == tmp_path / "store" / "model-store" / "genco-v1.mar"
     props = dict(
         line.split("=", 1) for line in Path(layout.config).read_text().splitlines() if line
@@ -162,29 +162,29 @@ def test_kserve_layout_is_switched_by_its_config(mar: str, bundle_dir: str, tmp_
     assert snapshot["models"]["genco"][VERSION]["batchSize"] == 1  # KServe's envelope
     assert props["model_store"] == "/mnt/models/model-store"
     assert props["disable_token_authorization"] == "true"
-    v2 = serving.build_mar(bundle_dir, str(tmp_path / "build"), "v2")
-    serving.write_kserve_layout(v2, store, "v2")
+    v2 = archive.build_mar(bundle_dir, str(tmp_path / "build"), "v2")
+    archive.write_kserve_layout(v2, store, "v2")
     assert '"v2":' in Path(layout.config).read_text()
-    serving.set_kserve_version(store, VERSION)  # rollback is a config rewrite
+    archive.set_kserve_version(store, VERSION)  # rollback is a config rewrite
     assert '"v1":' in Path(layout.config).read_text()
     with pytest.raises(FileNotFoundError, match="no archive for version 'v9'"):
-        serving.set_kserve_version(store, "v9")
+        archive.set_kserve_version(store, "v9")
 
 
 def test_kserve_layout_on_gcs(mar: str, gcs: Any) -> None:
     from genco import storage
 
     store = gcs.url("kserve")
-    layout = serving.write_kserve_layout(mar, store, VERSION, client=gcs.client)
+    layout = archive.write_kserve_layout(mar, store, VERSION, client=gcs.client)
     assert layout.mar == f"{store}/model-store/genco-v1.mar"
     assert storage.read_bytes(layout.mar, client=gcs.client) == Path(mar).read_bytes()
     assert "genco-v1.mar" in storage.read_text(layout.config, client=gcs.client)
 
 
 def test_on_promote_archives_and_points_the_store(bundle_dir: str, tmp_path: Path) -> None:
-    on_promote = serving.make_on_promote(str(tmp_path / "store"))
+    on_promote = archive.make_on_promote(str(tmp_path / "store"))
     on_promote(bundle_dir, "20261128T000000Z-abcdef12")
-    root = tmp_path / "store" / serving.KSERVE_DIR
+    root = tmp_path / "store" / archive.KSERVE_DIR
     assert (root / "model-store" / "genco-20261128T000000Z-abcdef12.mar").is_file()
     assert (
         "genco-20261128T000000Z-abcdef12.mar" in (root / "config" / "config.properties").read_text()

@@ -11,7 +11,7 @@ import pytest
 import requests
 import yaml
 
-from genco import serving
+from genco import archive, torchserve
 from tests.test_handler import tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,22 +21,22 @@ MANIFEST = ROOT / "serving" / "kserve.yaml"
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bundle = tiny_bundle(tmp_path_factory)
-    root = tmp_path_factory.mktemp("store") / serving.KSERVE_DIR
-    serving.publish(bundle, str(root), "v1")
-    serving.publish(bundle, str(root), "v2")  # the layout now points at v2
+    root = tmp_path_factory.mktemp("store") / archive.KSERVE_DIR
+    archive.publish(bundle, str(root), "v1")
+    archive.publish(bundle, str(root), "v2")  # the layout now points at v2
     return root
 
 
 @pytest.fixture(scope="module")
-def pod(layout: Path) -> Iterator[serving.ServeHandle]:
-    handle = serving.serve_layout(str(layout), startup_timeout_s=240)
+def pod(layout: Path) -> Iterator[torchserve.ServeHandle]:
+    handle = torchserve.serve_layout(str(layout), startup_timeout_s=240)
     try:
         yield handle
     finally:
         handle.stop()
 
 
-def test_the_layout_serves_its_default_version_without_a_token(pod: serving.ServeHandle):
+def test_the_layout_serves_its_default_version_without_a_token(pod: torchserve.ServeHandle):
     assert pod.version == "v2" and pod.key_file is None  # the layout's config: auth off
     assert pod.sample_response is not None
     assert pod.sample_response["model_version"] == "v2"
@@ -57,7 +57,7 @@ def test_manifest_runs_torchserve_on_the_published_layout():
     assert container["command"] == ["torchserve"]
     args = dict(a.split("=", 1) for a in container["args"] if "=" in a)
     props = dict(
-        line.split("=", 1) for line in serving.kserve_properties("v1").splitlines() if "=" in line
+        line.split("=", 1) for line in archive.kserve_properties("v1").splitlines() if "=" in line
     )
     # KServe mounts storageUri at /mnt/models: the layout's two folders.
     assert args["--model-store"] == props["model_store"] == "/mnt/models/model-store"
@@ -66,7 +66,7 @@ def test_manifest_runs_torchserve_on_the_published_layout():
     assert container["ports"][0]["containerPort"] == port
     predictor = isvc["spec"]["predictor"]["model"]
     assert predictor["runtime"] == runtime["metadata"]["name"]
-    assert predictor["storageUri"].endswith("/" + serving.KSERVE_DIR)
+    assert predictor["storageUri"].endswith("/" + archive.KSERVE_DIR)
     fmt = runtime["spec"]["supportedModelFormats"][0]["name"]
     assert predictor["modelFormat"]["name"] == fmt
     assert json.loads(props["model_snapshot"])["models"]["genco"]["v1"]["defaultVersion"]

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from genco import serving
+from genco import archive, torchserve
 from tests.test_handler import tiny_bundle
 
 pytestmark = pytest.mark.skipif(
@@ -41,11 +41,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(bundle_dir: str, store: Path) -> Iterator[serving.ServeHandle]:
-    handle = serving.serve(
+def server(bundle_dir: str, store: Path) -> Iterator[torchserve.ServeHandle]:
+    handle = torchserve.serve(
         bundle_dir,
         version="v1",
-        workdir=str(store / serving.KSERVE_DIR),
+        workdir=str(store / archive.KSERVE_DIR),
         enable_model_api=True,
         startup_timeout_s=STARTUP_S,
     )
@@ -62,7 +62,7 @@ def http() -> Iterator[requests.Session]:
 
 
 def _post(
-    server: serving.ServeHandle, http: requests.Session, body: Any, path: str = "predictions"
+    server: torchserve.ServeHandle, http: requests.Session, body: Any, path: str = "predictions"
 ) -> requests.Response:
     kwargs: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
     return http.post(
@@ -73,19 +73,19 @@ def _post(
     )
 
 
-def test_startup_made_a_real_prediction(server: serving.ServeHandle) -> None:
+def test_startup_made_a_real_prediction(server: torchserve.ServeHandle) -> None:
     assert server.sample_response is not None
     assert server.sample_response["model_version"] == "v1"
     assert server.key_file is not None and server.token("inference")
 
 
-def test_token_is_required(server: serving.ServeHandle, http: requests.Session) -> None:
+def test_token_is_required(server: torchserve.ServeHandle, http: requests.Session) -> None:
     resp = http.post(server.predictions_url(), json={"ad_id": AD0}, timeout=HTTP_S)
     assert resp.status_code in (400, 401)  # TorchServe 0.12 answers 400 InvalidKeyException
     assert "Token Authorization failed" in resp.text
 
 
-def test_predict(server: serving.ServeHandle, http: requests.Session) -> None:
+def test_predict(server: torchserve.ServeHandle, http: requests.Session) -> None:
     resp = _post(server, http, {"ad_id": AD0, "top_k": 4})
     assert resp.status_code == 200
     body = resp.json()
@@ -99,7 +99,7 @@ def test_predict(server: serving.ServeHandle, http: requests.Session) -> None:
     assert searched.json()["recommendations"][0]["score"] >= recs[0]["score"] - 1e-9
 
 
-def test_explain_field_and_endpoint(server: serving.ServeHandle, http: requests.Session) -> None:
+def test_explain_field_and_endpoint(server: torchserve.ServeHandle, http: requests.Session) -> None:
     asked = _post(server, http, {"ad_id": AD0, "top_k": 2, "explain": True}).json()
     endpoint = _post(server, http, {"ad_id": AD0, "top_k": 2}, path="explanations").json()
     assert asked == endpoint
@@ -107,7 +107,7 @@ def test_explain_field_and_endpoint(server: serving.ServeHandle, http: requests.
         assert set(r["attribution"]) == set(r["elements"])
 
 
-def test_sample_with_propensities(server: serving.ServeHandle, http: requests.Session) -> None:
+def test_sample_with_propensities(server: torchserve.ServeHandle, http: requests.Session) -> None:
     req = {"ad_id": AD0, "mode": "sample", "top_k": 6, "seed": 11}
     first, again = (_post(server, http, req).json() for _ in range(2))
     assert first == again
@@ -132,7 +132,7 @@ def test_sample_with_propensities(server: serving.ServeHandle, http: requests.Se
     ],
 )
 def test_bad_requests_get_4xx_naming_the_field(
-    server: serving.ServeHandle, http: requests.Session, body: Any, status: int, field: str
+    server: torchserve.ServeHandle, http: requests.Session, body: Any, status: int, field: str
 ) -> None:
     resp = _post(server, http, body)
     assert resp.status_code == status
@@ -142,14 +142,14 @@ def test_bad_requests_get_4xx_naming_the_field(
 
 
 def test_oversized_beyond_torchserve_limit_is_still_4xx(
-    server: serving.ServeHandle, http: requests.Session
+    server: torchserve.ServeHandle, http: requests.Session
 ) -> None:
-    resp = _post(server, http, b"x" * (serving.MAX_REQUEST_BYTES + 10))
+    resp = _post(server, http, b"x" * (archive.MAX_REQUEST_BYTES + 10))
     assert resp.status_code == 413  # Netty's own answer above max_request_size
 
 
 def test_concurrent_batch_keeps_each_answer(
-    server: serving.ServeHandle, http: requests.Session
+    server: torchserve.ServeHandle, http: requests.Session
 ) -> None:
     bodies = [{"ad_id": AD0, "top_k": 1} if i % 2 else {"ad_id": f"bad{i}"} for i in range(16)]
     with ThreadPoolExecutor(8) as pool:
@@ -159,7 +159,7 @@ def test_concurrent_batch_keeps_each_answer(
 
 
 def test_promote_switch_and_rollback(
-    server: serving.ServeHandle, http: requests.Session, bundle_dir: str, store: Path
+    server: torchserve.ServeHandle, http: requests.Session, bundle_dir: str, store: Path
 ) -> None:
     """The pipeline's path (on_promote), then a direct deploy, a rollback, a refused deploy.
     v2..v4 are the same bundle archived under new versions."""
@@ -173,7 +173,7 @@ def test_promote_switch_and_rollback(
         assert resp.status_code == 200, resp.text
         return str(resp.json()["model_version"])
 
-    on_promote = serving.make_on_promote(
+    on_promote = archive.make_on_promote(
         str(store),
         server.management_url,
         server.token("management"),
@@ -184,12 +184,12 @@ def test_promote_switch_and_rollback(
     assert mgmt.default_version() == "v2"
     assert answered_by() == "v2"
     assert answered_by("v1") == "v1"  # the previous one still answers by version
-    config = store / serving.KSERVE_DIR / "config" / "config.properties"
+    config = store / archive.KSERVE_DIR / "config" / "config.properties"
     assert "genco-v2.mar" in config.read_text()
 
-    serving.build_mar(bundle_dir, server.model_store, "v3")
-    deployment = serving.deploy_to_torchserve(mgmt, serving.mar_name("v3"), "v3")
-    assert deployment == serving.Deployment("v3", "v2", retired=("v1",))
+    archive.build_mar(bundle_dir, server.model_store, "v3")
+    deployment = archive.deploy_to_torchserve(mgmt, archive.mar_name("v3"), "v3")
+    assert deployment == archive.Deployment("v3", "v2", retired=("v1",))
     assert sorted(mgmt.versions()) == ["v2", "v3"]
     assert answered_by() == "v3"
     described = http.get(
@@ -199,26 +199,26 @@ def test_promote_switch_and_rollback(
     ).json()[0]
     assert (described["batchSize"], described["maxBatchDelay"]) == (8, 1)  # model-config.yaml
 
-    assert serving.rollback_default(mgmt, deployment) == "v2"
+    assert archive.rollback_default(mgmt, deployment) == "v2"
     assert mgmt.default_version() == "v2"
     assert answered_by() == "v2"
 
     def failing(version: str) -> object:
         raise RuntimeError(f"{version} looks wrong")
 
-    serving.build_mar(bundle_dir, server.model_store, "v4")
+    archive.build_mar(bundle_dir, server.model_store, "v4")
     with pytest.raises(RuntimeError, match="v4 looks wrong"):
-        serving.deploy_to_torchserve(mgmt, serving.mar_name("v4"), "v4", check=failing)
+        archive.deploy_to_torchserve(mgmt, archive.mar_name("v4"), "v4", check=failing)
     assert mgmt.default_version() == "v2"
     assert sorted(mgmt.versions()) == ["v2", "v3"]  # the refused one was unregistered
 
-    with pytest.raises(serving.ManagementError) as exc:
+    with pytest.raises(archive.ManagementError) as exc:
         mgmt.set_default("v9")
     assert 400 <= exc.value.status < 500
 
     # A store rollback to v1 (retired above) runs the same hook: its published archive is
     # reused, registered again and made the default, and the layout switched back.
-    v1_mar = store / serving.KSERVE_DIR / "model-store" / serving.mar_name("v1")
+    v1_mar = store / archive.KSERVE_DIR / "model-store" / archive.mar_name("v1")
     built = v1_mar.stat().st_mtime_ns
     on_promote(bundle_dir, "v1")
     assert v1_mar.stat().st_mtime_ns == built
