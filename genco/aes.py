@@ -31,6 +31,7 @@ from genco.contract import (
     TIMESTAMP,
     Catalog,
     Constraints,
+    code_maps,
 )
 from genco.simulate import T0
 from genco.space import legal_combinations as space_legal_combinations
@@ -176,13 +177,7 @@ class TableTruth:
 
     def aligned(self, catalog: Catalog) -> tuple[np.ndarray, list[np.ndarray]]:
         """Maps from another catalog's codes (same ids, e.g. re-read from disk) to these codes."""
-        ad_map = np.array([self.ads.index(a) for a in catalog.ads], dtype=np.int64)
-        elem_maps = []
-        for k, comp in enumerate(catalog.components):
-            k0 = self.components.index(comp)
-            index = {e: i for i, e in enumerate(self.elements[k0])}
-            elem_maps.append(np.array([index[e] for e in catalog.elements[k]], dtype=np.int64))
-        return ad_map, elem_maps
+        return code_maps(self.ads, self.components, self.elements, catalog)
 
     def to_frame(self) -> pd.DataFrame:
         """The table in contract terms (element ids + ctr), enough to rebuild this truth."""

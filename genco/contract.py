@@ -224,6 +224,23 @@ class Catalog:
         )
 
 
+def code_maps(
+    ads: Sequence[str],
+    components: Sequence[str],
+    elements: Sequence[Sequence[str]],
+    catalog: Catalog,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Maps from ``catalog``'s codes to the codes of the same ids in (ads, components,
+    elements): ad code map (n_ads,) and, per catalog component, an element code map."""
+    ad_index = {a: i for i, a in enumerate(ads)}
+    ad_map = np.array([ad_index[a] for a in catalog.ads], dtype=np.int64)
+    elem_maps = []
+    for k, comp in enumerate(catalog.components):
+        index = {e: i for i, e in enumerate(elements[list(components).index(comp)])}
+        elem_maps.append(np.array([index[e] for e in catalog.elements[k]], dtype=np.int64))
+    return ad_map, elem_maps
+
+
 @dataclass(frozen=True)
 class Constraints:
     """Forbidden element pairs, integer coded; ``ad == -1`` means every ad.

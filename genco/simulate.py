@@ -28,6 +28,7 @@ from genco.contract import (
     TIMESTAMP,
     Catalog,
     Constraints,
+    code_maps,
 )
 from genco.space import count_legal, legal_combinations, touched_by_constraints
 
@@ -274,13 +275,7 @@ class GroundTruth:
 
     def aligned(self, catalog: Catalog) -> tuple[np.ndarray, list[np.ndarray]]:
         """Maps from another catalog's codes (same ids) to this world's codes."""
-        ad_map = np.array([self.ads.index(a) for a in catalog.ads], dtype=np.int64)
-        elem_maps = []
-        for k, comp in enumerate(catalog.components):
-            k0 = self.components.index(comp)
-            index = {e: i for i, e in enumerate(self.elements[k0])}
-            elem_maps.append(np.array([index[e] for e in catalog.elements[k]], dtype=np.int64))
-        return ad_map, elem_maps
+        return code_maps(self.ads, self.components, self.elements, catalog)
 
     # Persistence: plain arrays + JSON, nothing pickled.
     def save(self, path: str, client=None) -> None:
