@@ -34,8 +34,8 @@ PENALTY = 1e9
 
 
 # Per-ad tables kept in memory by one predictor, for the policy and for the reward model each:
-# 4 components x 10 candidates cost ~75 KB per ad in all, 5 x 100 about 6 MB, so the bound is
-# in bytes (with this one, ~3,500 ads of the first kind stay cached, ~80 of the second).
+# 4 components x 10 candidates cost ~70 KB per ad in all, 5 x 100 about 5 MB, so the bound is
+# in bytes.
 MAX_CACHE_BYTES = 256 * 2**20
 
 
@@ -260,23 +260,25 @@ class RewardTables:
         K, total = len(sizes), sum(sizes)
         self.off = np.cumsum([0, *sizes[:-1]]).astype(np.int64)  # column block of each l
         self.main_flat = np.concatenate(main)  # (sum M_k, 1 + C)
-        self.inter = []
-        for k in range(K):
-            rows = np.zeros((sizes[k], total), np.float32)
-            for l_ in range(K):
-                if (k, l_) in pair:
-                    rows[:, self.off[l_] : self.off[l_] + sizes[l_]] = pair[(k, l_)]
-            self.inter.append(rows)
-        self.has_pairs = bool(pair)
-        # All of inter flat, for scoring: entry (k, i, column c) at row_off[k] + i * total + c.
-        self.inter_flat = np.concatenate([t.ravel() for t in self.inter])
+        # All of inter in one flat array, for scoring: entry (k, i, column c) at
+        # row_off[k] + i * total + c; ``inter[k]`` are views into it.
         self.row_off = np.cumsum([0, *[m * total for m in sizes[:-1]]]).astype(np.int64)
+        self.inter_flat = np.zeros(total * total, np.float32)
+        self.inter = [
+            self.inter_flat[self.row_off[k] : self.row_off[k] + sizes[k] * total].reshape(
+                sizes[k], total
+            )
+            for k in range(K)
+        ]
+        for (k, l_), table in pair.items():
+            self.inter[k][:, self.off[l_] : self.off[l_] + sizes[l_]] = table
+        self.has_pairs = bool(pair)
         self.total = total
         # With the float64 search copies ``refine`` builds on first use (inter, both).
-        held = sum(a.nbytes for a in (self.main_flat, self.inter_flat, *self.inter))
         M = max(sizes)
-        self.nbytes = held + 8 * (K * M * total + K * (K - 1) // 2 * M * M)
-        self._search: list[np.ndarray] | None = None  # inter with illegal pairs penalised
+        search = 8 * (K * M * total + K * (K - 1) // 2 * M * M + K * M * (1 + len(ctx_w)))
+        self.nbytes = self.main_flat.nbytes + self.inter_flat.nbytes + search
+        self._search: _Search | None = None
 
     def _x(self, ctx: np.ndarray | None) -> np.ndarray:
         C = len(self.ctx_w)
@@ -312,19 +314,19 @@ class RewardTables:
         t = self._search_tables(masks)
         x = self._x(ctx)
         # (K, M) each slot's own terms, padded and illegal slots far below anything real.
-        mains = np.where(t.valid, self.main_pad[..., 0] + self.main_pad[..., 1:] @ x, -PENALTY)
+        mains = np.where(t.valid, t.main[..., 0] + t.main[..., 1:] @ x, -PENALTY)
         s = slots.copy()
         B, K = s.shape
         rows = np.arange(B)
         comps = np.arange(K)
         scored = 0
-        for _ in range(4 * K * int(t.valid.sum())):  # every round raises the logit or stops
+        for _ in range(4 * K * t.n_valid):  # every round raises the logit or stops
             cols = s + self.off  # (B, K)
             # value[k, b, i]: slot i of component k with row b's other picks.
             value = t.inter[:, :, cols].sum(-1).transpose(0, 2, 1) + mains[:, None, :]
             now = value[comps[:, None], rows[None, :], s.T]  # (K, B)
             gain = value.max(-1) - now  # (K, B)
-            scored += int(t.valid.sum()) * B
+            scored += t.n_valid * B
             k = gain.argmax(0)
             move = gain[k, rows] > 1e-6
             if move.any():
@@ -373,9 +375,13 @@ class RewardTables:
             for p, (k, l_) in enumerate(zip(pk, pl, strict=True)):
                 block = inter[k, :, self.off[l_] : self.off[l_] + sizes[l_]]
                 both[p, :, : sizes[l_]] = block
-            # The pair's own term is counted by ``both``: remove it from each side's value.
+            main = np.zeros((K, M, self.main[0].shape[1]), np.float64)
+            for k, m in enumerate(self.main):
+                main[k, : sizes[k]] = m
             self._search = _Search(
                 valid=valid,
+                n_valid=int(valid.sum()),
+                main=main,
                 inter=inter,
                 pk=pk,
                 pl=pl,
@@ -383,15 +389,14 @@ class RewardTables:
                 slot=np.arange(M)[None, None, :],
                 pair_size=sum(sizes[k] * sizes[l_] for k, l_ in zip(pk, pl, strict=True)),
             )
-            self.main_pad = np.zeros((K, M, self.main[0].shape[1]), np.float64)
-            for k, m in enumerate(self.main):
-                self.main_pad[k, : sizes[k]] = m
         return self._search
 
 
 @dataclass(frozen=True)
 class _Search:
     valid: np.ndarray  # (K, M) real, legal slots
+    n_valid: int
+    main: np.ndarray  # (K, M, 1 + C) main-effect coefficients, padded
     inter: np.ndarray  # (K, M, sum M_l) pairwise terms; forbidden pairs and padding penalised
     pk: np.ndarray  # (P,) component pairs k < l
     pl: np.ndarray
