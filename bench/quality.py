@@ -5,7 +5,7 @@ Methods (top-1 per ad and context, scored by the TRUE CTR):
   logging      the logging policy (expected CTR)
   per_element  best observed CTR per component chosen independently ("existing methods");
                when that combination is illegal, the best legal one by summed element logits
-  vw           Vowpal Wabbit (genco.baselines_vw), trained on the same log
+  vw           Vowpal Wabbit (genco.evaluation.baselines_vw), trained on the same log
   exhaustive   argmax of GenCO's reward model over every legal combination (the search limit)
   genco        GenCO (Predictor.decode, genco recommend's default): beam search (width 32)
                re-ranked by the reward model, the best improved by local search on the
@@ -32,12 +32,19 @@ import time
 import numpy as np
 import torch
 
-from genco.baselines_vw import VWRecommender
-from genco.generator import BoundGenerator, GeneratorConfig, train_generator
-from genco.predictor import Predictor
-from genco.reward import BoundModel, RewardModelConfig, encode, train_reward_model
-from genco.simulate import WORLDS, contexts_frame, log_impressions, make_world, policy_propensity
-from genco.space import legal_combinations
+from genco.data.space import legal_combinations
+from genco.evaluation.baselines_vw import VWRecommender
+from genco.inference.predictor import Predictor
+from genco.models.generator import BoundGenerator, GeneratorConfig, train_generator
+from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
+from genco.models.vocab import encode
+from genco.worlds.simulate import (
+    WORLDS,
+    contexts_frame,
+    log_impressions,
+    make_world,
+    policy_propensity,
+)
 
 SIZES = {
     "interactions": 1_000_000,
@@ -55,7 +62,7 @@ VW_MAX_ROWS = 500_000  # VW trains on at most this many rows (time); recorded in
 def load(name: str, n: int, seed: int = 0):
     """(catalog, constraints, truth, log, eval points [(ad, ctx)], logging propensity fn)."""
     if name == "aes":
-        from genco.aes import load_aes_world, log_uniform
+        from genco.worlds.aes import load_aes_world, log_uniform
 
         w = load_aes_world()
         log = log_uniform(w, n, seed)

@@ -1,4 +1,4 @@
-"""genco.deploy: versioned model store, atomic pointer, gate refusal, rollback; local and gs://."""
+"""genco.store: versioned model store, atomic pointer, gate refusal, rollback; local and gs://."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from genco import storage
-from genco.deploy import (
+from genco.data import storage
+from genco.inference.predictor import Predictor
+from genco.models.checkpoint import MANIFEST
+from genco.models.generator import GeneratorConfig
+from genco.models.reward import RewardModelConfig
+from genco.store import (
     POINTER,
     bundle_digest,
     current,
@@ -22,11 +26,8 @@ from genco.deploy import (
     run_deploy,
     version_dir,
 )
-from genco.generator import GeneratorConfig
-from genco.predictor import Predictor
-from genco.reward import RewardModelConfig
-from genco.simulate import simulate, world_config
-from genco.train import MANIFEST, run_train
+from genco.training.bundle import run_train
+from genco.worlds.simulate import simulate, world_config
 
 if TYPE_CHECKING:
     from tests.conftest import GcsEmulator

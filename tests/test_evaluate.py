@@ -1,4 +1,5 @@
-"""genco.evaluate (the gate) and genco.report (the HTML page) on real bundles of a tiny world."""
+"""genco.evaluation.evaluate (the gate) and genco.evaluation.report (the HTML page) on real
+bundles of a tiny world."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from genco.deploy import bundle_digest
-from genco.evaluate import (
+from genco.evaluation.evaluate import (
     BundleEval,
     EvalConfig,
     PolicyValue,
@@ -18,11 +18,12 @@ from genco.evaluate import (
     evaluate_bundle,
     gate,
 )
-from genco.generator import GeneratorConfig
-from genco.report import render_report
-from genco.reward import RewardModelConfig
-from genco.simulate import GroundTruth, SimulationOutputs, simulate, world_config
-from genco.train import run_train
+from genco.evaluation.report import render_report
+from genco.models.generator import GeneratorConfig
+from genco.models.reward import RewardModelConfig
+from genco.store import bundle_digest
+from genco.training.bundle import run_train
+from genco.worlds.simulate import GroundTruth, SimulationOutputs, simulate, world_config
 
 
 @pytest.fixture(scope="module")

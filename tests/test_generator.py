@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from genco.generator import BoundGenerator, Generator, GeneratorConfig, train_generator
-from genco.predictor import Predictor
-from genco.reward import BoundModel, RewardModelConfig, Vocab, encode, train_reward_model
-from genco.simulate import WORLDS, log_impressions, make_world
-from genco.space import legal_combinations
+from genco.data.space import legal_combinations
+from genco.inference.predictor import Predictor
+from genco.models.generator import BoundGenerator, Generator, GeneratorConfig, train_generator
+from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
+from genco.models.vocab import Vocab, encode
+from genco.worlds.simulate import WORLDS, log_impressions, make_world
 
 SMALL_CONSTRAINED = replace(
     WORLDS["constrained"], n_ads=6, n_candidates=4, pool_size=6, n_global_forbidden=6

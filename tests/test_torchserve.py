@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from genco import archive, torchserve
+from genco.serving import archive, torchserve
 from tests.test_handler import tiny_bundle
 
 pytestmark = pytest.mark.skipif(
@@ -229,7 +229,7 @@ def test_promote_switch_and_rollback(
 
 def test_cli_serve_once_without_auth(bundle_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
     """``genco serve --once --no-auth``: a second server, on its own ports and temp dir."""
-    from genco.cli_serve import add_commands
+    from genco.cli.serve import add_commands
 
     parser = argparse.ArgumentParser(prog="genco")
     add_commands(parser.add_subparsers(dest="command", required=True))
