@@ -19,10 +19,10 @@ from dataclasses import replace
 
 import numpy as np
 
+from genco.evaluation.heldout import evaluate_reward
 from genco.evaluation.metrics import spearman
 from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
 from genco.models.vocab import encode
-from genco.training.attribution import evaluate_reward
 from genco.worlds.simulate import WORLDS, log_impressions, make_world
 
 SIZES = {

@@ -11,7 +11,7 @@ def train_generator(
     data: Input[Dataset],
     rewards: Input[Model],
     bundle: Output[Model],
-    rl_steps: int = 200,
+    rl_steps: int = 300,
     seed: int = 0,
     model_store: str = "",
     warm_start: bool = True,

@@ -19,12 +19,27 @@ class ContractError(GencoError, ValueError):
     """An input file, column, row or catalog that breaks the data contract."""
 
 
+class UnknownIdError(ContractError, KeyError):
+    """An ad or element id that is not in the catalog."""
+
+    def __str__(self) -> str:  # the message, not KeyError's quoted repr
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(GencoError, ValueError):
+    """A bad option: a config field, a command-line flag or a call argument out of range."""
+
+
 class BundleError(GencoError, ValueError):
     """A model directory that is missing, incomplete, tampered with or of another format."""
 
 
 class CatalogMismatchError(GencoError, ValueError):
     """A model bound to a catalog whose components or feature columns it was not trained on."""
+
+
+class StoreError(GencoError, ValueError):
+    """A model store misuse: a bad version id, a missing version, nothing to roll back to."""
 
 
 class RequestError(GencoError, ValueError):

@@ -20,15 +20,20 @@ runs with max concurrency 1 for that reason.
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from genco.data import storage
-from genco.models.checkpoint import MANIFEST
+from genco.errors import BundleError, StoreError
+from genco.models.checkpoint import (
+    MANIFEST,
+    VERSION_RE,
+    check_version,
+    read_manifest,
+    version_id,
+)
 
 if TYPE_CHECKING:
     from google.cloud.storage import Client
@@ -36,7 +41,6 @@ if TYPE_CHECKING:
 POINTER = "CURRENT.json"
 VERSIONS = "versions"
 STORE_FORMAT = "genco.model_store/1"
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 OnPromote = Callable[[str, str], None]
 
@@ -65,7 +69,7 @@ def read_pointer(store: str, client: Client | None = None) -> dict | None:
         return None
     pointer = storage.read_json(path, client=client)
     if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
-        raise ValueError(f"{path}: not a model store pointer (no 'version')")
+        raise StoreError(f"{path}: not a model store pointer (no 'version')")
     return pointer
 
 
@@ -82,7 +86,7 @@ def current(store: str, client: Client | None = None) -> str | None:
 
 
 def version_dir(store: str, version: str) -> str:
-    _check_version_id(version)
+    check_version(version)
     return storage.join(store, VERSIONS, version)
 
 
@@ -100,7 +104,7 @@ def list_versions(store: str, client: Client | None = None) -> list[dict]:
     for name in storage.listdir(root, client=client):
         name = name.rstrip("/")
         manifest_path = storage.join(root, name, MANIFEST)
-        if not _VERSION_RE.match(name) or not storage.exists(manifest_path, client=client):
+        if not VERSION_RE.match(name) or not storage.exists(manifest_path, client=client):
             continue
         manifest = storage.read_json(manifest_path, client=client)
         out.append(
@@ -114,18 +118,7 @@ def list_versions(store: str, client: Client | None = None) -> list[dict]:
 
 def bundle_digest(bundle_dir: str, client: Client | None = None) -> str:
     """sha256 of the bundle's manifest: it names every file's sha256, so it names the bundle."""
-    return hashlib.sha256(_read_manifest_bytes(bundle_dir, client)).hexdigest()
-
-
-def version_id(manifest: dict, digest: str) -> str:
-    """``<created_at as YYYYmmddTHHMMSSZ>-<8 hex of the manifest sha256>``.
-
-    The bundle's own creation time, not the deploy time, so a retried deploy of one bundle
-    lands on the same version instead of copying it twice; lexical order is time order.
-    """
-    created = str(manifest.get("created_at") or "")
-    stamp = re.sub(r"[^0-9TZ]", "", created) or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    return f"{stamp}-{digest[:8]}"
+    return hashlib.sha256(read_manifest(bundle_dir, client)[1]).hexdigest()
 
 
 def promote(
@@ -146,8 +139,7 @@ def promote(
     pointer moves, e.g. to register the model with a model server; if it raises, production
     is unchanged. The TorchServe registration plugs in here.
     """
-    raw = _read_manifest_bytes(bundle_dir, client)
-    manifest = json.loads(raw)
+    manifest, raw = read_manifest(bundle_dir, client)
     digest = hashlib.sha256(raw).hexdigest()
     files = _verified_files(bundle_dir, manifest, client)
     version = version_id(manifest, digest) if version is None else version
@@ -165,7 +157,7 @@ def promote(
     target_manifest = storage.join(target, MANIFEST)
     if storage.exists(target_manifest, client=client):
         if storage.read_bytes(target_manifest, client=client) != raw:
-            raise ValueError(f"{target}: version '{version}' exists with different content")
+            raise StoreError(f"{target}: version '{version}' exists with different content")
     else:
         for name, data in files.items():
             storage.write_bytes(storage.join(target, name), data, client=client)
@@ -191,12 +183,12 @@ def rollback(
     """
     pointer = read_pointer(store, client=client)
     if pointer is None:
-        raise ValueError(f"{store}: no production model to roll back ({POINTER} is missing)")
+        raise StoreError(f"{store}: no production model to roll back ({POINTER} is missing)")
     now = pointer["version"]
     history = [v for v in pointer.get("previous", []) if v != now]
     if to_version is None:
         if not history:
-            raise ValueError(f"{store}: version '{now}' has no previous version to roll back to")
+            raise StoreError(f"{store}: version '{now}' has no previous version to roll back to")
         to_version, rest = history[0], history[1:]
     else:
         if to_version == now:
@@ -204,7 +196,7 @@ def rollback(
         rest = [now, *(v for v in history if v != to_version)]
     target = version_dir(store, to_version)
     if not storage.exists(storage.join(target, MANIFEST), client=client):
-        raise ValueError(f"{store}: version '{to_version}' does not exist (see list_versions)")
+        raise StoreError(f"{store}: version '{to_version}' does not exist (see list_versions)")
     if on_promote is not None:
         on_promote(target, to_version)
     _write_pointer(store, to_version, rest, client, rolled_back_from=now)
@@ -223,29 +215,11 @@ def run_deploy(
     file (written by the evaluate step), so the gate is re-checked where the pointer moves."""
     gate = None if not gate_path else storage.read_json(gate_path, client=client)
     if gate is not None and not isinstance(gate, dict):
-        raise ValueError(f"{gate_path}: a gate file must hold a JSON object")
+        raise StoreError(f"{gate_path}: a gate file must hold a JSON object")
     return promote(bundle_dir, store, version, gate, on_promote, client)
 
 
 # ------------------------------------------------------------------------ private
-
-
-def _check_version_id(version: str) -> None:
-    if not _VERSION_RE.match(version):
-        raise ValueError(
-            f"version '{version}' must be 1-128 characters of letters, digits, '.', '_' or '-' "
-            "and start with a letter or digit"
-        )
-
-
-def _read_manifest_bytes(bundle_dir: str, client: Client | None) -> bytes:
-    path = storage.join(bundle_dir, MANIFEST)
-    try:
-        return storage.read_bytes(path, client=client)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{bundle_dir}: not a complete bundle (no {MANIFEST}; it is written last)"
-        ) from None
 
 
 def _verified_files(bundle_dir: str, manifest: dict, client: Client | None) -> dict[str, bytes]:
@@ -253,14 +227,14 @@ def _verified_files(bundle_dir: str, manifest: dict, client: Client | None) -> d
     a bundle damaged after training must not reach production."""
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
-        raise ValueError(f"{bundle_dir}/{MANIFEST}: names no files")
+        raise BundleError(f"{bundle_dir}/{MANIFEST}: names no files")
     out = {}
     for name, expected in files.items():
         if "/" in name or name in ("", ".", "..", MANIFEST):
-            raise ValueError(f"{bundle_dir}/{MANIFEST}: unsafe file name '{name}'")
+            raise BundleError(f"{bundle_dir}/{MANIFEST}: unsafe file name '{name}'")
         data = storage.read_bytes(storage.join(bundle_dir, name), client=client)
         if hashlib.sha256(data).hexdigest() != expected:
-            raise ValueError(f"{bundle_dir}: {name} does not match its sha256 in {MANIFEST}")
+            raise BundleError(f"{bundle_dir}: {name} does not match its sha256 in {MANIFEST}")
         out[name] = data
     return out
 
@@ -268,7 +242,7 @@ def _verified_files(bundle_dir: str, manifest: dict, client: Client | None) -> d
 def _gate_refusal(gate: dict, digest: str, production: str | None) -> str | None:
     passed = gate.get("passed")
     if not isinstance(passed, bool):
-        raise ValueError("gate: 'passed' must be true or false")
+        raise StoreError("gate: 'passed' must be true or false")
     if not passed:
         return f"evaluation gate not passed: {gate.get('reason', 'no reason given')}"
     if gate.get("candidate_digest") not in (None, digest):

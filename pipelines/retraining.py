@@ -16,6 +16,10 @@ production pointer, and deploy moves it: those three always run.
 from kfp import dsl
 
 from components import attribute_rewards, deploy, evaluate, ingest, train_generator
+from genco.data.ingest import IngestConfig
+from genco.evaluation.evaluate import EvalConfig
+from genco.models.generator import GeneratorConfig
+from genco.models.reward import RewardModelConfig
 
 PIPELINE_NAME = "genco-retraining"
 COMPONENT_NAMES = ("ingest", "attribute-rewards", "train-generator", "evaluate", "deploy")
@@ -32,11 +36,11 @@ def retraining(
     model_store: str,
     constraints: str = "",
     window_days: float = 0.0,
-    max_bad_fraction: float = 0.05,
-    reward_epochs: int = 30,
-    rl_steps: int = 300,
-    seed: int = 0,
-    margin: float = 0.0,
+    max_bad_fraction: float = IngestConfig.max_bad_fraction,
+    reward_epochs: int = RewardModelConfig.epochs,
+    rl_steps: int = GeneratorConfig.rl_steps,
+    seed: int = RewardModelConfig.seed,
+    margin: float = EvalConfig.margin,
     warm_start: bool = True,
     ground_truth: str = "",
     serving: bool = True,

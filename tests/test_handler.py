@@ -4,6 +4,7 @@ around the handler unpacked from a real ``.mar`` of a tiny bundle."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import math
@@ -21,8 +22,10 @@ from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 
 from genco.errors import RequestError
 from genco.inference.predictor import Predictor
+from genco.models.checkpoint import bundle_version, check_version
 from genco.serving import archive
 from genco.serving import requests as rest
+from genco.store import promote
 
 VERSION = "v1"
 AD0 = "ad_0000"
@@ -144,12 +147,17 @@ def test_build_mar_refuses_what_is_not_a_bundle(tmp_path: Path) -> None:
 @pytest.mark.parametrize("version", ["", "v 1", "-v1", "2026-11-28T14:10:38Z", "a/b"])
 def test_versions_must_be_url_and_file_safe(version: str) -> None:
     with pytest.raises(ValueError, match="must be 1-128 letters, digits"):
-        archive.check_version(version)
+        check_version(version)
 
 
-def test_bundle_version_falls_back_to_created_at(bundle_dir: str) -> None:
-    created = json.loads((Path(bundle_dir) / "manifest.json").read_text())["created_at"]
-    assert archive.bundle_version(bundle_dir) == created.replace("-", "").replace(":", "")
+def test_one_version_rule_for_store_archive_and_predictor(bundle_dir: str, tmp_path: Path) -> None:
+    manifest = (Path(bundle_dir) / "manifest.json").read_bytes()
+    created = json.loads(manifest)["created_at"]
+    stamp = created.replace("-", "").replace(":", "")
+    expected = f"{stamp}-{hashlib.sha256(manifest).hexdigest()[:8]}"
+    assert bundle_version(bundle_dir) == expected
+    assert promote(bundle_dir, str(tmp_path / "store")).version == expected
+    assert Predictor.load(bundle_dir).version == expected
 
 
 def test_kserve_layout_is_switched_by_its_config(mar: str, bundle_dir: str, tmp_path: Path):

@@ -13,15 +13,15 @@ import torch
 
 from genco.errors import BundleError
 from genco.evaluation.metrics import spearman
-from genco.models.checkpoint import load_reward_model, save_reward_model
-from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
-from genco.models.vocab import encode
-from genco.training.attribution import (
+from genco.models.checkpoint import (
     ELEMENT_FILE,
     IMPRESSION_FILE,
-    element_table,
-    fit_and_attribute,
+    load_reward_model,
+    save_reward_model,
 )
+from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
+from genco.models.vocab import encode
+from genco.training.attribution import element_table, fit_and_attribute
 from genco.worlds.simulate import WORLDS, log_impressions, make_world
 
 FAST = RewardModelConfig(epochs=6, batch_size=2048)

@@ -11,15 +11,29 @@ import sys
 from collections.abc import Callable, Sequence
 
 from genco import __version__
+from genco.cli.common import add_config_args, config_from_args
 from genco.cli.common import print_json as _print_json
+from genco.errors import ConfigError, GencoError
 from genco.models.tables import REFINES
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+# Expected mistakes: genco's own typed errors and a path that does not exist. Anything else
+# (a ValueError from deep inside numpy, a KeyError) is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (GencoError, FileNotFoundError)
+
+# Config fields each command exposes as flags (names, types, defaults and help from the
+# dataclass; see add_config_args). --seed seeds both models of `genco train`.
+_INGEST = ("max_bad_fraction",)
+_CHUNKS = ("chunk_rows",)
+_ATTRIBUTE = ("epochs", "dim", "propensity_weighting", "seed")
+_TRAIN_REWARD = ("epochs", "seed")
+_TRAIN_GEN = ("rl_steps",)
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
     from genco.worlds.simulate import simulate, world_summary
 
+    if args.n_impressions is not None and args.n_impressions < 1:
+        raise ConfigError(f"n_impressions must be >= 1, got {args.n_impressions}")
     out = simulate(
         args.world,
         seed=args.seed,
@@ -36,7 +50,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
     catalog = load_catalog(args.catalog)
     constraints = load_constraints(args.constraints, catalog)
-    config = IngestConfig(max_bad_fraction=args.max_bad_fraction, chunk_rows=args.chunk_rows)
+    config = config_from_args(args, IngestConfig, _INGEST + _CHUNKS)
     summary = ingest(
         args.impressions, catalog, constraints, args.out, config, progress=not args.quiet
     )
@@ -48,19 +62,14 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     from genco.models.reward import RewardModelConfig
     from genco.training.attribution import run_attribute
 
-    config = RewardModelConfig(
-        dim=args.dim,
-        epochs=args.epochs,
-        propensity_weighting=args.propensity_weighting,
-        seed=args.seed,
-    )
+    config = config_from_args(args, RewardModelConfig, _ATTRIBUTE)
     result = run_attribute(
         args.catalog,
         args.impressions,
         args.out,
         constraints_path=args.constraints,
         config=config,
-        ingest_config=IngestConfig(max_bad_fraction=args.max_bad_fraction),
+        ingest_config=config_from_args(args, IngestConfig, _INGEST),
         progress=not args.quiet,
     )
     test = result.get("test", {})
@@ -87,9 +96,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         args.impressions,
         args.out,
         constraints_path=args.constraints,
-        reward_config=RewardModelConfig(epochs=args.epochs, seed=args.seed),
-        generator_config=GeneratorConfig(rl_steps=args.rl_steps, seed=args.seed),
-        ingest_config=IngestConfig(max_bad_fraction=args.max_bad_fraction),
+        reward_config=config_from_args(args, RewardModelConfig, _TRAIN_REWARD),
+        generator_config=config_from_args(args, GeneratorConfig, _TRAIN_GEN, seed=args.seed),
+        ingest_config=config_from_args(args, IngestConfig, _INGEST),
         warm_start_dir=args.warm_start,
         progress=not args.quiet,
     )
@@ -130,12 +139,9 @@ def _add_io(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--impressions", required=True, help="impressions CSV/Parquet")
     p.add_argument("--constraints", default=None, help="forbidden pairs CSV/Parquet (optional)")
     p.add_argument("--out", required=True, help=out_help)
-    p.add_argument(
-        "--max-bad-fraction",
-        type=float,
-        default=0.05,
-        help="fail when more rows than this fraction are quarantined (default 0.05)",
-    )
+    from genco.data.ingest import IngestConfig
+
+    add_config_args(p, IngestConfig, _INGEST)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -147,6 +153,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from genco.data.ingest import IngestConfig
+    from genco.models.generator import GeneratorConfig
+    from genco.models.reward import RewardModelConfig
     from genco.worlds.simulate import WORLDS
 
     p = argparse.ArgumentParser(
@@ -184,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/summary.json (also printed).",
     )
     _add_io(v, "output directory (local or gs://)")
-    v.add_argument("--chunk-rows", type=int, default=262_144, help="rows per streamed chunk")
+    add_config_args(v, IngestConfig, _CHUNKS)
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=cmd_validate)
 
@@ -197,12 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and OUT/reward_metrics.json.",
     )
     _add_io(a, "model directory (local or gs://)")
-    a.add_argument("--epochs", type=int, default=30, help="maximum epochs (default 30)")
-    a.add_argument("--dim", type=int, default=8, help="interaction vector size (default 8)")
-    a.add_argument(
-        "--propensity-weighting", action="store_true", help="weight impressions by 1/propensity"
-    )
-    a.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_config_args(a, RewardModelConfig, _ATTRIBUTE)
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(func=cmd_attribute)
 
@@ -213,10 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train the generator by policy gradient against it, and write one bundle directory.",
     )
     _add_io(t, "bundle directory (local or gs://)")
-    t.add_argument("--epochs", type=int, default=30, help="reward model epochs (default 30)")
-    t.add_argument("--rl-steps", type=int, default=300, help="generator updates (default 300)")
+    add_config_args(t, RewardModelConfig, _TRAIN_REWARD)
+    add_config_args(t, GeneratorConfig, _TRAIN_GEN)
     t.add_argument("--warm-start", default=None, help="previous bundle to start from")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
 
@@ -271,8 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         func(args)
     except USER_ERRORS as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"genco {args.command}: error: {msg}", file=sys.stderr)
+        print(f"genco {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

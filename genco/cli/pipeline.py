@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from genco.cli.common import add_config_args
 from genco.cli.common import print_json as _print_json
+from genco.errors import ConfigError, StoreError
 
 
 def _pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -39,7 +41,7 @@ def cmd_pipeline_run(args: argparse.Namespace) -> None:
     from genco.pipeline import runner
 
     if bool(args.catalog) != bool(args.impressions):
-        raise ValueError("give both --catalog and --impressions, or neither (simulated world)")
+        raise ConfigError("give both --catalog and --impressions, or neither (simulated world)")
     _print_json(runner.local_demo(args.out, _pipeline_arguments(args), seed=args.seed))
 
 
@@ -89,7 +91,7 @@ def cmd_deploy(args: argparse.Namespace) -> None:
     result = run_deploy(args.model, args.store, args.gate_file, args.version, hook)
     _print_json(result.to_dict())
     if not result.deployed:
-        raise ValueError(f"not deployed: {result.reason}")
+        raise StoreError(f"not deployed: {result.reason}")
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
@@ -129,7 +131,9 @@ def cmd_versions(args: argparse.Namespace) -> None:
 # -------------------------------------------------------------------------- parser
 
 
-def _add_pipeline_params(p: argparse.ArgumentParser, rl_steps: int, data_required: bool) -> None:
+def _add_pipeline_params(
+    p: argparse.ArgumentParser, data_required: bool, rl_steps_override: dict | None = None
+) -> None:
     hint = "" if data_required else "; default: simulate the default world"
     p.add_argument(
         "--catalog", required=data_required, help=f"catalog CSV/Parquet (local or gs://){hint}"
@@ -143,19 +147,16 @@ def _add_pipeline_params(p: argparse.ArgumentParser, rl_steps: int, data_require
         help="train on the last N days of the log, counted back from its newest timestamp "
         "(default 0 = all)",
     )
-    p.add_argument(
-        "--max-bad-fraction", type=float, default=0.05, help="fail above this bad-row share"
-    )
-    p.add_argument("--reward-epochs", type=int, default=30, help="reward model epochs (30)")
-    p.add_argument("--rl-steps", type=int, default=rl_steps, help=f"generator updates ({rl_steps})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument(
-        "--margin",
-        type=float,
-        default=0.0,
-        help="deploy only when the candidate's value >= production's x (1 + margin); "
-        "negative tolerates a small loss (default 0)",
-    )
+    from genco.data.ingest import IngestConfig
+    from genco.evaluation.evaluate import EvalConfig
+    from genco.models.generator import GeneratorConfig
+    from genco.models.reward import RewardModelConfig
+
+    add_config_args(p, IngestConfig, ["max_bad_fraction"])
+    add_config_args(p, RewardModelConfig, ["epochs"], prefix="reward_")
+    add_config_args(p, GeneratorConfig, ["rl_steps"], overrides=rl_steps_override)
+    add_config_args(p, RewardModelConfig, ["seed"])  # seeds both models
+    add_config_args(p, EvalConfig, ["margin"])
     p.add_argument(
         "--no-warm-start", action="store_true", help="train from scratch, not from production"
     )
@@ -181,7 +182,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--out", default="runs/pipeline", help="working dir (runs/pipeline)")
     run.add_argument("--store", default=None, help="model store (default OUT/model_store)")
-    _add_pipeline_params(run, rl_steps=100, data_required=False)
+    from genco.pipeline.runner import LOCAL_RL_STEPS
+
+    _add_pipeline_params(run, data_required=False, rl_steps_override={"rl_steps": LOCAL_RL_STEPS})
     run.set_defaults(func=cmd_pipeline_run)
 
     comp = psub.add_parser(
@@ -206,7 +209,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sch.add_argument("--job-name", default="genco-retraining-daily", help="recurring run name")
     sch.add_argument("--pipeline-yaml", default=None, help="compiled YAML (default: compile)")
     sch.add_argument("--image", default=None, help="component image (default $GENCO_IMAGE)")
-    _add_pipeline_params(sch, rl_steps=300, data_required=True)
+    _add_pipeline_params(sch, data_required=True)
     sch.set_defaults(func=cmd_pipeline_schedule)
 
     ev = sub.add_parser(
@@ -222,7 +225,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="validated impressions: genco validate's impressions.parquet or its directory",
     )
     ev.add_argument("--store", default=None, help="model store holding production (optional)")
-    ev.add_argument("--margin", type=float, default=0.0, help="gate margin (default 0)")
+    from genco.evaluation.evaluate import EvalConfig
+
+    add_config_args(ev, EvalConfig, ["margin"])
     ev.add_argument("--ground-truth", default=None, help="simulated ground_truth.npz")
     ev.add_argument("--out", required=True, help="directory for gate.json and report.html")
     ev.set_defaults(func=cmd_evaluate)

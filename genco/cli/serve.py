@@ -2,7 +2,7 @@
 ``genco.serving.archive``.
 
 Registered into the main parser by ``genco.cli.main`` through ``add_commands``; errors follow the
-CLI's rule (user mistakes raise ValueError/FileNotFoundError/KeyError -> one line, exit 2).
+CLI's rule (user mistakes raise GencoError or FileNotFoundError -> one line, exit 2).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import threading
 import requests
 
 from genco.cli.common import print_json as _print_json
+from genco.errors import ConfigError
 
 
 def _curl(url: str, body: dict, key_file: str | None) -> str:
@@ -38,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.layout:
         for flag, value in (("--port-base", args.port_base), ("--no-auth", args.no_auth)):
             if value:
-                raise ValueError(f"{flag} applies to --model; a layout brings its own config")
+                raise ConfigError(f"{flag} applies to --model; a layout brings its own config")
         handle = serve_layout(args.layout, startup_timeout_s=args.startup_timeout)
     else:
         handle = serve(
@@ -79,11 +80,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_archive(args: argparse.Namespace) -> None:
+    from genco.models.checkpoint import bundle_version, check_version
     from genco.serving.archive import (
         ManagementClient,
         ManagementError,
-        bundle_version,
-        check_version,
         publish,
         read_token,
     )
@@ -97,7 +97,7 @@ def cmd_archive(args: argparse.Namespace) -> None:
         _print_json(publish(args.model, args.store, version, management))
     except (ManagementError, requests.RequestException) as exc:
         # The server or its URL is the user's to fix; the layout still serves the old version.
-        raise ValueError(f"{args.management_url}: {exc}") from exc
+        raise ConfigError(f"{args.management_url}: {exc}") from exc
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from genco.data import storage
-from genco.errors import ContractError
+from genco.errors import ContractError, UnknownIdError
 
 AD = "ad_id"
 COMPONENT = "component"
@@ -78,13 +78,13 @@ class Catalog:
         try:
             return self._ad_index[ad_id]
         except KeyError:
-            raise KeyError(f"ad_id '{ad_id}' is not in the catalog") from None
+            raise UnknownIdError(f"ad_id '{ad_id}' is not in the catalog") from None
 
     def element_code(self, component: int, element_id: str) -> int:
         try:
             return self._element_index[component][element_id]
         except KeyError:
-            raise KeyError(
+            raise UnknownIdError(
                 f"element '{element_id}' is not in component '{self.components[component]}'"
             ) from None
 
@@ -364,9 +364,7 @@ def _read_strings(path: str, client=None) -> pd.DataFrame:
         df = storage.read_table(path, client=client)
     except FileNotFoundError as exc:
         raise ContractError(f"{path}: file not found") from exc
-    except (ValueError, OSError) as exc:
-        if isinstance(exc, ContractError):
-            raise
+    except (ValueError, OSError) as exc:  # the reader's (or storage's) word for a bad file
         raise ContractError(f"{path}: cannot read: {exc}") from exc
     for col in (AD, COMPONENT, ELEMENT, *CONSTRAINT_COLUMNS):
         if col in df.columns:

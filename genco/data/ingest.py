@@ -35,7 +35,7 @@ from genco.data.contract import (
     load_catalog,
     load_constraints,
 )
-from genco.errors import ContractError
+from genco.errors import ConfigError, ContractError
 
 VALID_FILE = "impressions.parquet"
 QUARANTINE_FILE = "quarantine.csv"
@@ -80,9 +80,9 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+            raise ConfigError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+            raise ConfigError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
 
 
 @dataclass

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from genco.data.contract import Catalog, Constraints
+from genco.errors import ContractError
 
 MAX_ENUMERATE = 5_000_000
 
@@ -16,7 +17,7 @@ def product(candidates: Sequence[np.ndarray]) -> np.ndarray:
     sizes = [len(c) for c in candidates]
     total = int(np.prod(sizes, dtype=np.float64))
     if total > MAX_ENUMERATE:
-        raise ValueError(
+        raise ContractError(
             f"combination space has {total} combinations, over the enumeration limit "
             f"{MAX_ENUMERATE}"
         )

@@ -31,6 +31,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
+from genco.errors import ContractError
+
 __all__ = [
     "atomic_local_path",
     "download_dir",
@@ -102,9 +104,9 @@ def _split(path: str, *, need_object: bool = True) -> tuple[str, str]:
     rest = path[len(_SCHEME) :]
     bucket, _, name = rest.partition("/")
     if not bucket:
-        raise ValueError(f"{path}: gs URL has no bucket name (expected gs://bucket/object)")
+        raise ContractError(f"{path}: gs URL has no bucket name (expected gs://bucket/object)")
     if need_object and (not name.strip("/") or name.endswith("/")):
-        raise ValueError(f"{path}: gs URL has no object name (expected gs://bucket/object)")
+        raise ContractError(f"{path}: gs URL has no object name (expected gs://bucket/object)")
     return bucket, name
 
 
@@ -416,7 +418,7 @@ def _copy_local_tree(src: str, dest: str) -> None:
     src_abs, dest_abs = os.path.abspath(src), os.path.abspath(dest)
     if dest_abs == src_abs or dest_abs.startswith(src_abs + os.sep):
         # os.walk would keep finding the files it is copying.
-        raise ValueError(f"{dest}: destination is inside the source directory {src}")
+        raise ContractError(f"{dest}: destination is inside the source directory {src}")
     files = list(_local_files(src))
     os.makedirs(dest, exist_ok=True)
     for root, dirs, _files in os.walk(src):
@@ -451,7 +453,7 @@ def _safe_local_path(local_dir: str, rel: str, url: str) -> str:
     """
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"{url}: unsafe object name for a local path")
+        raise ContractError(f"{url}: unsafe object name for a local path")
     return os.path.join(local_dir, *parts)
 
 
@@ -498,7 +500,7 @@ def table_format(path: str) -> str:
         return "csv"
     if lower.endswith(_PARQUET_EXTS):
         return "parquet"
-    raise ValueError(f"{path}: unsupported extension; use .csv, .csv.gz or .parquet")
+    raise ContractError(f"{path}: unsupported extension; use .csv, .csv.gz or .parquet")
 
 
 def read_table(

@@ -18,8 +18,10 @@ Two questions, answered for both bundles on the same rows:
 The gate: ``passed = production is None or V(candidate) >= V(production) * (1 + margin)``.
 A positive margin demands a clear win; a negative one tolerates a small loss (e.g. to pick
 up new catalog elements). It needs no ground truth. The gate refuses when the candidate's
-or production's value cannot be estimated (no logged impression matches its choices): an
-unknown is never taken for a win. When a simulated world's ground truth is given, the true
+or production's value cannot be estimated (no logged impression matches its choices), or
+production cannot be scored at all (another catalog's components, damaged files): an unknown
+is never taken for a win. Only "no production model yet" lets a candidate in unopposed.
+When a simulated world's ground truth is given, the true
 CTR of each policy and the share of the logging-to-oracle gap it closes are added for
 information; they never decide the gate.
 """
@@ -40,10 +42,11 @@ from genco.data import storage
 from genco.data.contract import Catalog, Constraints
 from genco.data.ingest import VALID_FILE
 from genco.data.space import legal_combinations
+from genco.errors import BundleError, CatalogMismatchError, ConfigError, ContractError
+from genco.evaluation.heldout import evaluate_reward, holdout_split
 from genco.inference.predictor import Predictor
 from genco.models.reward import BoundModel
 from genco.models.vocab import Encoded, encode
-from genco.training.attribution import evaluate_reward, holdout_split
 
 if TYPE_CHECKING:
     from google.cloud.storage import Client
@@ -57,7 +60,10 @@ GATE_FILE = "gate.json"
 class EvalConfig:
     margin: float = field(
         default=0.0,
-        metadata={"help": "Gate: candidate value must reach production value x (1 + margin)."},
+        metadata={
+            "help": "Gate: the candidate's value must reach production's x (1 + margin); "
+            "negative tolerates a small loss."
+        },
     )
     holdout_fraction: float = field(
         default=0.1, metadata={"help": "Latest share of the log (by time) for AUC/log loss."}
@@ -75,15 +81,15 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if not self.margin > -1.0:
-            raise ValueError(f"margin must be > -1, got {self.margin}")
+            raise ConfigError(f"margin must be > -1, got {self.margin}")
         if not 0.0 < self.holdout_fraction < 1.0:
-            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+            raise ConfigError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if not 0.0 < self.confidence < 1.0:
-            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+            raise ConfigError(f"confidence must be in (0, 1), got {self.confidence}")
         if self.max_policy_contexts < 1:
-            raise ValueError(f"max_policy_contexts must be >= 1, got {self.max_policy_contexts}")
+            raise ConfigError(f"max_policy_contexts must be >= 1, got {self.max_policy_contexts}")
         if self.n_bins < 1:
-            raise ValueError(f"n_bins must be >= 1, got {self.n_bins}")
+            raise ConfigError(f"n_bins must be >= 1, got {self.n_bins}")
 
 
 @dataclass
@@ -207,9 +213,10 @@ def evaluate_bundle(
             production = _score(
                 prod, production_dir, enc, test_idx, rows, propensity, config, truth, ctx
             )
-        except (ValueError, KeyError) as exc:
-            # A production model that cannot decode today's catalog (components or features
-            # changed, damaged files) cannot be kept serving it: the gate lets the candidate in.
+        except (CatalogMismatchError, BundleError) as exc:
+            # Production was trained on other components/features, or its files are damaged:
+            # it cannot be compared, so the gate fails closed (see ``gate``). Any other
+            # exception is a bug and propagates: it must never read as a win for the candidate.
             production = BundleEval(production_dir, "unknown", error=str(exc))
         production.version = production_version or production.version
 
@@ -246,7 +253,10 @@ def gate(candidate: BundleEval, production: BundleEval | None, margin: float) ->
     if production is None:
         return True, "no production model: first deployment"
     if production.error is not None:
-        return True, f"production cannot score the current data ({production.error})"
+        return False, (
+            f"production cannot score the current data ({production.error}); not replacing it "
+            "automatically: deploy by hand (genco deploy without --gate-file) if intended"
+        )
     c, p = candidate.value, production.value
     if c is None:
         return False, "no logged impression matches the candidate's choices: value unknown"
@@ -312,7 +322,7 @@ def _read_impressions(impressions: str | pd.DataFrame, client: Client | None) ->
             path = storage.join(path, VALID_FILE)  # a pipeline data directory
         frame = storage.read_table(path, client=client)
     if len(frame) == 0:
-        raise ValueError("impressions: no rows to evaluate on")
+        raise ContractError("impressions: no rows to evaluate on")
     return frame
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from genco.data import storage
-from genco.training.attribution import ELEMENT_FILE, METRICS_FILE
+from genco.models.checkpoint import ELEMENT_FILE, METRICS_FILE
 
 if TYPE_CHECKING:
     from google.cloud.storage import Client

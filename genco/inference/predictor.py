@@ -26,10 +26,12 @@ from genco.data.contract import (
     load_catalog,
     load_constraints,
 )
+from genco.errors import ConfigError
 from genco.models.checkpoint import (
     CATALOG,
     CONSTRAINTS,
     MANIFEST,
+    bundle_version,
     load_generator,
     load_reward_model,
 )
@@ -102,10 +104,8 @@ class Predictor:
                 )
         constraints = constraints if constraints is not None else Constraints.empty()
         version = "unversioned"
-        manifest_path = storage.join(model_dir, MANIFEST)
-        if storage.exists(manifest_path, client=client):
-            m = storage.read_json(manifest_path, client=client)
-            version = m.get("version") or m.get("created_at", version)
+        if storage.exists(storage.join(model_dir, MANIFEST), client=client):
+            version = bundle_version(model_dir, client)
         return Predictor(reward, generator, catalog, constraints, version)
 
     @property
@@ -137,15 +137,15 @@ class Predictor:
         if not cols:
             return None
         if ctx is None:
-            raise ValueError(f"context is required: {', '.join(cols)}")
+            raise ConfigError(f"context is required: {', '.join(cols)}")
         if isinstance(ctx, dict):
             missing = [c for c in cols if c not in ctx]
             if missing:
-                raise ValueError(f"context is missing '{missing[0]}'")
+                raise ConfigError(f"context is missing '{missing[0]}'")
             return np.array([float(ctx[c]) for c in cols], dtype=np.float32)
         arr = np.asarray(ctx, dtype=np.float32).reshape(-1)
         if len(arr) != len(cols):
-            raise ValueError(f"context has {len(arr)} values, expected {len(cols)}")
+            raise ConfigError(f"context has {len(arr)} values, expected {len(cols)}")
         return arr
 
     def decode(
@@ -168,12 +168,12 @@ class Predictor:
         with exact propensities.
         """
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         if not 1 <= top_k <= MAX_TOP_K:
-            raise ValueError(f"top_k must be in [1, {MAX_TOP_K}], got {top_k}")
+            raise ConfigError(f"top_k must be in [1, {MAX_TOP_K}], got {top_k}")
         refine = self.refine if refine is None else refine
         if refine not in REFINES:
-            raise ValueError(f"refine must be one of {', '.join(REFINES)}, got '{refine}'")
+            raise ConfigError(f"refine must be one of {', '.join(REFINES)}, got '{refine}'")
         policy, reward = self.tables(ad)
         propensity = None
         refined = 0
@@ -236,7 +236,7 @@ class Predictor:
         if contexts is None:
             contexts = pd.DataFrame({AD: list(self.catalog.ads)})
         if AD not in contexts.columns:
-            raise ValueError("contexts: missing required column 'ad_id'")
+            raise ConfigError("contexts: missing required column 'ad_id'")
         ctx_cols = [c for c in contexts.columns if c.startswith(CONTEXT_PREFIX)]
         rows = []
         for rec in contexts.to_dict("records"):
@@ -272,11 +272,11 @@ def inline_catalog(
     rows = []
     for comp, elems in candidates.items():
         if not isinstance(elems, list) or not elems:
-            raise ValueError(f"candidates.{comp} must be a non-empty list")
+            raise ConfigError(f"candidates.{comp} must be a non-empty list")
         for e in elems:
             if isinstance(e, dict):
                 if "id" not in e:
-                    raise ValueError(f"candidates.{comp}: an element object needs an 'id'")
+                    raise ConfigError(f"candidates.{comp}: an element object needs an 'id'")
                 feats = [float(e.get(f, 0.0)) for f in feature_names]
                 rows.append((ad_id, comp, str(e["id"]), *feats))
             else:

@@ -11,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
+import re
+import time
 
 import torch
 
 from genco.data import storage
-from genco.errors import BundleError
+from genco.errors import BundleError, StoreError
 from genco.models.generator import Generator, GeneratorConfig
 from genco.models.reward import RewardModel, RewardModelConfig
 from genco.models.vocab import Vocab
@@ -29,6 +32,12 @@ GEN_FORMAT = "genco.generator/1"
 MANIFEST = "manifest.json"
 CATALOG = "catalog.csv"
 CONSTRAINTS = "constraints.csv"
+# Attribution tables and metrics written next to the reward model.
+IMPRESSION_FILE = "attributions.parquet"
+ELEMENT_FILE = "element_attribution.csv"
+METRICS_FILE = "reward_metrics.json"
+# Version ids go into URLs (TorchServe) and file names (store, .mar): keep them plain.
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _save(
@@ -109,3 +118,55 @@ def load_generator(model_dir: str, client=None) -> Generator:
     model.load_state_dict(state)
     model.eval()
     return model
+
+
+# ------------------------------------------------------------------------ bundle identity
+# One rule for the model store, the archives and the predictor's reported version.
+
+
+def check_version(version: str) -> str:
+    """A version id: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit."""
+    if not isinstance(version, str) or not VERSION_RE.match(version):
+        raise StoreError(
+            f"version '{version}' must be 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return version
+
+
+def version_id(manifest: dict, digest: str) -> str:
+    """The manifest's own ``version`` when it has one (a bundle unpacked from an archive),
+    else ``<created_at as YYYYmmddTHHMMSSZ>-<8 hex of the manifest's sha256>``.
+
+    The bundle's own creation time, not the deploy time, so a retried deploy of one bundle
+    lands on the same version instead of copying it twice; lexical order is time order.
+    """
+    if manifest.get("version"):
+        return check_version(str(manifest["version"]))
+    created = str(manifest.get("created_at") or "")
+    stamp = re.sub(r"[^0-9TZ]", "", created) or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return check_version(f"{stamp}-{digest[:8]}")
+
+
+def read_manifest(bundle_dir: str, client=None) -> tuple[dict, bytes]:
+    """The bundle's manifest, parsed and as the bytes its digest is computed over."""
+    path = storage.join(bundle_dir, MANIFEST)
+    try:
+        raw = storage.read_bytes(path, client=client)
+    except FileNotFoundError:
+        raise BundleError(
+            f"{bundle_dir}: not a complete bundle (missing {MANIFEST}; it is written last)"
+        ) from None
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: a manifest must hold a JSON object")
+    return manifest, raw
+
+
+def bundle_version(bundle_dir: str, client=None) -> str:
+    """The version id the store gives this bundle (``version_id`` of its manifest)."""
+    manifest, raw = read_manifest(bundle_dir, client)
+    return version_id(manifest, hashlib.sha256(raw).hexdigest())

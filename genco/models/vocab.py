@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from genco.data.contract import AD, CLICK, CONTEXT_PREFIX, PROPENSITY, TIMESTAMP, Catalog
+from genco.errors import CatalogMismatchError, ContractError
 
 
 @dataclass(frozen=True)
@@ -86,26 +87,26 @@ def encode(
 ) -> Encoded:
     """Map a validated impression table to catalog codes; errors name the column and value."""
     if len(impressions) == 0:
-        raise ValueError("impressions: no rows to learn from")
+        raise ContractError("impressions: no rows to learn from")
     for col in (AD, *catalog.components, CLICK):
         if col not in impressions.columns:
-            raise ValueError(f"impressions: missing column '{col}'")
+            raise ContractError(f"impressions: missing column '{col}'")
     ads = pd.Index(catalog.ads).get_indexer(impressions[AD].astype(str))
     if (ads < 0).any():
         bad = impressions[AD].astype(str).to_numpy()[np.flatnonzero(ads < 0)[0]]
-        raise ValueError(f"impressions: ad_id '{bad}' is not in the catalog")
+        raise ContractError(f"impressions: ad_id '{bad}' is not in the catalog")
     combos = np.zeros((len(impressions), catalog.n_components), dtype=np.int64)
     for k, comp in enumerate(catalog.components):
         codes = pd.Index(catalog.elements[k]).get_indexer(impressions[comp].astype(str))
         if (codes < 0).any():
             bad = impressions[comp].astype(str).to_numpy()[np.flatnonzero(codes < 0)[0]]
-            raise ValueError(f"impressions: {comp} '{bad}' is not an element of '{comp}'")
+            raise ContractError(f"impressions: {comp} '{bad}' is not an element of '{comp}'")
         combos[:, k] = codes
     if context_columns is None:
         context_columns = tuple(c for c in impressions.columns if c.startswith(CONTEXT_PREFIX))
     missing = [c for c in context_columns if c not in impressions.columns]
     if missing:
-        raise ValueError(f"impressions: missing context column '{missing[0]}'")
+        raise ContractError(f"impressions: missing context column '{missing[0]}'")
     ctx = (
         impressions[list(context_columns)]
         .to_numpy(dtype=np.float32)
@@ -150,12 +151,12 @@ def fit_scalers(module: nn.Module, catalog: Catalog, contexts: np.ndarray | None
 def check_catalog(vocab: Vocab, catalog: Catalog, who: str) -> None:
     """A model binds to a catalog only with the same components and feature columns."""
     if catalog.components != vocab.components:
-        raise ValueError(
+        raise CatalogMismatchError(
             f"catalog components {list(catalog.components)} differ from the {who}'s "
             f"{list(vocab.components)}"
         )
     if catalog.feature_names != vocab.feature_names:
-        raise ValueError(
+        raise CatalogMismatchError(
             f"catalog features {list(catalog.feature_names)} differ from the {who}'s "
             f"{list(vocab.feature_names)}"
         )

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 from genco.data import storage
 
-# As `genco pipeline run`: on the small default world 100 generator updates already close
-# ~95% of the gap (more only add minutes), so the local loop stays well under 3 minutes.
-LOCAL_RL_STEPS = 100
-
 
 def run_demo(out_dir: str, seed: int = 0, progress: bool = True, serve: bool = True) -> dict:
     """Run the whole loop under out_dir and return what happened at each stage."""
-    from genco.pipeline.runner import local_demo
+    from genco.pipeline.runner import LOCAL_RL_STEPS, local_demo
     from genco.store import current
 
     result: dict = {"pipeline": local_demo(out_dir, {"rl_steps": LOCAL_RL_STEPS}, seed=seed)}

@@ -33,10 +33,14 @@ from genco.data.contract import (
     load_constraints,
 )
 from genco.data.ingest import QUARANTINE_FILE, SUMMARY_FILE, VALID_FILE, IngestConfig, ingest
+from genco.errors import ConfigError, ContractError
 from genco.models.checkpoint import (
     CATALOG,
     CONSTRAINTS,
+    ELEMENT_FILE,
+    IMPRESSION_FILE,
     MANIFEST,
+    METRICS_FILE,
     REWARD_META,
     REWARD_WEIGHTS,
     load_generator,
@@ -45,12 +49,7 @@ from genco.models.checkpoint import (
 from genco.models.generator import Generator, GeneratorConfig
 from genco.models.reward import RewardModel, RewardModelConfig
 from genco.models.vocab import Vocab
-from genco.training.attribution import (
-    ELEMENT_FILE,
-    IMPRESSION_FILE,
-    METRICS_FILE,
-    fit_and_attribute,
-)
+from genco.training.attribution import fit_and_attribute
 from genco.training.bundle import finish_bundle
 
 if TYPE_CHECKING:
@@ -69,7 +68,7 @@ def ingest_step(
     out_dir: str,
     constraints_path: str | None = None,
     window_days: float = 0.0,
-    max_bad_fraction: float = 0.05,
+    max_bad_fraction: float = IngestConfig.max_bad_fraction,
     quarantine_path: str | None = None,
     client: Client | None = None,
 ) -> dict:
@@ -80,7 +79,7 @@ def ingest_step(
     quarantine_path: where to also publish the quarantine CSV (the pipeline's artifact).
     """
     if window_days < 0:
-        raise ValueError(f"window_days must be >= 0 (0 = all), got {window_days}")
+        raise ConfigError(f"window_days must be >= 0 (0 = all), got {window_days}")
     catalog = load_catalog(catalog_path, client=client)
     constraints = load_constraints(constraints_path or None, catalog, client=client)
     summary = ingest(
@@ -96,7 +95,7 @@ def ingest_step(
     if window_days > 0:
         frame = storage.read_table(valid_path, client=client)
         if TIMESTAMP not in frame.columns:
-            raise ValueError(
+            raise ContractError(
                 f"{impressions_path}: window_days={window_days} needs a 'timestamp' column"
             )
         newest = frame[TIMESTAMP].max()
@@ -104,7 +103,7 @@ def ingest_step(
         storage.write_table(frame.reset_index(drop=True), valid_path, client=client)
         rows = len(frame)
     if rows == 0:
-        raise ValueError(f"{impressions_path}: no valid impressions to train on")
+        raise ContractError(f"{impressions_path}: no valid impressions to train on")
     summary.update(window_days=window_days, rows_in_window=rows)
     storage.write_json(storage.join(out_dir, SUMMARY_FILE), summary, client=client)
     storage.write_table(catalog.to_frame(), storage.join(out_dir, CATALOG), client=client)

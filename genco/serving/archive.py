@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 import requests
 
 from genco.data import storage
+from genco.errors import ConfigError, StoreError
 from genco.inference.predictor import Predictor
 from genco.models.checkpoint import (
     CATALOG,
@@ -38,6 +38,8 @@ from genco.models.checkpoint import (
     MANIFEST,
     REWARD_META,
     REWARD_WEIGHTS,
+    bundle_version,
+    check_version,
 )
 from genco.serving.requests import sample_request
 
@@ -59,32 +61,9 @@ KSERVE_DIR = "kserve"
 # the Python worker. Serial GC plus the C1 compiler alone cut the frontend's CPU per request
 # by ~40% at concurrency 8 (bench/serving.py: 181 -> 320 req/s on a shared 2-core box).
 JVM_ARGS = "-XX:+UseSerialGC -Xmx512m -XX:TieredStopAtLevel=1 -XX:CICompilerCount=1"
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 # ============================================================================ archives
-
-
-def check_version(version: str) -> str:
-    """TorchServe puts versions in URLs and we put them in file names: keep them plain."""
-    if not isinstance(version, str) or not _VERSION_RE.match(version):
-        raise ValueError(
-            f"version '{version}' must be 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return version
-
-
-def bundle_version(bundle_dir: str, client: Any = None) -> str:
-    """The manifest's ``version``, else its ``created_at`` as ``YYYYmmddTHHMMSSZ``."""
-    path = storage.join(bundle_dir, MANIFEST)
-    if not storage.exists(path, client=client):
-        raise FileNotFoundError(f"{bundle_dir}: not a bundle (missing {MANIFEST})")
-    manifest = storage.read_json(path, client=client)
-    version = manifest.get("version") or re.sub(r"[^0-9TZ]", "", manifest.get("created_at", ""))
-    if not version:
-        raise ValueError(f"{bundle_dir}: manifest has neither 'version' nor 'created_at'")
-    return check_version(str(version))
 
 
 def mar_name(version: str) -> str:
@@ -305,7 +284,7 @@ def read_token(key_file: str, api: str = "management") -> str:
     with open(key_file, encoding="utf-8") as f:
         keys = json.load(f)
     if api not in keys or "key" not in keys[api]:
-        raise KeyError(f"{key_file}: no '{api}' key (has: {', '.join(keys)})")
+        raise ConfigError(f"{key_file}: no '{api}' key (has: {', '.join(keys)})")
     return str(keys[api]["key"])
 
 
@@ -450,7 +429,7 @@ def rollback_default(
 ) -> str:
     """Make ``deployment.previous`` the default again; optionally drop the rolled-back one."""
     if deployment.previous is None:
-        raise ValueError(f"version '{deployment.version}' had no previous version to return to")
+        raise StoreError(f"version '{deployment.version}' had no previous version to return to")
     client.set_default(deployment.previous)
     if unregister:
         client.unregister(deployment.version)

@@ -24,6 +24,7 @@ import requests
 
 from genco.data import storage
 from genco.inference.predictor import Predictor
+from genco.models.checkpoint import bundle_version, check_version
 from genco.serving.archive import (
     JVM_ARGS,
     LOG_CONFIG,
@@ -31,8 +32,6 @@ from genco.serving.archive import (
     MODEL_NAME,
     ManagementClient,
     build_mar,
-    bundle_version,
-    check_version,
     mar_name,
     model_snapshot_entry,
     properties_text,

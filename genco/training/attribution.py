@@ -15,14 +15,16 @@ import pandas as pd
 from genco.data import storage
 from genco.data.contract import AD, CLICK, TIMESTAMP, Catalog
 from genco.data.ingest import IngestConfig, validated_inputs
-from genco.evaluation.metrics import auc, ece, log_loss, reliability
-from genco.models.checkpoint import save_reward_model
+from genco.errors import ConfigError
+from genco.evaluation.heldout import evaluate_reward, holdout_split
+from genco.models.checkpoint import (
+    ELEMENT_FILE,
+    IMPRESSION_FILE,
+    METRICS_FILE,
+    save_reward_model,
+)
 from genco.models.reward import BoundModel, RewardModel, RewardModelConfig, train_reward_model
 from genco.models.vocab import Encoded, encode
-
-IMPRESSION_FILE = "attributions.parquet"
-ELEMENT_FILE = "element_attribution.csv"
-METRICS_FILE = "reward_metrics.json"
 
 
 def impression_attributions(bound: BoundModel, enc: Encoded) -> pd.DataFrame:
@@ -87,44 +89,6 @@ def element_table(bound: BoundModel, enc: Encoded) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def evaluate_reward(bound: BoundModel, enc: Encoded, truth=None, n_bins: int = 10) -> dict:
-    """Held-out AUC, log loss, ECE and reliability curve; with a ground truth, the same for
-    the true CTR (the ceiling) and the learned-vs-true element-effect rank correlation."""
-    from genco.evaluation.metrics import spearman
-
-    p = bound.ctr(enc.ads, enc.combos, enc.ctx)
-    out: dict = {
-        "rows": len(enc),
-        "clicks": int(enc.click.sum()),
-        "auc": auc(enc.click, p),
-        "log_loss": log_loss(enc.click, p),
-        "ece": ece(enc.click, p, n_bins),
-        "reliability": reliability(enc.click, p, n_bins).to_dict("records"),
-    }
-    if truth is not None:
-        ctx = enc.ctx if truth.n_context else None
-        pt = truth.ctr(enc.ads, enc.combos, ctx)
-        out["truth_auc"] = auc(enc.click, pt)
-        out["truth_log_loss"] = log_loss(enc.click, pt)
-        if hasattr(truth, "element_effects"):
-            learned, true = bound.element_effects(), truth.element_effects()
-            per = [spearman(a, b) for a, b in zip(learned, true)]
-            out["effect_spearman_per_component"] = per
-            out["effect_spearman"] = float(np.mean(per))
-    return out
-
-
-def holdout_split(enc: Encoded, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Latest impressions by timestamp (random when there is none) as the test set."""
-    n = len(enc)
-    n_test = round(fraction * n)
-    if enc.timestamp is not None:
-        order = np.argsort(enc.timestamp, kind="stable")
-    else:
-        order = np.random.default_rng(seed).permutation(n)
-    return order[: n - n_test], order[n - n_test :]
-
-
 def fit_and_attribute(
     catalog: Catalog,
     impressions: pd.DataFrame,
@@ -137,7 +101,7 @@ def fit_and_attribute(
 ) -> dict:
     """Train on all but the latest test_fraction, evaluate on it, write model and tables."""
     if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+        raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}")
     config = config or RewardModelConfig()
     enc = encode(impressions, catalog)
     train_idx, test_idx = holdout_split(enc, test_fraction, config.seed)
