@@ -237,11 +237,11 @@ def off_policy(catalog, constraints, truth, log, enc, gen, points) -> dict:
         out["pseudo_inverse"] = _ci(pi_w * r)
     # Truth: the sampling policy's expected true CTR on the same ad/context draws.
     with torch.no_grad():
-        s, _, _ = gen.sample(
+        s = gen.sample(
             e.ads[:50_000],
             None if ctx is None else ctx[:50_000],
             generator=torch.Generator().manual_seed(1),
-        )
+        ).slots
     codes = gen.masks.to_codes(torch.as_tensor(e.ads[:50_000]), s)
     true = truth.ctr(e.ads[:50_000], codes, None if ctx is None else ctx[:50_000])
     out["true_value"] = {"value": float(true.mean()), "ci95": _half(true)}
@@ -256,7 +256,7 @@ def _slot_marginals(gen, ads, ctx, draws: int = 32) -> list[np.ndarray]:
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for _ in range(draws):
-            s, _, _ = gen.sample(ads, ctx, generator=g)
+            s = gen.sample(ads, ctx, generator=g).slots
             for k in range(len(marg)):
                 marg[k][np.arange(n), s[:, k].numpy()] += 1.0 / draws
     return marg

@@ -11,13 +11,8 @@ import pytest
 import vowpalwabbit
 
 from genco.data.contract import Catalog, Constraints
-from genco.data.space import legal_combinations
-from genco.evaluation.baselines_vw import (
-    VWConfig,
-    VWRecommender,
-    best_legal_by_slots,
-    expand_interactions,
-)
+from genco.data.space import best_legal_by_slots, legal_combinations
+from genco.evaluation.baselines_vw import VWConfig, VWRecommender, expand_interactions
 from genco.worlds.simulate import WORLDS, World, log_impressions, make_world
 
 

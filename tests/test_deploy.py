@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from genco.data import storage
+from genco.data import storage, trees
 from genco.errors import BundleError
 from genco.inference.predictor import Predictor
 from genco.models.checkpoint import MANIFEST
@@ -186,7 +186,7 @@ def test_malformed_gate_is_an_error(bundles, tmp_path, gate, message):
 def test_damaged_or_incomplete_bundle_never_reaches_the_store(bundles, tmp_path):
     store = str(tmp_path / "s")
     damaged = tmp_path / "damaged"
-    storage.upload_dir(bundles[0], str(damaged))
+    trees.upload_dir(bundles[0], str(damaged))
     (damaged / "generator.pt").write_bytes(b"not the trained weights")
     with pytest.raises(ValueError, match="generator.pt does not match its sha256"):
         promote(str(damaged), store)
@@ -245,7 +245,7 @@ def test_rollback_errors(bundles, tmp_path):
 def test_bundle_on_gcs_into_gcs_store(bundles, gcs: GcsEmulator):
     root = gcs.url("")
     remote_bundle = storage.join(root, "bundle")
-    storage.upload_dir(bundles[1], remote_bundle)
+    trees.upload_dir(bundles[1], remote_bundle)
     store = storage.join(root, "store")
     result = promote(remote_bundle, store)
     assert result.deployed and current(store) == storage.join(store, "versions", result.version)

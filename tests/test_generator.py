@@ -57,7 +57,7 @@ def test_sampling_never_picks_a_masked_candidate(constrained):
     gen = fresh(world)
     ads = np.repeat(np.arange(world.catalog.n_ads), 500)
     with torch.no_grad():
-        slots, logp, _ = gen.sample(ads, generator=torch.Generator().manual_seed(0))
+        slots, logp, _, _ = gen.sample(ads, generator=torch.Generator().manual_seed(0))
     codes = gen.masks.to_codes(torch.as_tensor(ads), slots)
     assert (world.constraints.violations(ads, codes) < 0).all()
     for k in range(world.catalog.n_components):
@@ -67,6 +67,20 @@ def test_sampling_never_picks_a_masked_candidate(constrained):
     with torch.no_grad():
         again = gen.log_prob(ads[:50], None, slots[:50]).sum(1)
     np.testing.assert_allclose(again.numpy(), logp[:50].sum(1).numpy(), atol=1e-5)
+
+
+def test_sample_returns_each_steps_distribution(constrained):
+    world = constrained[0]
+    gen = fresh(world)
+    ads = np.repeat(np.arange(world.catalog.n_ads), 20)
+    with torch.no_grad():
+        draw = gen.sample(ads, generator=torch.Generator().manual_seed(0))
+    assert not hasattr(gen, "last_probs")  # returned, not left on the object
+    assert len(draw.step_probs) == world.catalog.n_components
+    for k, p in enumerate(draw.step_probs):
+        torch.testing.assert_close(p.sum(1), torch.ones(len(ads)))
+        chosen = p[torch.arange(len(ads)), draw.slots[:, k]]
+        torch.testing.assert_close(chosen, draw.log_probs[:, k].exp())
 
 
 def test_beam_returns_distinct_legal_combinations_best_first(constrained):
@@ -102,14 +116,18 @@ def test_policy_gradient_learns_the_reward_models_best_combinations(constrained)
 
 def test_a_training_step_changes_parameters(constrained):
     world, _, bound, _, _ = constrained
-    before = Generator(Vocab.from_catalog(world.catalog, ()), GeneratorConfig()).state_dict()
-    after, _ = train_generator(
-        bound, world.catalog, world.constraints, config=GeneratorConfig(rl_steps=1)
-    )
+
+    def trained(steps: int) -> dict[str, torch.Tensor]:
+        # Same seed both times: only the update itself can tell the two apart.
+        config = GeneratorConfig(rl_steps=steps, seed=3)
+        return train_generator(bound, world.catalog, world.constraints, config=config)[
+            0
+        ].state_dict()
+
+    before, again, after = trained(0), trained(0), trained(1)
+    assert all(torch.equal(p, again[n]) for n, p in before.items())  # the baseline is exact
     changed = {
-        n
-        for n, p in after.state_dict().items()
-        if p.dtype.is_floating_point and not torch.equal(p, before[n])
+        n for n, p in after.items() if p.dtype.is_floating_point and not torch.equal(p, before[n])
     }
     assert {"query.weight", "gru.weight_ih", "elem.weight", "ad.weight"} <= changed
 

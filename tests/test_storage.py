@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from google.cloud.storage.fileio import BlobReader
 
-from genco.data import storage
+from genco.data import storage, trees
 
 if TYPE_CHECKING:
     from tests.conftest import GcsEmulator
@@ -315,30 +315,30 @@ def test_upload_download_dir_round_trip(root: str, tmp_path: Path) -> None:
     src = tmp_path / "src"
     files = _make_tree(src)
     dest = storage.join(root, "artefacts")
-    storage.upload_dir(str(src), dest)
+    trees.upload_dir(str(src), dest)
     assert storage.listdir(dest) == ["config.json", "model.pt", "sub"]
     assert storage.read_bytes(storage.join(dest, "sub", "deep", "x.bin")) == files["sub/deep/x.bin"]
 
     out = tmp_path / "out"
-    storage.download_dir(dest, str(out))
+    trees.download_dir(dest, str(out))
     assert _read_tree(out) == files
 
 
 def test_upload_dir_missing_source(root: str, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no-src"):
-        storage.upload_dir(str(tmp_path / "no-src"), storage.join(root, "d"))
+        trees.upload_dir(str(tmp_path / "no-src"), storage.join(root, "d"))
 
 
 def test_download_dir_missing_source(root: str, tmp_path: Path) -> None:
     src = storage.join(root, "nothing-here")
     with pytest.raises(FileNotFoundError, match="nothing-here"):
-        storage.download_dir(src, str(tmp_path / "out"))
+        trees.download_dir(src, str(tmp_path / "out"))
 
 
 def test_upload_dir_into_itself_is_rejected(tmp_path: Path) -> None:
     _make_tree(tmp_path / "src")
     with pytest.raises(ValueError, match="inside the source"):
-        storage.upload_dir(str(tmp_path / "src"), str(tmp_path / "src" / "copy"))
+        trees.upload_dir(str(tmp_path / "src"), str(tmp_path / "src" / "copy"))
 
 
 @pytest.mark.parametrize("rel", ["a/../../escape.txt", "../x", "a//b", "./x", "a/"])
@@ -346,8 +346,8 @@ def test_download_dir_rejects_unsafe_object_names(rel: str, tmp_path: Path) -> N
     # Tested on the helper: the emulator normalises "."/"//" away and refuses ".."
     # (HTTP 500), so such objects cannot be created there, while real GCS allows them.
     with pytest.raises(ValueError, match="unsafe object name"):
-        storage._safe_local_path(str(tmp_path), rel, "gs://b/" + rel)
-    assert storage._safe_local_path(str(tmp_path), "a/b.txt", "gs://b/a/b.txt") == str(
+        trees._safe_local_path(str(tmp_path), rel, "gs://b/" + rel)
+    assert trees._safe_local_path(str(tmp_path), "a/b.txt", "gs://b/a/b.txt") == str(
         tmp_path / "a" / "b.txt"
     )
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from genco.serving import archive, torchserve
+from genco.serving import archive, management, torchserve
 from tests.test_handler import tiny_bundle
 
 pytestmark = pytest.mark.skipif(
@@ -188,8 +188,8 @@ def test_promote_switch_and_rollback(
     assert "genco-v2.mar" in config.read_text()
 
     archive.build_mar(bundle_dir, server.model_store, "v3")
-    deployment = archive.deploy_to_torchserve(mgmt, archive.mar_name("v3"), "v3")
-    assert deployment == archive.Deployment("v3", "v2", retired=("v1",))
+    deployment = management.deploy_to_torchserve(mgmt, archive.mar_name("v3"), "v3")
+    assert deployment == management.Deployment("v3", "v2", retired=("v1",))
     assert sorted(mgmt.versions()) == ["v2", "v3"]
     assert answered_by() == "v3"
     described = http.get(
@@ -199,7 +199,7 @@ def test_promote_switch_and_rollback(
     ).json()[0]
     assert (described["batchSize"], described["maxBatchDelay"]) == (8, 1)  # model-config.yaml
 
-    assert archive.rollback_default(mgmt, deployment) == "v2"
+    assert management.rollback_default(mgmt, deployment) == "v2"
     assert mgmt.default_version() == "v2"
     assert answered_by() == "v2"
 
@@ -208,11 +208,11 @@ def test_promote_switch_and_rollback(
 
     archive.build_mar(bundle_dir, server.model_store, "v4")
     with pytest.raises(RuntimeError, match="v4 looks wrong"):
-        archive.deploy_to_torchserve(mgmt, archive.mar_name("v4"), "v4", check=failing)
+        management.deploy_to_torchserve(mgmt, archive.mar_name("v4"), "v4", check=failing)
     assert mgmt.default_version() == "v2"
     assert sorted(mgmt.versions()) == ["v2", "v3"]  # the refused one was unregistered
 
-    with pytest.raises(archive.ManagementError) as exc:
+    with pytest.raises(management.ManagementError) as exc:
         mgmt.set_default("v9")
     assert 400 <= exc.value.status < 500
 

@@ -135,12 +135,12 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
 
 def _add_io(p: argparse.ArgumentParser, out_help: str) -> None:
+    from genco.data.ingest import IngestConfig
+
     p.add_argument("--catalog", required=True, help="catalog CSV/Parquet (local or gs://)")
     p.add_argument("--impressions", required=True, help="impressions CSV/Parquet")
     p.add_argument("--constraints", default=None, help="forbidden pairs CSV/Parquet (optional)")
     p.add_argument("--out", required=True, help=out_help)
-    from genco.data.ingest import IngestConfig
-
     add_config_args(p, IngestConfig, _INGEST)
 
 

@@ -81,12 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_archive(args: argparse.Namespace) -> None:
     from genco.models.checkpoint import bundle_version, check_version
-    from genco.serving.archive import (
-        ManagementClient,
-        ManagementError,
-        publish,
-        read_token,
-    )
+    from genco.serving.archive import publish
+    from genco.serving.management import ManagementClient, ManagementError, read_token
 
     version = check_version(args.version) if args.version else bundle_version(args.model)
     management = None

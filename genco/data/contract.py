@@ -114,83 +114,18 @@ class Catalog:
     @staticmethod
     def from_frame(df: pd.DataFrame, path: str = "catalog") -> Catalog:
         """Build and validate a catalog from its contract table. Errors name path, row, value."""
-        for col in (AD, COMPONENT, ELEMENT):
-            if col not in df.columns:
-                raise _fail(path, f"missing required column '{col}'")
-        if len(df) == 0:
-            raise _fail(path, "file has no rows")
-        extra = [
-            c
-            for c in df.columns
-            if c not in (AD, COMPONENT, ELEMENT) and not c.startswith(FEATURE_PREFIX)
-        ]
-        if extra:
-            raise _fail(
-                path,
-                f"unexpected column '{extra[0]}' (allowed: ad_id, component, element_id, feat_*)",
-            )
-        ids = df[[AD, COMPONENT, ELEMENT]].astype("string")
-        for col in (AD, COMPONENT, ELEMENT):
-            empty = ids[col].isna() | (ids[col].str.strip() == "")
-            if empty.any():
-                row = int(np.flatnonzero(empty.to_numpy())[0]) + 1
-                raise _fail(path, f"row {row}: column '{col}' is empty")
-        bad_comp = ~ids[COMPONENT].str.match(_NAME_RE.pattern)
-        if bad_comp.any():
-            row = int(np.flatnonzero(bad_comp.to_numpy())[0]) + 1
-            raise _fail(
-                path,
-                f"row {row}: component '{ids[COMPONENT].iloc[row - 1]}' must be a column-safe "
-                "name (letters, digits, underscore; not starting with a digit)",
-            )
-        reserved = {AD, CLICK, PROPENSITY, TIMESTAMP, REVENUE, "rank", "score"}
-        for comp in ids[COMPONENT].unique():
-            if comp in reserved or comp.startswith((CONTEXT_PREFIX, FEATURE_PREFIX)):
-                raise _fail(path, f"component '{comp}' clashes with a contract column name")
-        dup = ids.duplicated(keep="first")
-        if dup.any():
-            row = int(np.flatnonzero(dup.to_numpy())[0]) + 1
-            r = ids.iloc[row - 1]
-            raise _fail(
-                path,
-                f"row {row}: duplicate candidate (ad_id '{r[AD]}', component '{r[COMPONENT]}', "
-                f"element_id '{r[ELEMENT]}')",
-            )
-        feature_names = tuple(c for c in df.columns if c.startswith(FEATURE_PREFIX))
-        feats = np.zeros((len(df), len(feature_names)), dtype=np.float64)
-        for j, col in enumerate(feature_names):
-            raw = df[col]
-            num = pd.to_numeric(raw, errors="coerce")
-            bad = num.isna() | ~np.isfinite(num.to_numpy(dtype=np.float64, na_value=np.nan))
-            if bad.any():
-                row = int(np.flatnonzero(bad.to_numpy())[0]) + 1
-                raise _fail(
-                    path, f"row {row}: column '{col}' value '{raw.iloc[row - 1]}' is not numeric"
-                )
-            feats[:, j] = num.to_numpy(dtype=np.float64)
-
+        ids = _checked_ids(df, path)
+        feature_names, feats = _checked_features(df, path)
         components = tuple(pd.unique(ids[COMPONENT]))
         ads = tuple(pd.unique(ids[AD]))
         comp_code = pd.Categorical(ids[COMPONENT], categories=list(components)).codes
         ad_code = pd.Categorical(ids[AD], categories=list(ads)).codes
-        elements: list[tuple[str, ...]] = []
-        features: list[np.ndarray] = []
-        elem_codes = np.zeros(len(df), dtype=np.int64)
+        elements, features, elem_codes = [], [], np.zeros(len(df), dtype=np.int64)
         for c in range(len(components)):
             rows = np.flatnonzero(comp_code == c)
-            vocab, inv = np.unique(ids[ELEMENT].to_numpy()[rows].astype(str), return_inverse=True)
-            # Keep first-appearance order so codes are stable for a given file.
-            first = np.full(len(vocab), len(rows), dtype=np.int64)
-            np.minimum.at(first, inv, np.arange(len(rows)))
-            order = np.argsort(first, kind="stable")
-            rank = np.empty_like(order)
-            rank[order] = np.arange(len(order))
-            elem_codes[rows] = rank[inv]
-            elements.append(tuple(vocab[order].tolist()))
-            f = np.zeros((len(vocab), len(feature_names)), dtype=np.float64)
-            f[rank] = feats[rows][first]  # features of each element's first row
+            vocab, codes, f = _element_vocabulary(ids[ELEMENT].to_numpy()[rows], feats[rows])
             # The same element must carry the same features wherever it appears.
-            mismatch = np.any(np.abs(f[rank[inv]] - feats[rows]) > 1e-9, axis=1)
+            mismatch = np.any(np.abs(f[codes] - feats[rows]) > 1e-9, axis=1)
             if mismatch.any():
                 row = int(rows[np.flatnonzero(mismatch)[0]]) + 1
                 raise _fail(
@@ -198,19 +133,19 @@ class Catalog:
                     f"row {row}: element '{ids[ELEMENT].iloc[row - 1]}' of component "
                     f"'{components[c]}' has features that differ from its earlier rows",
                 )
+            elem_codes[rows] = codes
+            elements.append(vocab)
             features.append(f)
-        candidates: list[tuple[np.ndarray, ...]] = []
+        candidates = []
         for a in range(len(ads)):
-            per_comp = []
             in_ad = ad_code == a
-            for c in range(len(components)):
-                codes = np.sort(elem_codes[in_ad & (comp_code == c)])
+            per_comp = _ad_candidates(elem_codes[in_ad], comp_code[in_ad], len(components))
+            for c, codes in enumerate(per_comp):
                 if len(codes) == 0:
                     raise _fail(
                         path, f"ad_id '{ads[a]}' has no candidate for component '{components[c]}'"
                     )
-                per_comp.append(codes)
-            candidates.append(tuple(per_comp))
+            candidates.append(per_comp)
         return Catalog(
             components=components,
             ads=ads,
@@ -219,6 +154,96 @@ class Catalog:
             features=tuple(features),
             candidates=tuple(candidates),
         )
+
+
+def _checked_ids(df: pd.DataFrame, path: str) -> pd.DataFrame:
+    """The id columns as strings, after the table-level checks: columns, empties, component
+    names, duplicates."""
+    for col in (AD, COMPONENT, ELEMENT):
+        if col not in df.columns:
+            raise _fail(path, f"missing required column '{col}'")
+    if len(df) == 0:
+        raise _fail(path, "file has no rows")
+    extra = [
+        c
+        for c in df.columns
+        if c not in (AD, COMPONENT, ELEMENT) and not c.startswith(FEATURE_PREFIX)
+    ]
+    if extra:
+        raise _fail(
+            path,
+            f"unexpected column '{extra[0]}' (allowed: ad_id, component, element_id, feat_*)",
+        )
+    ids = df[[AD, COMPONENT, ELEMENT]].astype("string")
+    for col in (AD, COMPONENT, ELEMENT):
+        empty = ids[col].isna() | (ids[col].str.strip() == "")
+        if empty.any():
+            row = int(np.flatnonzero(empty.to_numpy())[0]) + 1
+            raise _fail(path, f"row {row}: column '{col}' is empty")
+    bad_comp = ~ids[COMPONENT].str.match(_NAME_RE.pattern)
+    if bad_comp.any():
+        row = int(np.flatnonzero(bad_comp.to_numpy())[0]) + 1
+        raise _fail(
+            path,
+            f"row {row}: component '{ids[COMPONENT].iloc[row - 1]}' must be a column-safe "
+            "name (letters, digits, underscore; not starting with a digit)",
+        )
+    reserved = {AD, CLICK, PROPENSITY, TIMESTAMP, REVENUE, "rank", "score"}
+    for comp in ids[COMPONENT].unique():
+        if comp in reserved or comp.startswith((CONTEXT_PREFIX, FEATURE_PREFIX)):
+            raise _fail(path, f"component '{comp}' clashes with a contract column name")
+    dup = ids.duplicated(keep="first")
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0]) + 1
+        r = ids.iloc[row - 1]
+        raise _fail(
+            path,
+            f"row {row}: duplicate candidate (ad_id '{r[AD]}', component '{r[COMPONENT]}', "
+            f"element_id '{r[ELEMENT]}')",
+        )
+    return ids
+
+
+def _checked_features(df: pd.DataFrame, path: str) -> tuple[tuple[str, ...], np.ndarray]:
+    """The ``feat_*`` column names and values, (n_rows, n_features) float64, all finite."""
+    feature_names = tuple(c for c in df.columns if c.startswith(FEATURE_PREFIX))
+    feats = np.zeros((len(df), len(feature_names)), dtype=np.float64)
+    for j, col in enumerate(feature_names):
+        raw = df[col]
+        num = pd.to_numeric(raw, errors="coerce")
+        bad = num.isna() | ~np.isfinite(num.to_numpy(dtype=np.float64, na_value=np.nan))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0]) + 1
+            raise _fail(
+                path, f"row {row}: column '{col}' value '{raw.iloc[row - 1]}' is not numeric"
+            )
+        feats[:, j] = num.to_numpy(dtype=np.float64)
+    return feature_names, feats
+
+
+def _element_vocabulary(
+    element_ids: np.ndarray, feats: np.ndarray
+) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """One component's rows -> (vocabulary in first-appearance order, each row's element code,
+    (n_elements, n_features) features of each element's first row).
+
+    First-appearance order keeps codes stable for a given file."""
+    vocab, inv = np.unique(element_ids.astype(str), return_inverse=True)
+    first = np.full(len(vocab), len(element_ids), dtype=np.int64)
+    np.minimum.at(first, inv, np.arange(len(element_ids)))
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    f = np.zeros((len(vocab), feats.shape[1]), dtype=np.float64)
+    f[rank] = feats[first]
+    return tuple(vocab[order].tolist()), rank[inv], f
+
+
+def _ad_candidates(
+    elem_codes: np.ndarray, comp_code: np.ndarray, n_components: int
+) -> tuple[np.ndarray, ...]:
+    """One ad's rows -> sorted element codes per component (empty where it has none)."""
+    return tuple(np.sort(elem_codes[comp_code == c]) for c in range(n_components))
 
 
 def code_maps(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -35,7 +34,6 @@ from genco.errors import ContractError
 
 __all__ = [
     "atomic_local_path",
-    "download_dir",
     "exists",
     "gcs_client",
     "is_gcs",
@@ -49,7 +47,6 @@ __all__ = [
     "read_text",
     "remove",
     "table_format",
-    "upload_dir",
     "write_bytes",
     "write_json",
     "write_table",
@@ -396,95 +393,6 @@ def write_json(path: str, obj: Any, client: storage.Client | None = None) -> Non
     """
     text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
     write_text(path, text, client)
-
-
-# ------------------------------------------------------------------ directories
-
-
-def _local_files(local_dir: str) -> Iterator[tuple[str, str]]:
-    """(absolute file path, ``/``-separated relative path) for every file below."""
-    if not os.path.isdir(local_dir):
-        if os.path.exists(local_dir):
-            raise NotADirectoryError(f"{local_dir}: not a directory")
-        raise FileNotFoundError(f"{local_dir}: no such directory")
-    for root, _dirs, files in os.walk(local_dir):
-        for fname in sorted(files):
-            full = os.path.join(root, fname)
-            rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
-            yield full, rel
-
-
-def _copy_local_tree(src: str, dest: str) -> None:
-    src_abs, dest_abs = os.path.abspath(src), os.path.abspath(dest)
-    if dest_abs == src_abs or dest_abs.startswith(src_abs + os.sep):
-        # os.walk would keep finding the files it is copying.
-        raise ContractError(f"{dest}: destination is inside the source directory {src}")
-    files = list(_local_files(src))
-    os.makedirs(dest, exist_ok=True)
-    for root, dirs, _files in os.walk(src):
-        for d in dirs:  # keep empty directories: some readers expect them
-            rel = os.path.relpath(os.path.join(root, d), src)
-            os.makedirs(os.path.join(dest, rel), exist_ok=True)
-    for full, rel in files:
-        with atomic_local_path(os.path.join(dest, *rel.split("/"))) as tmp:
-            shutil.copyfile(full, tmp)
-
-
-def upload_dir(local_dir: str, dest: str, client: storage.Client | None = None) -> None:
-    """Copy a local directory tree to a local or gs destination, file by file.
-
-    Each file is published atomically; the tree as a whole is not, so write a
-    marker file last if readers need to know the copy is complete.
-    """
-    if not is_gcs(dest):
-        _copy_local_tree(local_dir, dest)
-        return
-    bucket_name, name = _split(dest, need_object=False)
-    prefix = _dir_prefix(name)
-    c = _resolve(client)
-    for full, rel in _local_files(local_dir):
-        _upload_file(full, f"{_SCHEME}{bucket_name}/{prefix}{rel}", c)
-
-
-def _safe_local_path(local_dir: str, rel: str, url: str) -> str:
-    """Local path for object-relative name ``rel``; refuses names that escape ``local_dir``.
-
-    Object names are untrusted input: ``a/../../x`` is a valid GCS name.
-    """
-    parts = rel.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise ContractError(f"{url}: unsafe object name for a local path")
-    return os.path.join(local_dir, *parts)
-
-
-def download_dir(src: str, local_dir: str, client: storage.Client | None = None) -> None:
-    """Copy a local or gs directory tree into ``local_dir``, each file atomically."""
-    if not is_gcs(src):
-        _copy_local_tree(src, local_dir)
-        return
-    bucket_name, name = _split(src, need_object=False)
-    prefix = _dir_prefix(name)
-    c = _resolve(client)
-    try:
-        blobs = [b for b in c.list_blobs(bucket_name, prefix=prefix) if not b.name.endswith("/")]
-    except gexc.NotFound:
-        raise _not_found(src, c.bucket(bucket_name)) from None
-    if not blobs:
-        raise FileNotFoundError(f"{src}: no such directory (no objects under this prefix)")
-    # Validate every name before writing anything, so a bad name cannot leave a
-    # half-populated directory behind.
-    targets: list[tuple[storage.Blob, str, str]] = []
-    for blob in blobs:
-        url = f"{_SCHEME}{bucket_name}/{blob.name}"
-        targets.append((blob, url, _safe_local_path(local_dir, blob.name[len(prefix) :], url)))
-    os.makedirs(local_dir, exist_ok=True)
-    for blob, url, local in targets:
-        with atomic_local_path(local) as tmp:
-            try:
-                blob.download_to_filename(tmp)
-            except gexc.NotFound:
-                # Deleted between listing and download.
-                raise FileNotFoundError(f"{url}: no such object") from None
 
 
 # ------------------------------------------------------------------------ tables

@@ -16,8 +16,8 @@ element x element and context x element effects. Two ways of casting the problem
     candidates for that component. It scales with the sum, not the product, of candidate
     counts, but each slot's action only carries its own component's namespace: cross-slot
     (element x element) interactions cannot be learned, and constraints are VW-unaware:
-    ``best_legal_by_slots`` turns the per-slot scores (log softmax probabilities) into the
-    best legal combination, trying the slot-wise best first.
+    ``genco.data.space.best_legal_by_slots`` turns the per-slot scores (log softmax
+    probabilities) into the best legal combination, trying the slot-wise best first.
 
 Training cost. With ``--cb_type mtr`` VW updates only the logged action: it regresses the
 chosen action's cost with importance weight ``1/p`` times ``events/actions`` seen so far
@@ -42,12 +42,10 @@ rescales every element effect (0.39 -> 0.75 of the gap on ``contextual``).
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 import string
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,7 +53,12 @@ import pandas as pd
 import vowpalwabbit
 
 from genco.data.contract import AD, CLICK, CONTEXT_PREFIX, PROPENSITY, Catalog, Constraints
-from genco.data.space import MAX_ENUMERATE, legal_combinations, touched_by_constraints
+from genco.data.space import (
+    MAX_ENUMERATE,
+    best_legal_by_slots,
+    legal_combinations,
+    touched_by_constraints,
+)
 
 MODES = ("cb_adf", "slates")
 AD_NS = "a"
@@ -167,57 +170,6 @@ def expand_interactions(items: tuple[str, ...], n_components: int) -> list[str]:
 
 def _fmt(v: float) -> str:
     return f"{v:.6g}"
-
-
-def best_legal_by_slots(
-    constraints: Constraints,
-    ad: int,
-    candidates: Sequence[np.ndarray],
-    utilities: Sequence[np.ndarray],
-) -> np.ndarray:
-    """Legal combination with the highest summed per-slot utility.
-
-    ``utilities[k][i]`` scores ``candidates[k][i]`` (higher is better). Slot models score
-    components independently and know nothing of forbidden pairs, so the slot-wise best is
-    tried first and, when it is illegal, combinations are visited in decreasing order of
-    summed utility until one is legal: the exact best legal combination under the slot model,
-    not a heuristic repair, and usually found within a handful of steps because a pair
-    constraint removes few combinations.
-    """
-    cands = [np.asarray(c, dtype=np.int64) for c in candidates]
-    if len(cands) != len(utilities) or any(
-        len(c) != len(u) or len(c) == 0 for c, u in zip(cands, utilities)
-    ):
-        raise ValueError("each slot needs as many utilities as candidates, and >= 1 candidate")
-    order = [np.argsort(-np.asarray(u, dtype=np.float64), kind="stable") for u in utilities]
-    sorted_u = [np.asarray(u, dtype=np.float64)[o] for u, o in zip(utilities, order)]
-    n_slots = len(cands)
-    ad_arr = np.array([ad], dtype=np.int64)
-
-    def combo_of(ranks: tuple[int, ...]) -> np.ndarray:
-        return np.array([cands[k][order[k][r]] for k, r in enumerate(ranks)], dtype=np.int64)
-
-    start = (0,) * n_slots
-    if not touched_by_constraints(constraints, ad):
-        return combo_of(start)
-    # A rank vector's only parent is itself with its last raised coordinate lowered, so
-    # children raise coordinates at or after that one: every vector is pushed exactly once.
-    heap: list[tuple[float, tuple[int, ...], int]] = [
-        (-float(sum(u[0] for u in sorted_u)), start, 0)
-    ]
-    visited = 0
-    while heap and visited < MAX_ENUMERATE:
-        neg, ranks, last = heapq.heappop(heap)
-        visited += 1
-        combo = combo_of(ranks)
-        if constraints.violations(ad_arr, combo[None, :])[0] < 0:
-            return combo
-        for j in range(last, n_slots):
-            if ranks[j] + 1 < len(cands[j]):
-                child = (*ranks[:j], ranks[j] + 1, *ranks[j + 1 :])
-                delta = float(sorted_u[j][ranks[j] + 1] - sorted_u[j][ranks[j]])
-                heapq.heappush(heap, (neg - delta, child, j))
-    raise ValueError(f"ad {ad} has no legal combination among its candidates")
 
 
 class VWRecommender:

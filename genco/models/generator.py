@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -65,6 +66,15 @@ class GeneratorConfig:
             raise ValueError(f"entropy must be >= 0, got {self.entropy}")
         if self.credit not in CREDITS:
             raise ValueError(f"credit must be one of {', '.join(CREDITS)}, got '{self.credit}'")
+
+
+class GeneratorSample(NamedTuple):
+    """One legal combination per row, drawn by ``BoundGenerator.sample``."""
+
+    slots: torch.Tensor  # (B, K) chosen candidate slot per component
+    log_probs: torch.Tensor  # (B, K): their sum is the exact log propensity of the combination
+    entropies: torch.Tensor  # (B, K) per-step entropies
+    step_probs: list[torch.Tensor]  # per step k (B, M_k), detached: the full distributions
 
 
 class Generator(nn.Module):
@@ -162,12 +172,12 @@ class BoundGenerator:
         ctx: np.ndarray | None = None,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> GeneratorSample:
         """Draw one legal combination per row.
 
         Returns slots (B, K), per-step log-probabilities (B, K) (their sum is the exact log
-        propensity of the combination under this policy and temperature) and per-step
-        entropies (B, K).
+        propensity of the combination under this policy and temperature), per-step
+        entropies (B, K) and each step's distribution (B, M_k), for counterfactual credit.
         """
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -177,22 +187,21 @@ class BoundGenerator:
         state = self._init_state(a, x)
         B = len(a)
         picks = torch.zeros(B, self.model.K, dtype=torch.long)
-        logps, ents = [], []
-        self.last_probs: list[torch.Tensor] = []  # per step (B, M_k), for counterfactual credit
+        logps, ents, probs = [], [], []
         for k in range(self.model.K):
             allowed = self.masks.mask(k, a, picks)
             self._check_alive(allowed, k)
             c = cands[k][a]
             logits = self._logits(k, state, c).masked_fill(~allowed, float("-inf")) / temperature
             logp = torch.log_softmax(logits, -1)
-            self.last_probs.append(logp.detach().exp())
+            probs.append(logp.detach().exp())
             choice = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
             picks[:, k] = choice
             logps.append(logp.gather(1, choice[:, None])[:, 0])
             p = logp.exp()
             ents.append(-(p * logp.masked_fill(~allowed, 0.0)).sum(-1))
             state = self.model.gru(c[torch.arange(B), choice], state)
-        return picks, torch.stack(logps, 1), torch.stack(ents, 1)
+        return GeneratorSample(picks, torch.stack(logps, 1), torch.stack(ents, 1), probs)
 
     def log_prob(
         self, ads: np.ndarray, ctx: np.ndarray | None, slots: torch.Tensor
@@ -358,7 +367,7 @@ def train_generator(
     for step in bar:
         ads = np.repeat(rng.integers(catalog.n_ads, size=P), G)
         ctx = None if not C else np.repeat(contexts[rng.integers(len(contexts), size=P)], G, 0)
-        slots, logp, ent = bound.sample(ads, ctx, generator=tg)
+        slots, logp, ent, step_probs = bound.sample(ads, ctx, generator=tg)
         codes = bound.masks.to_codes(torch.as_tensor(ads), slots)
         _, credit = reward.credit(ads, codes, ctx)  # (B, K) Shapley credit, logit scale
         credit = torch.as_tensor(credit, dtype=torch.float32)
@@ -367,7 +376,7 @@ def train_generator(
             to_go = credit.flip(1).cumsum(1).flip(1)  # (B, K): credit of step k and later
             pg = -(_group_norm(to_go, P) * logp).sum(1).mean()
         elif config.credit == "counterfactual":
-            adv = _counterfactual_advantage(reward, bound, ads, ctx, slots, r, bound.last_probs)
+            adv = _counterfactual_advantage(reward, bound, ads, ctx, slots, r, step_probs)
             scale = r.reshape(P, G).std(1, keepdim=True).repeat_interleave(G, 0) + 1e-6
             pg = -((adv / scale) * logp).sum(1).mean()
         else:

@@ -29,14 +29,12 @@ from genco.serving.archive import (
     JVM_ARGS,
     LOG_CONFIG,
     MAX_REQUEST_BYTES,
-    MODEL_NAME,
-    ManagementClient,
     build_mar,
     mar_name,
     model_snapshot_entry,
     properties_text,
-    read_token,
 )
+from genco.serving.management import MODEL_NAME, ManagementClient, read_token
 from genco.serving.requests import sample_request
 
 # ============================================================================== serve
