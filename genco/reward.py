@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -37,7 +37,11 @@ class RewardModelConfig:
     batch_size: int = field(default=4096, metadata={"help": "Impressions per gradient step."})
     lr: float = field(default=0.01, metadata={"help": "Adam learning rate."})
     l2_id: float = field(
-        default=1e-5, metadata={"help": "L2 on id embeddings (pulls rare elements to features)."}
+        default=0.0,
+        metadata={
+            "help": "L2 on id embeddings (pulls rare elements to their feature prediction); "
+            "0 = chosen on the held-out slice from L2_ID_GRID."
+        },
     )
     l2_dense: float = field(default=1e-6, metadata={"help": "L2 on feature projections."})
     val_fraction: float = field(
@@ -624,7 +628,7 @@ def train_reward_model(
         if init is None:
             model.bias.fill_(math.log(rate / (1 - rate)))
     t0 = time.perf_counter()
-    history, best_epoch = _fit_structure(model, bound, enc, tr, va, weights, config, progress)
+    history, best_epoch, tuning = _fit_tuned(model, bound, enc, tr, va, weights, config, progress)
     residual: dict = {}
     if config.residual:
         residual = fit_residuals(model, bound, enc, tr, va, weights)
@@ -636,9 +640,38 @@ def train_reward_model(
         split,
         time.perf_counter() - t0,
         history,
-        residual,
+        {**tuning, **residual},
     )
     return model, report
+
+
+# Strengths tried for the id embeddings' L2 when the config leaves it at 0.
+L2_ID_GRID = (1e-3, 1e-2, 1e-1)
+
+
+def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[list, int, dict]:
+    """``_fit_structure`` once with ``config.l2_id``, or (l2_id = 0) once per L2_ID_GRID value
+    from the same start, keeping the one with the best held-out loss."""
+    if config.l2_id > 0 or not len(va):
+        l2 = config.l2_id if config.l2_id > 0 else L2_ID_GRID[len(L2_ID_GRID) // 2]
+        history, best_epoch = _fit_structure(
+            model, bound, enc, tr, va, weights, replace(config, l2_id=l2), progress
+        )
+        return history, best_epoch, {"l2_id": l2}
+    start = copy.deepcopy(model.state_dict())
+    best = None
+    losses = {}
+    for l2 in L2_ID_GRID:
+        model.load_state_dict(start)
+        history, best_epoch = _fit_structure(
+            model, bound, enc, tr, va, weights, replace(config, l2_id=l2), progress
+        )
+        losses[str(l2)] = min(h["val_loss"] for h in history)
+        if best is None or losses[str(l2)] < best[0]:
+            best = (losses[str(l2)], l2, copy.deepcopy(model.state_dict()), history, best_epoch)
+    _, l2, state, history, best_epoch = best
+    model.load_state_dict(state)
+    return history, best_epoch, {"l2_id": l2, "l2_id_val_loss": losses}
 
 
 def _check_learnable(enc: Encoded) -> None:
