@@ -22,8 +22,9 @@ demo: $(STAMP) java  ## the main job on the embedded default world
 test: $(STAMP) java  ## the whole test suite
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff, and the import contract of pyproject.toml [tool.importlinter]
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: $(STAMP)  ## benchmarks print JSON; figures are kept in BENCHMARKS.md
 	$(BIN)/python bench/ingest.py

@@ -21,11 +21,12 @@ from dataclasses import asdict
 
 import numpy as np
 
-from genco.generator import BoundGenerator, GeneratorConfig, train_generator
-from genco.reward import BoundModel, RewardModelConfig, encode, train_reward_model
-from genco.simulate import WORLDS, log_impressions, make_world
-from genco.space import legal_combinations
-from genco.train import clicked_for_warm_start
+from genco.data.space import legal_combinations
+from genco.models.generator import BoundGenerator, GeneratorConfig, train_generator
+from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
+from genco.models.vocab import encode
+from genco.training.bundle import clicked_for_warm_start
+from genco.worlds.simulate import WORLDS, log_impressions, make_world
 
 VARIANTS = {
     "combination (default)": {},

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from genco.simulate import WORLDS, log_impressions, make_world
+from genco.worlds.simulate import WORLDS, log_impressions, make_world
 
 CHUNK = 1_000_000
 
@@ -55,8 +55,8 @@ def make_logs(work: str, rows: list[int]) -> dict[tuple[int, str], str]:
 
 CHILD = """
 import json, sys, time
-from genco.contract import load_catalog, load_constraints
-from genco.ingest import IngestConfig, ingest
+from genco.data.contract import load_catalog, load_constraints
+from genco.data.ingest import IngestConfig, ingest
 
 def hwm_mb(key):
     # VmHWM/VmRSS are per address space: unlike ru_maxrss they do not inherit the parent's peak.

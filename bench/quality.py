@@ -9,8 +9,9 @@ so there the log seed is what varies):
   empirical    the best observed CTR per (ad, context bucket), shrunk toward the bucket's CTR
                with a prior of 20 impressions
   fm           a plain factorization machine over ad id, element ids, element features and
-               context (genco.baselines.FactorizationMachine), argmax over legal combinations
-  vw           Vowpal Wabbit (genco.baselines_vw), on at most VW_MAX_ROWS rows (time)
+               context (genco.evaluation.baselines.FactorizationMachine), argmax over legal
+               combinations
+  vw           Vowpal Wabbit (genco.evaluation.baselines_vw), on at most VW_MAX_ROWS rows (time)
   exhaustive   argmax of GenCO's reward model over every legal combination (its own optimum)
   genco        GenCO as served and recommended: ``Predictor.decode`` (exact on spaces of at
                most EXACT_MAX combinations; else the generator's beam plus the ad's
@@ -35,17 +36,18 @@ import time
 import numpy as np
 import torch
 
-from genco.baselines import (
+from genco.data.space import legal_combinations
+from genco.evaluation.baselines import (
     EmpiricalBest,
     FactorizationMachine,
     per_element_pick,
     per_element_scores,
 )
-from genco.generator import Generator, GeneratorConfig, train_generator
-from genco.predictor import EXACT_MAX, Predictor
-from genco.reward import BoundModel, RewardModelConfig, Vocab, encode, train_reward_model
-from genco.simulate import WORLDS, contexts_frame, log_impressions, make_world
-from genco.space import legal_combinations
+from genco.inference.predictor import EXACT_MAX, Predictor
+from genco.models.generator import Generator, GeneratorConfig, train_generator
+from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
+from genco.models.vocab import Vocab, encode
+from genco.worlds.simulate import WORLDS, contexts_frame, log_impressions, make_world
 
 SIZES = {
     "interactions": 1_000_000,
@@ -63,7 +65,7 @@ METHODS = ("per_element", "empirical", "fm", "vw", "exhaustive", "genco")
 def load(name: str, n: int, seed: int):
     """(catalog, constraints, truth, log, eval points [(ad, ctx)]): world and log from seed."""
     if name == "aes":
-        from genco.aes import load_aes_world, log_uniform
+        from genco.worlds.aes import load_aes_world, log_uniform
 
         w = load_aes_world()
         return w.catalog, w.constraints, w.truth, log_uniform(w, n, seed), [(0, None)]
@@ -101,7 +103,7 @@ def run_world(name: str, n: int, seed: int, with_vw: bool) -> dict:
     element_scores = per_element_scores(enc, catalog)
     vw = None
     if with_vw:
-        from genco.baselines_vw import VWRecommender
+        from genco.evaluation.baselines_vw import VWRecommender
 
         t = time.perf_counter()
         vw = VWRecommender(catalog, constraints).fit(log.iloc[:VW_MAX_ROWS])
@@ -134,7 +136,7 @@ def run_world(name: str, n: int, seed: int, with_vw: bool) -> dict:
         "impressions": n,
         "eval_points": len(points),
         "gap_closed": {m: float(np.mean(v)) for m, v in gaps.items()},
-        "residual": rep.residual,
+        "tuning": rep.tuning,
         "reward_model_epochs": rep.epochs,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }

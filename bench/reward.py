@@ -19,10 +19,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from genco.attribution import evaluate_reward
-from genco.metrics import spearman
-from genco.reward import BoundModel, RewardModelConfig, encode, train_reward_model
-from genco.simulate import WORLDS, log_impressions, make_world
+from genco.evaluation.heldout import evaluate_reward
+from genco.evaluation.metrics import spearman
+from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
+from genco.models.vocab import encode
+from genco.worlds.simulate import WORLDS, log_impressions, make_world
 
 SIZES = {
     "interactions": 1_000_000,

@@ -2,7 +2,7 @@
 
 World: 4 components x 10 candidates per ad (the issue's size), trained briefly; requests ask
 for the top 5 by beam search. In process: ``Predictor.recommend`` and the full request path
-(``genco.serving.handle_batch``: parse, validate, predict, response dict). REST: a local
+(``genco.serving.requests.handle_batch``: parse, validate, predict, response dict). REST: a local
 TorchServe (token auth on, one worker) driven by threads with one ``requests.Session``
 each, at concurrency 1 and 8; latency is client-side wall time per request.
 
@@ -28,12 +28,13 @@ import psutil
 import requests
 import torch
 
-from genco import serving, torchserve
-from genco.generator import GeneratorConfig
-from genco.predictor import Predictor
-from genco.reward import RewardModelConfig
-from genco.simulate import simulate, world_config
-from genco.train import run_train
+from genco.inference.predictor import Predictor
+from genco.models.generator import GeneratorConfig
+from genco.models.reward import RewardModelConfig
+from genco.serving import torchserve
+from genco.serving.requests import handle_batch, load_predictor
+from genco.training.bundle import run_train
+from genco.worlds.simulate import simulate, world_config
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -83,7 +84,7 @@ def in_process(predictor: Predictor, calls: int) -> dict:
     for i in range(calls):
         body = json.dumps({"ad_id": ads[i % len(ads)], "top_k": 5}).encode()
         t = time.perf_counter()
-        serving.handle_batch(predictor, [body])
+        handle_batch(predictor, [body])
         ms.append((time.perf_counter() - t) * 1e3)
     out["handle_batch_1"] = percentiles(ms)
     return out
@@ -165,7 +166,7 @@ def main() -> None:
         t = time.perf_counter()
         bundle = make_bundle(tmp)
         train_s = time.perf_counter() - t
-        predictor = serving.load_predictor(bundle)
+        predictor = load_predictor(bundle)
         result: dict = {
             "machine": {
                 "cpus": os.cpu_count(),

@@ -22,8 +22,8 @@ def attribute_rewards(
     Warm-starts from the production bundle of ``model_store`` when its vocabulary matches,
     so a daily retrain refines yesterday's model instead of starting over.
     """
-    from genco.pipeline_steps import attribute_step
-    from genco.reward import RewardModelConfig
+    from genco.models.reward import RewardModelConfig
+    from genco.pipeline.steps import attribute_step
 
     metrics = attribute_step(
         data.path,

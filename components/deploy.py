@@ -28,8 +28,8 @@ def deploy(
     TorchServe ``key_file`` for token auth): register it on a running TorchServe and make
     it the default. A publishing failure fails the step with production unchanged.
     """
-    from genco.archive import serving_hook
-    from genco.deploy import run_deploy
+    from genco.serving.archive import serving_hook
+    from genco.store import run_deploy
 
     hook = serving_hook(model_store, serving, management_url or None, key_file or None)
     result = run_deploy(bundle.path, model_store, gate.path, on_promote=hook)

@@ -28,7 +28,7 @@ def evaluate(
     ``ground_truth``: a simulated world's ground_truth.npz, to add the true-CTR gap closed
     (never used by the gate).
     """
-    from genco.evaluate import EvalConfig, run_evaluate
+    from genco.evaluation.evaluate import EvalConfig, run_evaluate
 
     return run_evaluate(
         bundle.path,

@@ -29,7 +29,7 @@ def ingest(
     more than ``max_bad_fraction`` of the rows are bad: training on a broken export is worse
     than not retraining.
     """
-    from genco.pipeline_steps import ingest_step
+    from genco.pipeline.steps import ingest_step
 
     s = ingest_step(
         catalog,

@@ -11,7 +11,7 @@ def train_generator(
     data: Input[Dataset],
     rewards: Input[Model],
     bundle: Output[Model],
-    rl_steps: int = 200,
+    rl_steps: int = 300,
     seed: int = 0,
     model_store: str = "",
     warm_start: bool = True,
@@ -23,8 +23,8 @@ def train_generator(
     Warm-starts from the production generator of ``model_store`` when its vocabulary
     matches; ``warm_start=False`` trains from scratch (e.g. after a catalog redesign).
     """
-    from genco.generator import GeneratorConfig
-    from genco.pipeline_steps import train_step
+    from genco.models.generator import GeneratorConfig
+    from genco.pipeline.steps import train_step
 
     result = train_step(
         data.path,

@@ -1,6 +1,6 @@
-"""TorchServe handler for genco: adapts TorchServe's batch to ``genco.serving``, nothing more.
+"""TorchServe handler for genco: adapts TorchServe's batch to ``genco.serving.requests``.
 
-Request parsing, validation, prediction and error bodies live in ``genco.serving`` so the
+Request parsing, validation, prediction and error bodies live in ``genco.serving.requests`` so the
 CLI, the tests and this handler share them. Bad requests are answered per request with
 TorchServe's own per-request status (``context.set_response_status``): a batch-level
 ``PredictionException`` would fail every batch-mate of one bad request, and TorchServe turns
@@ -14,13 +14,13 @@ from typing import Any
 from ts.context import Context
 from ts.torch_handler.base_handler import BaseHandler
 
-from genco import serving
+from genco.serving import requests as rest
 
 
 class GencoHandler(BaseHandler):
     def initialize(self, context: Context) -> None:
         # The archive's extra files are a complete bundle, unpacked into model_dir.
-        self.predictor = serving.load_predictor(context.system_properties["model_dir"])
+        self.predictor = rest.load_predictor(context.system_properties["model_dir"])
         self.initialized = True
 
     def handle(self, data: list[Any], context: Context) -> list[dict[str, Any] | bytes]:
@@ -31,16 +31,16 @@ class GencoHandler(BaseHandler):
             context.get_request_header(min(i, n_http - 1), "explain") == "True"
             for i in range(len(data))
         ]
-        results = serving.handle_batch(
-            self.predictor, [serving.request_body(row) for row in data], explain
+        results = rest.handle_batch(
+            self.predictor, [rest.request_body(row) for row in data], explain
         )
         # Behind an envelope, the envelope serializes what we return; otherwise we do.
-        encode = not serving.enveloped(data)
+        encode = not rest.enveloped(data)
         bodies: list[dict[str, Any] | bytes] = []
-        for i, (status, body) in enumerate(serving.respond(results)):
+        for i, (status, body) in enumerate(rest.respond(results)):
             idx = min(i, n_http - 1)
             if status != 200:
-                context.set_response_status(status, serving.reason_phrase(status), idx)
+                context.set_response_status(status, rest.reason_phrase(status), idx)
             context.set_response_content_type(idx, "application/json")
-            bodies.append(serving.encode_json(body) if encode else body)
+            bodies.append(rest.encode_json(body) if encode else body)
         return bodies

@@ -76,7 +76,7 @@ def gcs() -> Iterator[GcsEmulator]:
             # gcsfs (used elsewhere) probes hierarchical-namespace bucket APIs the
             # emulator does not implement.
             mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-            from genco.storage import gcs_client
+            from genco.data.storage import gcs_client
 
             client = gcs_client()
             client.create_bucket(GCS_TEST_BUCKET)
@@ -93,7 +93,7 @@ def gcs() -> Iterator[GcsEmulator]:
 @pytest.fixture(scope="session")
 def default_world(tmp_path_factory: pytest.TempPathFactory):
     """The default world (seed 0, 20k impressions) written to a session temp dir."""
-    from genco.simulate import simulate
+    from genco.worlds.simulate import simulate
 
     out = tmp_path_factory.mktemp("default_world")
     return simulate("default", seed=0, out_dir=str(out), n_impressions=20_000)

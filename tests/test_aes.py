@@ -14,7 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from genco.aes import (
+from genco.data.contract import load_catalog, load_constraints
+from genco.data.ingest import ingest
+from genco.data.space import legal_combinations
+from genco.worlds.aes import (
     AES_AD,
     COMPONENTS,
     DEFAULT_AES_PATH,
@@ -26,10 +29,7 @@ from genco.aes import (
     log_uniform,
     write_aes_world,
 )
-from genco.contract import load_catalog, load_constraints
-from genco.ingest import ingest
-from genco.simulate import log_impressions, make_world, world_config
-from genco.space import legal_combinations
+from genco.worlds.simulate import log_impressions, make_world, world_config
 
 if not os.path.exists(DEFAULT_AES_PATH):
     pytest.skip(

@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 import vowpalwabbit
 
-from genco.baselines_vw import (
+from genco.data.contract import Catalog, Constraints
+from genco.data.space import legal_combinations
+from genco.evaluation.baselines_vw import (
     VWConfig,
     VWRecommender,
     best_legal_by_slots,
     expand_interactions,
 )
-from genco.contract import Catalog, Constraints
-from genco.simulate import WORLDS, World, log_impressions, make_world
-from genco.space import legal_combinations
+from genco.worlds.simulate import WORLDS, World, log_impressions, make_world
 
 
 def _world(name: str, n_ads: int, n_log: int, **overrides: object) -> tuple[World, pd.DataFrame]:

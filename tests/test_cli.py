@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
+
+from genco.cli import main
+from genco.models.checkpoint import FORMAT
 
 VERBS = [
     "simulate",
@@ -103,3 +109,22 @@ def test_failed_validation_exits_non_zero_with_the_counts(tmp_path):
     assert r.returncode == 2
     assert "failed validation, over max_bad_fraction 5.0%" in r.stderr
     assert (tmp_path / "v" / "quarantine.csv").exists()
+
+
+def test_bad_config_flag_is_one_line(tmp_path, capsys):
+    argv = ["train", "--catalog", "c.csv", "--impressions", "i.csv", "--out", str(tmp_path)]
+    assert main([*argv, "--epochs", "0"]) == 2
+    assert capsys.readouterr().err == "genco train: error: epochs must be > 0, got 0\n"
+
+
+def test_a_bug_is_not_reported_as_a_user_error(tmp_path):
+    """Only GencoError and FileNotFoundError are user mistakes: a KeyError from a metadata
+    file that lacks a key keeps its traceback instead of passing as a one-line message."""
+    buf = io.BytesIO()
+    torch.save({}, buf)
+    data = buf.getvalue()
+    (tmp_path / "reward_model.pt").write_bytes(data)
+    meta = {"format": FORMAT, "sha256": hashlib.sha256(data).hexdigest()}
+    (tmp_path / "reward_model.json").write_text(json.dumps(meta))
+    with pytest.raises(KeyError, match="vocab"):
+        main(["recommend", "--model", str(tmp_path), "--out", str(tmp_path / "r.csv")])

@@ -20,10 +20,10 @@ from components import (
     ingest,
     train_generator,
 )
-from genco import storage
-from genco.deploy import current_version, read_pointer
-from genco.predictor import Predictor
-from genco.simulate import SimulationOutputs, simulate, world_config
+from genco.data import storage
+from genco.inference.predictor import Predictor
+from genco.store import current_version, read_pointer
+from genco.worlds.simulate import SimulationOutputs, simulate, world_config
 
 if TYPE_CHECKING:
     from tests.conftest import GcsEmulator

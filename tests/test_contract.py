@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from genco.contract import Catalog, ContractError, load_catalog, load_constraints
+from genco.data.contract import Catalog, load_catalog, load_constraints
+from genco.errors import ContractError
 
 CATALOG_CSV = """ad_id,component,element_id,feat_x
 0,title,0,1.0

@@ -1,4 +1,4 @@
-"""Per-ad numpy tables (genco.decode) against the batched torch models they fold."""
+"""Per-ad numpy tables (genco.models.tables) against the batched torch models they fold."""
 
 from __future__ import annotations
 
@@ -8,19 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from genco.decode import TableCache
-from genco.generator import BoundGenerator, Generator, GeneratorConfig
-from genco.predictor import distinct
-from genco.reward import (
-    BoundModel,
-    RewardModelConfig,
-    Vocab,
-    encode,
-    fit_scalers,
-    train_reward_model,
-)
-from genco.simulate import WORLDS, log_impressions, make_world
-from genco.space import legal_combinations
+from genco.data.space import legal_combinations
+from genco.inference.predictor import distinct
+from genco.models.generator import BoundGenerator, Generator, GeneratorConfig
+from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
+from genco.models.tables import TableCache
+from genco.models.vocab import Vocab, encode, fit_scalers
+from genco.worlds.simulate import WORLDS, log_impressions, make_world
 
 # Context, features and forbidden pairs: every part of the tables is exercised.
 WORLD = replace(WORLDS["contextual"], n_ads=5, n_candidates=5, pool_size=8, n_global_forbidden=8)

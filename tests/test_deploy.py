@@ -1,4 +1,4 @@
-"""genco.deploy: versioned model store, atomic pointer, gate refusal, rollback; local and gs://."""
+"""genco.store: versioned model store, atomic pointer, gate refusal, rollback; local and gs://."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from genco import storage
-from genco.deploy import (
+from genco.data import storage
+from genco.errors import BundleError
+from genco.inference.predictor import Predictor
+from genco.models.checkpoint import MANIFEST
+from genco.models.generator import GeneratorConfig
+from genco.models.reward import RewardModelConfig
+from genco.store import (
     POINTER,
     bundle_digest,
     current,
@@ -22,11 +27,8 @@ from genco.deploy import (
     run_deploy,
     version_dir,
 )
-from genco.generator import GeneratorConfig
-from genco.predictor import Predictor
-from genco.reward import RewardModelConfig
-from genco.simulate import simulate, world_config
-from genco.train import MANIFEST, run_train
+from genco.training.bundle import run_train
+from genco.worlds.simulate import simulate, world_config
 
 if TYPE_CHECKING:
     from tests.conftest import GcsEmulator
@@ -189,7 +191,7 @@ def test_damaged_or_incomplete_bundle_never_reaches_the_store(bundles, tmp_path)
     with pytest.raises(ValueError, match="generator.pt does not match its sha256"):
         promote(str(damaged), store)
     os.remove(damaged / MANIFEST)
-    with pytest.raises(FileNotFoundError, match="not a complete bundle"):
+    with pytest.raises(BundleError, match="not a complete bundle"):
         promote(str(damaged), store)
     assert not os.path.exists(store)
 
@@ -221,9 +223,9 @@ def test_on_promote_runs_before_the_pointer_moves(bundles, tmp_path):
 @pytest.mark.parametrize(
     ("version", "message"),
     [
-        ("../escape", "must be 1-128 characters"),
-        ("", "must be 1-128 characters"),
-        (".hidden", "must be 1-128 characters"),
+        ("../escape", "must be 1-128 letters, digits"),
+        ("", "must be 1-128 letters, digits"),
+        (".hidden", "must be 1-128 letters, digits"),
     ],
 )
 def test_bad_version_ids(bundles, tmp_path, version, message):

@@ -1,16 +1,18 @@
-"""genco.evaluate (the gate) and genco.report (the HTML page) on real bundles of a tiny world."""
+"""genco.evaluation.evaluate (the gate) and genco.evaluation.report (the HTML page) on real
+bundles of a tiny world."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from genco.deploy import bundle_digest
-from genco.evaluate import (
+from genco.evaluation.evaluate import (
     BundleEval,
     EvalConfig,
     PolicyValue,
@@ -18,11 +20,12 @@ from genco.evaluate import (
     evaluate_bundle,
     gate,
 )
-from genco.generator import GeneratorConfig
-from genco.report import render_report
-from genco.reward import RewardModelConfig
-from genco.simulate import GroundTruth, SimulationOutputs, simulate, world_config
-from genco.train import run_train
+from genco.evaluation.report import render_report
+from genco.models.generator import GeneratorConfig
+from genco.models.reward import RewardModelConfig
+from genco.store import bundle_digest
+from genco.training.bundle import run_train
+from genco.worlds.simulate import GroundTruth, SimulationOutputs, simulate, world_config
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +118,7 @@ def test_no_production_is_a_first_deployment(bundles):
     assert result.production is None and "production_auc" not in result.metrics()
 
 
-def test_production_that_cannot_read_todays_catalog_is_replaced(bundles, world, tmp_path):
+def test_production_that_cannot_read_todays_catalog_fails_the_gate(bundles, world, tmp_path):
     other = simulate(world_config("default", n_ads=3, n_components=2), 0, str(tmp_path / "w"), 2000)
     run_train(
         other.catalog,
@@ -126,8 +129,30 @@ def test_production_that_cannot_read_todays_catalog_is_replaced(bundles, world, 
         GeneratorConfig(rl_steps=0),
     )
     result = evaluate_bundle(bundles["good"], bundles["data"], str(tmp_path / "old"))
-    assert result.passed and result.reason.startswith("production cannot score the current data")
+    assert not result.passed  # fail closed: a person deploys across a catalog redesign
+    assert result.reason.startswith("production cannot score the current data (catalog")
+    assert "deploy by hand" in result.reason
     assert result.production.error and result.production.value is None
+
+
+def test_damaged_production_fails_the_gate(bundles, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundles["bad"], damaged)
+    (damaged / "generator.pt").write_bytes(b"not the weights")
+    result = evaluate_bundle(bundles["good"], bundles["data"], str(damaged))
+    assert not result.passed and "sha256" in result.reason
+
+
+def test_unexpected_error_scoring_production_propagates(bundles, tmp_path):
+    # A production whose metadata lacks a key the loader needs: before, the KeyError read as
+    # "production cannot score the data" and the candidate deployed.
+    broken = tmp_path / "broken"
+    shutil.copytree(bundles["bad"], broken)
+    meta = json.loads((broken / "reward_model.json").read_text())
+    del meta["config"]
+    (broken / "reward_model.json").write_text(json.dumps(meta))
+    with pytest.raises(KeyError, match="config"):
+        evaluate_bundle(bundles["good"], bundles["data"], str(broken))
 
 
 def test_policy_rows_are_subsampled_above_the_decode_budget(bundles):
@@ -147,7 +172,7 @@ def _be(value: float | None, error: str | None = None) -> BundleEval:
     [
         (_be(0.1), None, 0.0, True, "no production model: first deployment"),
         (_be(None, "ctx"), None, 0.0, False, "the candidate cannot score this data (ctx)"),
-        (_be(0.1), _be(None, "bad"), 0.0, True, "production cannot score the current data (bad)"),
+        (_be(0.1), _be(None, "bad"), 0.0, False, "production cannot score the current data (bad)"),
         (_be(None), _be(0.1), 0.0, False, "no logged impression matches the candidate's"),
         (_be(0.1), _be(None), 0.0, False, "no logged impression matches production's"),
         (_be(0.11), _be(0.1), 0.1, True, "candidate value 0.11000 >= production 0.10000"),

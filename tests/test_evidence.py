@@ -9,21 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from genco.attribution import ad_effects, element_table
-from genco.baselines import EmpiricalBest, FactorizationMachine, FMConfig
-from genco.generator import Generator, GeneratorConfig
-from genco.predictor import Predictor
-from genco.reward import (
-    BoundModel,
-    RewardModel,
-    RewardModelConfig,
-    Vocab,
-    encode,
-    fit_scalers,
-    train_reward_model,
-)
-from genco.simulate import WORLDS, GroundTruth, log_impressions, make_world
-from genco.space import legal_combinations
+from genco.data.space import legal_combinations
+from genco.evaluation.baselines import EmpiricalBest, FactorizationMachine, FMConfig
+from genco.inference.predictor import Predictor
+from genco.models.generator import Generator, GeneratorConfig
+from genco.models.reward import BoundModel, RewardModel, RewardModelConfig, train_reward_model
+from genco.models.vocab import Vocab, encode, fit_scalers
+from genco.training.attribution import ad_effects, element_table
+from genco.worlds.simulate import WORLDS, GroundTruth, log_impressions, make_world
 
 SMALL_PER_PRODUCT = replace(WORLDS["per_product_3way"], n_ads=6, n_candidates=3)
 CONSTRAINED = replace(WORLDS["contextual"], n_ads=4, n_candidates=4, n_global_forbidden=6)
@@ -41,8 +34,8 @@ def fitted():
 
 def test_residuals_are_fitted_and_shrunk_by_traffic(fitted):
     world, enc, model, report = fitted
-    assert report.residual["residual_sd"] == 0.5
-    assert report.residual["residual_combinations"] > 0
+    assert report.tuning["residual_sd"] == 0.5
+    assert report.tuning["residual_combinations"] > 0
     bound = BoundModel(model, world.catalog)
     r = bound.residual(enc.ads, enc.combos)
     assert np.abs(r).max() > 0
@@ -56,13 +49,13 @@ def test_residuals_are_fitted_and_shrunk_by_traffic(fitted):
     flat, rep = train_reward_model(
         world.catalog, enc.take(np.arange(5000)), RewardModelConfig(epochs=1, residual=False)
     )
-    assert rep.residual == {} and len(flat.residual_values) == 0
+    assert "residual_sd" not in rep.tuning and len(flat.residual_values) == 0
 
 
 def test_residual_converges_to_the_observed_rate_with_traffic():
     """Many impressions of one combination: its posterior logit approaches the observed CTR,
     whatever the structure says."""
-    from genco.reward import _residual_newton
+    from genco.models.reward import _residual_newton
 
     rng = np.random.default_rng(0)
     n = 200_000

@@ -1,9 +1,10 @@
-"""The TorchServe handler and ``genco.serving``, in process: a real TorchServe ``Context``
+"""The TorchServe handler and ``genco.serving.requests``, in process: a real TorchServe ``Context``
 around the handler unpacked from a real ``.mar`` of a tiny bundle."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import math
@@ -19,8 +20,12 @@ import torch
 from ts.context import Context, RequestProcessor
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 
-from genco import archive, serving
-from genco.predictor import Predictor
+from genco.errors import RequestError
+from genco.inference.predictor import Predictor
+from genco.models.checkpoint import bundle_version, check_version
+from genco.serving import archive
+from genco.serving import requests as rest
+from genco.store import promote
 
 VERSION = "v1"
 AD0 = "ad_0000"
@@ -44,10 +49,10 @@ def tiny_bundle(factory: pytest.TempPathFactory) -> str:
     root = factory.getbasetemp() / "serving_bundle"
     bundle = root / "bundle"
     if not (bundle / "manifest.json").exists():
-        from genco.generator import GeneratorConfig
-        from genco.reward import RewardModelConfig
-        from genco.simulate import simulate
-        from genco.train import run_train
+        from genco.models.generator import GeneratorConfig
+        from genco.models.reward import RewardModelConfig
+        from genco.training.bundle import run_train
+        from genco.worlds.simulate import simulate
 
         world = simulate("default", seed=0, out_dir=str(root / "world"), n_impressions=20_000)
         with one_torch_thread():
@@ -69,7 +74,7 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def predictor(bundle_dir: str) -> Predictor:
-    return serving.load_predictor(bundle_dir, threads=None)
+    return rest.load_predictor(bundle_dir, threads=None)
 
 
 @pytest.fixture(scope="session")
@@ -142,12 +147,17 @@ def test_build_mar_refuses_what_is_not_a_bundle(tmp_path: Path) -> None:
 @pytest.mark.parametrize("version", ["", "v 1", "-v1", "2026-11-28T14:10:38Z", "a/b"])
 def test_versions_must_be_url_and_file_safe(version: str) -> None:
     with pytest.raises(ValueError, match="must be 1-128 letters, digits"):
-        archive.check_version(version)
+        check_version(version)
 
 
-def test_bundle_version_falls_back_to_created_at(bundle_dir: str) -> None:
-    created = json.loads((Path(bundle_dir) / "manifest.json").read_text())["created_at"]
-    assert archive.bundle_version(bundle_dir) == created.replace("-", "").replace(":", "")
+def test_one_version_rule_for_store_archive_and_predictor(bundle_dir: str, tmp_path: Path) -> None:
+    manifest = (Path(bundle_dir) / "manifest.json").read_bytes()
+    created = json.loads(manifest)["created_at"]
+    stamp = created.replace("-", "").replace(":", "")
+    expected = f"{stamp}-{hashlib.sha256(manifest).hexdigest()[:8]}"
+    assert bundle_version(bundle_dir) == expected
+    assert promote(bundle_dir, str(tmp_path / "store")).version == expected
+    assert Predictor.load(bundle_dir).version == expected
 
 
 def test_kserve_layout_is_switched_by_its_config(mar: str, bundle_dir: str, tmp_path: Path):
@@ -172,7 +182,7 @@ def test_kserve_layout_is_switched_by_its_config(mar: str, bundle_dir: str, tmp_
 
 
 def test_kserve_layout_on_gcs(mar: str, gcs: Any) -> None:
-    from genco import storage
+    from genco.data import storage
 
     store = gcs.url("kserve")
     layout = archive.write_kserve_layout(mar, store, VERSION, client=gcs.client)
@@ -195,7 +205,7 @@ def _cli(argv: list[str]) -> None:
     """``genco <verb>`` through the verbs' own parser registration."""
     import argparse
 
-    from genco.cli_serve import add_commands
+    from genco.cli.serve import add_commands
 
     parser = argparse.ArgumentParser(prog="genco")
     add_commands(parser.add_subparsers(dest="command", required=True))
@@ -443,8 +453,8 @@ BAD_REQUESTS: list[tuple[object, int, str]] = [
 def test_bad_requests_name_the_field(
     predictor: Predictor, body: object, status: int, message: str
 ) -> None:
-    [result] = serving.handle_batch(predictor, [body])
-    assert isinstance(result, serving.RequestError)
+    [result] = rest.handle_batch(predictor, [body])
+    assert isinstance(result, RequestError)
     assert (result.status, str(result)) == (status, message)
     assert message.startswith(f"{result.field}: ")
 
@@ -453,8 +463,8 @@ def test_bad_requests_name_the_field(
 
 
 def test_beam_is_ranked_legal_and_explained(predictor: Predictor) -> None:
-    body = serving.predict(
-        predictor, serving.parse_request({"ad_id": AD0, "top_k": 10, "explain": True}, predictor)
+    body = rest.predict(
+        predictor, rest.parse_request({"ad_id": AD0, "top_k": 10, "explain": True}, predictor)
     )
     recs = body["recommendations"]
     assert [r["rank"] for r in recs] == list(range(1, 11))
@@ -481,12 +491,12 @@ def test_beam_is_ranked_legal_and_explained(predictor: Predictor) -> None:
 
 def test_sample_gives_propensities_and_is_seeded(predictor: Predictor) -> None:
     req = {"ad_id": AD0, "top_k": 8, "mode": "sample", "seed": 3}
-    first = serving.predict(predictor, serving.parse_request(req, predictor))
-    again = serving.predict(predictor, serving.parse_request(req, predictor))
+    first = rest.predict(predictor, rest.parse_request(req, predictor))
+    again = rest.predict(predictor, rest.parse_request(req, predictor))
     assert first == again
     props = [r["propensity"] for r in first["recommendations"]]
     assert props and all(0.0 < p <= 1.0 for p in props)
-    beam = serving.predict(predictor, serving.parse_request({"ad_id": AD0}, predictor))
+    beam = rest.predict(predictor, rest.parse_request({"ad_id": AD0}, predictor))
     assert all("propensity" not in r for r in beam["recommendations"])
 
 
@@ -495,7 +505,7 @@ def test_refine_levels_rank_by_the_reward_model(predictor: Predictor) -> None:
     best = {}
     for refine in ("none", "single", "pairs"):
         req = {"ad_id": AD0, "top_k": 3, "refine": refine}
-        body = serving.predict(predictor, serving.parse_request(req, predictor))
+        body = rest.predict(predictor, rest.parse_request(req, predictor))
         recs = body["recommendations"]
         assert len(recs) == 3 and [r["rank"] for r in recs] == [1, 2, 3]
         best[refine] = recs[0]["score"]
@@ -503,7 +513,7 @@ def test_refine_levels_rank_by_the_reward_model(predictor: Predictor) -> None:
 
 
 def test_request_constraints_remove_the_best_pair(predictor: Predictor) -> None:
-    best = serving.predict(predictor, serving.parse_request({"ad_id": AD0, "top_k": 1}, predictor))
+    best = rest.predict(predictor, rest.parse_request({"ad_id": AD0, "top_k": 1}, predictor))
     top = best["recommendations"][0]["elements"]
     pair = {
         "component_a": "title",
@@ -511,9 +521,9 @@ def test_request_constraints_remove_the_best_pair(predictor: Predictor) -> None:
         "component_b": "image",
         "element_b": top["image"],
     }
-    body = serving.predict(
+    body = rest.predict(
         predictor,
-        serving.parse_request({"ad_id": AD0, "top_k": 20, "constraints": [pair]}, predictor),
+        rest.parse_request({"ad_id": AD0, "top_k": 20, "constraints": [pair]}, predictor),
     )
     recs = body["recommendations"]
     assert recs
@@ -533,9 +543,9 @@ def test_inline_candidates_choose_among_the_given_elements(predictor: Predictor)
         "image": ["ima_004", "ima_007"],
         "highlight": ["hig_001", "hig_003", "hig_004"],
     }
-    body = serving.predict(
+    body = rest.predict(
         predictor,
-        serving.parse_request({"candidates": candidates, "top_k": 12, "explain": True}, predictor),
+        rest.parse_request({"candidates": candidates, "top_k": 12, "explain": True}, predictor),
     )
     recs = body["recommendations"]
     assert "ad_id" not in body
@@ -548,7 +558,7 @@ def test_inline_candidates_choose_among_the_given_elements(predictor: Predictor)
 
 
 def test_known_inline_elements_keep_their_catalog_features(predictor: Predictor) -> None:
-    req = serving.parse_request(
+    req = rest.parse_request(
         {"candidates": {"title": ["tit_000"], "image": ["ima_004"], "highlight": ["hig_001"]}},
         predictor,
     )
@@ -563,8 +573,8 @@ def test_known_inline_elements_keep_their_catalog_features(predictor: Predictor)
 
 
 def test_respond_maps_errors_to_their_status() -> None:
-    err = serving.RequestError("top_k", "too big", 400)
-    assert serving.respond([{"ok": 1}, err]) == [(200, {"ok": 1}), (400, err.to_dict())]
-    assert serving.reason_phrase(413) == "Request Entity Too Large"
-    assert serving.request_body({"data": b"x", "body": b"y"}) == b"x"
-    assert serving.request_body({"ad_id": AD0}) == {"ad_id": AD0}
+    err = RequestError("top_k", "too big", 400)
+    assert rest.respond([{"ok": 1}, err]) == [(200, {"ok": 1}), (400, err.to_dict())]
+    assert rest.reason_phrase(413) == "Request Entity Too Large"
+    assert rest.request_body({"data": b"x", "body": b"y"}) == b"x"
+    assert rest.request_body({"ad_id": AD0}) == {"ad_id": AD0}

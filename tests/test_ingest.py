@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from genco import storage
-from genco.contract import ContractError, load_catalog, load_constraints
-from genco.ingest import IngestConfig, TooManyBadRows, ingest
+from genco.data import storage
+from genco.data.contract import load_catalog, load_constraints
+from genco.data.ingest import IngestConfig, TooManyBadRows, ingest
+from genco.errors import ContractError
 from tests.test_contract import CATALOG_CSV, HEADER, write
 
 COLS = "ad_id,title,image,click,propensity,timestamp,ctx_0"

@@ -11,7 +11,7 @@ import pytest
 import requests
 import yaml
 
-from genco import archive, torchserve
+from genco.serving import archive, torchserve
 from tests.test_handler import tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """The retraining pipeline: compiled YAML, a real local run end to end (deploy, then a gate
 refusal), scheduling through the real kfp.Client against a stand-in API server, and the CLI
-verbs of genco.cli_pipeline."""
+verbs of genco.cli.pipeline."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ import yaml
 from kfp import components as kfp_components
 
 from components import GENCO_IMAGE
-from genco import storage
-from genco.cli_pipeline import add_commands
-from genco.deploy import POINTER, current_version, read_pointer
-from genco.simulate import SimulationOutputs, simulate, world_config
-from pipelines.retraining import COMPONENT_NAMES, compile_pipeline, local_demo, schedule
+from genco.cli.pipeline import add_commands
+from genco.data import storage
+from genco.pipeline.runner import compile_pipeline, local_demo, schedule
+from genco.store import POINTER, current_version, read_pointer
+from genco.worlds.simulate import SimulationOutputs, simulate, world_config
+from pipelines.retraining import COMPONENT_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +200,9 @@ def test_cli_compile(tmp_path, capsys):
 
 
 def test_cli_evaluate_deploy_versions_rollback(world, tmp_path, capsys):
-    from genco.generator import GeneratorConfig
-    from genco.reward import RewardModelConfig
-    from genco.train import run_train
+    from genco.models.generator import GeneratorConfig
+    from genco.models.reward import RewardModelConfig
+    from genco.training.bundle import run_train
 
     bundles = []
     for seed in (0, 1):

@@ -11,11 +11,18 @@ import pandas as pd
 import pytest
 import torch
 
-from genco.attribution import ELEMENT_FILE, IMPRESSION_FILE, element_table, fit_and_attribute
-from genco.bundle import BundleError, load_reward_model, save_reward_model
-from genco.metrics import spearman
-from genco.reward import BoundModel, RewardModelConfig, encode, train_reward_model
-from genco.simulate import WORLDS, log_impressions, make_world
+from genco.errors import BundleError
+from genco.evaluation.metrics import spearman
+from genco.models.checkpoint import (
+    ELEMENT_FILE,
+    IMPRESSION_FILE,
+    load_reward_model,
+    save_reward_model,
+)
+from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
+from genco.models.vocab import encode
+from genco.training.attribution import element_table, fit_and_attribute
+from genco.worlds.simulate import WORLDS, log_impressions, make_world
 
 FAST = RewardModelConfig(epochs=6, batch_size=2048)
 
@@ -46,7 +53,8 @@ def test_attributions_sum_exactly_to_the_creative_logit(additive):
 def test_a_training_step_changes_parameters():
     world = make_world(WORLDS["default"], seed=0)
     log = log_impressions(world, 3000, seed=0)
-    from genco.reward import RewardModel, Vocab
+    from genco.models.reward import RewardModel
+    from genco.models.vocab import Vocab
 
     before = RewardModel(Vocab.from_catalog(world.catalog, ()), RewardModelConfig(epochs=1))
     model, report = train_reward_model(world.catalog, log, RewardModelConfig(epochs=1))
@@ -139,7 +147,7 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="^impressions: ad_id 'ad_9999' is not in the catalog$"):
         train_reward_model(world.catalog, log.assign(ad_id="ad_9999"))
     # A model trained on fewer ads refuses to score an ad it never saw.
-    from genco.contract import Catalog
+    from genco.data.contract import Catalog
 
     small = Catalog.from_frame(world.catalog.to_frame().query("ad_id != 'ad_0019'"))
     model, _ = train_reward_model(small, log[log.ad_id != "ad_0019"], FAST)

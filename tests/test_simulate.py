@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from genco.contract import load_catalog, load_constraints
-from genco.ingest import ingest
-from genco.simulate import (
+from genco.data.contract import load_catalog, load_constraints
+from genco.data.ingest import ingest
+from genco.data.space import legal_combinations
+from genco.worlds.simulate import (
     CTR_MAX,
     CTR_MIN,
     WORLDS,
@@ -19,7 +20,6 @@ from genco.simulate import (
     simulate,
     world_config,
 )
-from genco.space import legal_combinations
 
 SMALL_WORLDS = [w for w in WORLDS if w != "large"]
 
@@ -135,7 +135,7 @@ def test_world_presets_have_the_promised_shape():
 
 def test_constrained_world_forbids_some_unconstrained_optima():
     world = make_world(WORLDS["constrained"], 0)
-    from genco.contract import Constraints
+    from genco.data.contract import Constraints
 
     forbidden = 0
     for ad in range(world.catalog.n_ads):

@@ -1,4 +1,4 @@
-"""genco.storage against the local filesystem and a real in-process GCS emulator."""
+"""genco.data.storage against the local filesystem and a real in-process GCS emulator."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from google.cloud.storage.fileio import BlobReader
 
-from genco import storage
+from genco.data import storage
 
 if TYPE_CHECKING:
     from tests.conftest import GcsEmulator

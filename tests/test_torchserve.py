@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from genco import archive, torchserve
+from genco.serving import archive, torchserve
 from tests.test_handler import tiny_bundle
 
 pytestmark = pytest.mark.skipif(
@@ -227,9 +227,15 @@ def test_promote_switch_and_rollback(
     assert "genco-v1.mar" in config.read_text()
 
 
-def test_cli_serve_once_without_auth(bundle_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """``genco serve --once --no-auth``: a second server, on its own ports and temp dir."""
-    from genco.cli_serve import add_commands
+def test_cli_serve_once_without_auth(
+    bundle_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``genco serve --once --no-auth``: a second server, on its own ports and temp dir; it
+    reports the version id the model store gives the same bundle."""
+    from genco.cli.serve import add_commands
+    from genco.store import promote
+
+    stored = promote(bundle_dir, str(tmp_path / "store")).version
 
     parser = argparse.ArgumentParser(prog="genco")
     add_commands(parser.add_subparsers(dest="command", required=True))
@@ -238,6 +244,8 @@ def test_cli_serve_once_without_auth(bundle_dir: str, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     info, _, rest = out.partition("}\n")
     assert json.loads(info + "}")["key_file"] is None
+    assert json.loads(info + "}")["model_version"] == stored
     assert "curl -s http://127.0.0.1:" in rest
     response = json.loads(rest[rest.index("\n{") + 1 :])
     assert len(response["recommendations"]) == 3
+    assert response["model_version"] == stored

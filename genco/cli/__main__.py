@@ -1,0 +1,7 @@
+"""``python -m genco.cli``."""
+
+import sys
+
+from genco.cli.main import main
+
+sys.exit(main())

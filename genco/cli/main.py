@@ -1,0 +1,283 @@
+"""The ``genco`` command line: a thin shell over the library.
+
+User mistakes (bad files, bad flags, failed validation) print one clear line to stderr and
+exit with status 2; only bugs produce tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from genco import __version__
+from genco.cli.common import add_config_args, config_from_args
+from genco.cli.common import print_json as _print_json
+from genco.errors import ConfigError, GencoError
+from genco.models.tables import REFINES
+
+# Expected mistakes: genco's own typed errors and a path that does not exist. Anything else
+# (a ValueError from deep inside numpy, a KeyError) is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (GencoError, FileNotFoundError)
+
+# Config fields each command exposes as flags (names, types, defaults and help from the
+# dataclass; see add_config_args). --seed seeds both models of `genco train`.
+_INGEST = ("max_bad_fraction",)
+_CHUNKS = ("chunk_rows",)
+_ATTRIBUTE = ("epochs", "dim", "propensity_weighting", "seed")
+_TRAIN_REWARD = ("epochs", "seed")
+_TRAIN_GEN = ("rl_steps",)
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from genco.worlds.simulate import simulate, world_summary
+
+    if args.n_impressions is not None and args.n_impressions < 1:
+        raise ConfigError(f"n_impressions must be >= 1, got {args.n_impressions}")
+    out = simulate(
+        args.world,
+        seed=args.seed,
+        out_dir=args.out,
+        n_impressions=args.n_impressions,
+        impressions_format=args.format,
+    )
+    _print_json(world_summary(out))
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from genco.data.contract import load_catalog, load_constraints
+    from genco.data.ingest import IngestConfig, ingest
+
+    catalog = load_catalog(args.catalog)
+    constraints = load_constraints(args.constraints, catalog)
+    config = config_from_args(args, IngestConfig, _INGEST + _CHUNKS)
+    summary = ingest(
+        args.impressions, catalog, constraints, args.out, config, progress=not args.quiet
+    )
+    _print_json(summary.to_dict())
+
+
+def cmd_attribute(args: argparse.Namespace) -> None:
+    from genco.data.ingest import IngestConfig
+    from genco.models.reward import RewardModelConfig
+    from genco.training.attribution import run_attribute
+
+    config = config_from_args(args, RewardModelConfig, _ATTRIBUTE)
+    result = run_attribute(
+        args.catalog,
+        args.impressions,
+        args.out,
+        constraints_path=args.constraints,
+        config=config,
+        ingest_config=config_from_args(args, IngestConfig, _INGEST),
+        progress=not args.quiet,
+    )
+    test = result.get("test", {})
+    _print_json(
+        {
+            "model_dir": args.out,
+            "rows_valid": result["ingest"]["rows_valid"],
+            "rows_quarantined": result["ingest"]["rows_quarantined"],
+            "epochs": result["train"]["epochs"],
+            "train_seconds": round(result["train"]["seconds"], 1),
+            **{k: round(test[k], 5) for k in ("auc", "log_loss", "ece") if k in test},
+        }
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from genco.data.ingest import IngestConfig
+    from genco.models.generator import GeneratorConfig
+    from genco.models.reward import RewardModelConfig
+    from genco.training.bundle import run_train
+
+    result = run_train(
+        args.catalog,
+        args.impressions,
+        args.out,
+        constraints_path=args.constraints,
+        reward_config=config_from_args(args, RewardModelConfig, _TRAIN_REWARD),
+        generator_config=config_from_args(args, GeneratorConfig, _TRAIN_GEN, seed=args.seed),
+        ingest_config=config_from_args(args, IngestConfig, _INGEST),
+        warm_start_dir=args.warm_start,
+        progress=not args.quiet,
+    )
+    test = result["reward"].get("test", {})
+    _print_json(
+        {
+            "model_dir": args.out,
+            "rows_valid": result["ingest"]["rows_valid"],
+            "rows_quarantined": result["ingest"]["rows_quarantined"],
+            "reward_auc": round(test["auc"], 5) if "auc" in test else None,
+            "reward_train_seconds": round(result["reward"]["train"]["seconds"], 1),
+            "generator_seconds": round(result["generator"]["seconds"], 1),
+            "warm_start": result["manifest"]["warm_start"],
+        }
+    )
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    from genco.data import storage
+    from genco.data.contract import load_catalog, load_constraints
+    from genco.inference.predictor import Predictor
+
+    catalog = constraints = None
+    if args.catalog:
+        catalog = load_catalog(args.catalog)
+        constraints = load_constraints(args.constraints, catalog)
+    predictor = Predictor.load(args.model, catalog, constraints)
+    predictor.refine = args.refine
+    contexts = storage.read_table(args.contexts, dtype={"ad_id": str}) if args.contexts else None
+    frame = predictor.recommend_frame(contexts, top_k=args.top_k)
+    storage.write_table(frame, args.out)
+    print(frame.head(10).to_string(index=False))
+    print(f"... {len(frame)} rows written to {args.out}", file=sys.stderr)
+
+
+def _add_io(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--catalog", required=True, help="catalog CSV/Parquet (local or gs://)")
+    p.add_argument("--impressions", required=True, help="impressions CSV/Parquet")
+    p.add_argument("--constraints", default=None, help="forbidden pairs CSV/Parquet (optional)")
+    p.add_argument("--out", required=True, help=out_help)
+    from genco.data.ingest import IngestConfig
+
+    add_config_args(p, IngestConfig, _INGEST)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from genco.pipeline.demo import run_demo
+
+    _print_json(
+        run_demo(args.out, seed=args.seed, progress=not args.quiet, serve=not args.no_serve)
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from genco.data.ingest import IngestConfig
+    from genco.models.generator import GeneratorConfig
+    from genco.models.reward import RewardModelConfig
+    from genco.worlds.simulate import WORLDS
+
+    p = argparse.ArgumentParser(
+        prog="genco",
+        description="GenCO: learn the best combination of ad creative elements from click logs.",
+    )
+    p.add_argument("--version", action="version", version=f"genco {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "simulate",
+        help="write a simulated world: catalog, constraints, impressions, ground truth",
+        description="Simulate a world with known ground truth and log impressions from its "
+        "logging policy (uniform or epsilon-greedy, with exact propensities).",
+    )
+    s.add_argument("--world", default="default", choices=list(WORLDS), help="world preset")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument(
+        "--n-impressions", type=int, default=None, help="log size (default: the world's own)"
+    )
+    s.add_argument(
+        "--format",
+        choices=("csv", "parquet"),
+        default="csv",
+        help="impressions file format (default csv)",
+    )
+    s.add_argument("--out", required=True, help="output directory (local or gs://)")
+    s.set_defaults(func=cmd_simulate)
+
+    v = sub.add_parser(
+        "validate",
+        help="validate an impression log; write valid rows, quarantine and summary",
+        description="Check impressions against the catalog and constraints. Valid rows go to "
+        "OUT/impressions.parquet, rejected rows to OUT/quarantine.csv with a reason, counts to "
+        "OUT/summary.json (also printed).",
+    )
+    _add_io(v, "output directory (local or gs://)")
+    add_config_args(v, IngestConfig, _CHUNKS)
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=cmd_validate)
+
+    a = sub.add_parser(
+        "attribute",
+        help="train the reward model and attribute clicks to elements",
+        description="Validate the log, train the multi-instance reward model on all but the "
+        "latest 10%% of impressions, evaluate on them, and write OUT/reward_model.{pt,json}, "
+        "OUT/attributions.parquet (per impression), OUT/element_attribution.csv (per element) "
+        "and OUT/reward_metrics.json.",
+    )
+    _add_io(a, "model directory (local or gs://)")
+    add_config_args(a, RewardModelConfig, _ATTRIBUTE)
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(func=cmd_attribute)
+
+    t = sub.add_parser(
+        "train",
+        help="validate, fit the reward model, train the generator: one bundle",
+        description="Validate the log, fit the reward model (attribution tables included), "
+        "train the generator by policy gradient against it, and write one bundle directory.",
+    )
+    _add_io(t, "bundle directory (local or gs://)")
+    add_config_args(t, RewardModelConfig, _TRAIN_REWARD)
+    add_config_args(t, GeneratorConfig, _TRAIN_GEN)
+    t.add_argument("--warm-start", default=None, help="previous bundle to start from")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser(
+        "recommend",
+        help="best combinations per ad (or per context row) from a bundle",
+        description="Write recommendations (ad_id, ctx_*, rank, one column per component, "
+        "score = predicted CTR) for every ad of the catalog, or for each row of --contexts.",
+    )
+    r.add_argument("--model", required=True, help="bundle directory from 'genco train'")
+    r.add_argument("--catalog", default=None, help="catalog (default: the bundle's own)")
+    r.add_argument("--constraints", default=None, help="constraints (with --catalog)")
+    r.add_argument("--contexts", default=None, help="ad_id + ctx_* rows (default: every ad)")
+    r.add_argument("--top-k", type=int, default=1, help="combinations per row (default 1)")
+    r.add_argument("--out", required=True, help="recommendations CSV/Parquet")
+    r.add_argument(
+        "--refine",
+        choices=REFINES,
+        default="pairs",
+        help="local search on the reward model after the beam: swaps of one component then "
+        "of two (pairs, default), of one (single), or none",
+    )
+    r.set_defaults(func=cmd_recommend)
+
+    d = sub.add_parser(
+        "demo",
+        help="the main job on the embedded default world (no cluster, no cloud)",
+        description="Simulate the default world, run the retraining pipeline on the local "
+        "KFP runner (gated deploy into OUT/model_store), serve the production model with a "
+        "local TorchServe and print one REST response.",
+    )
+    d.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--no-serve", action="store_true", help="stop after the pipeline")
+    d.set_defaults(func=cmd_demo)
+
+    from genco.cli.pipeline import add_commands as add_pipeline_commands
+
+    add_pipeline_commands(sub)
+
+    from genco.cli.serve import add_commands as add_serve_commands
+
+    add_serve_commands(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except USER_ERRORS as exc:
+        print(f"genco {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""``genco serve`` and ``genco archive``: shells over ``genco.serving.torchserve`` and
+``genco.serving.archive``.
+
+Registered into the main parser by ``genco.cli.main`` through ``add_commands``; errors follow the
+CLI's rule (user mistakes raise GencoError or FileNotFoundError -> one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+import requests
+
+from genco.cli.common import print_json as _print_json
+from genco.errors import ConfigError
+
+
+def _curl(url: str, body: dict, key_file: str | None) -> str:
+    """A copy-pasteable request; the key is read from the key file, never printed."""
+    lines = []
+    auth = ""
+    if key_file:
+        read = "import json,sys; print(json.load(open(sys.argv[1]))['inference']['key'])"
+        lines.append(f'TOKEN=$(python3 -c "{read}" {key_file})')
+        auth = '-H "Authorization: Bearer $TOKEN" '
+    body_json = json.dumps(body)
+    lines.append(f"curl -s {url} {auth}-H 'Content-Type: application/json' -d '{body_json}'")
+    return "\n".join(lines)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from genco.serving.torchserve import serve, serve_layout
+
+    print("starting TorchServe (Java frontend + Python worker) ...", file=sys.stderr)
+    if args.layout:
+        for flag, value in (("--port-base", args.port_base), ("--no-auth", args.no_auth)):
+            if value:
+                raise ConfigError(f"{flag} applies to --model; a layout brings its own config")
+        handle = serve_layout(args.layout, startup_timeout_s=args.startup_timeout)
+    else:
+        handle = serve(
+            args.model,
+            port_base=args.port_base,
+            token_auth=not args.no_auth,
+            workers=args.workers,
+            startup_timeout_s=args.startup_timeout,
+        )
+    with handle:
+        _print_json(
+            {
+                "model_version": handle.version,
+                "inference_url": handle.predictions_url(),
+                "management_url": handle.management_url,
+                "metrics_url": handle.metrics_url,
+                "token_auth": handle.key_file is not None,
+                "key_file": handle.key_file,
+                "workdir": handle.workdir,
+            }
+        )
+        print("\n# one REST request:", file=sys.stderr)
+        print(_curl(handle.predictions_url(), handle.sample_request, handle.key_file))
+        print("# its response:", file=sys.stderr)
+        _print_json(handle.sample_response)
+        if args.once:
+            return
+        print("serving; Ctrl-C stops TorchServe", file=sys.stderr)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1.0) and handle.process.poll() is None:
+                pass
+        except KeyboardInterrupt:
+            pass
+        if handle.process.poll() is not None:
+            raise RuntimeError(f"TorchServe exited on its own\n{handle.log_tail()}")
+
+
+def cmd_archive(args: argparse.Namespace) -> None:
+    from genco.models.checkpoint import bundle_version, check_version
+    from genco.serving.archive import (
+        ManagementClient,
+        ManagementError,
+        publish,
+        read_token,
+    )
+
+    version = check_version(args.version) if args.version else bundle_version(args.model)
+    management = None
+    if args.management_url:
+        token = args.token or (read_token(args.key_file) if args.key_file else None)
+        management = ManagementClient(args.management_url, token)
+    try:
+        _print_json(publish(args.model, args.store, version, management))
+    except (ManagementError, requests.RequestException) as exc:
+        # The server or its URL is the user's to fix; the layout still serves the old version.
+        raise ConfigError(f"{args.management_url}: {exc}") from exc
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve`` and ``archive`` to the ``genco`` parser."""
+    s = sub.add_parser(
+        "serve",
+        help="serve a bundle (or a published layout) with a local TorchServe and print one "
+        "REST response",
+        description="Archive the bundle, start TorchServe on 127.0.0.1 (token auth on; keys "
+        "in WORKDIR/key_file.json), wait until a real prediction succeeds, print the URLs, "
+        "a curl command and its response, then serve until Ctrl-C (or stop with --once).",
+    )
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="bundle directory from 'genco train'")
+    what.add_argument(
+        "--layout",
+        help="a published KServe layout (STORE/kserve, local or gs://): serve its current "
+        "version with its own config.properties, as the InferenceService's pod does "
+        "(addresses moved to free loopback ports)",
+    )
+    s.add_argument(
+        "--port-base",
+        type=int,
+        default=None,
+        help="inference, management, metrics, gRPC ports = N..N+4 (default: free ports)",
+    )
+    s.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="disable TorchServe token authorization (local demos only)",
+    )
+    s.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    s.add_argument(
+        "--startup-timeout", type=float, default=180.0, help="seconds to wait (default 180)"
+    )
+    s.add_argument("--once", action="store_true", help="stop after printing the response")
+    s.set_defaults(func=cmd_serve)
+
+    a = sub.add_parser(
+        "archive",
+        help="build the .mar and publish it in a KServe model store; optionally register it",
+        description="Build STORE/model-store/genco-<version>.mar with torch-model-archiver and "
+        "point STORE/config/config.properties at it (the layout KServe's TorchServe runtime "
+        "loads). With --management-url, register that version on a running TorchServe whose "
+        "model store is STORE/model-store and make it the default (the previous default is "
+        "kept for rollback).",
+    )
+    a.add_argument("--model", required=True, help="bundle directory (local or gs://)")
+    a.add_argument("--store", required=True, help="KServe storageUri (local or gs://)")
+    a.add_argument("--version", default=None, help="model version (default: the bundle's)")
+    a.add_argument("--management-url", default=None, help="TorchServe management API URL")
+    a.add_argument("--token", default=None, help="management API key")
+    a.add_argument("--key-file", default=None, help="TorchServe key_file.json to read it from")
+    a.set_defaults(func=cmd_archive)

@@ -1,0 +1,1 @@
+"""Data: the input contract (catalog, constraints, impression columns), validation, storage."""

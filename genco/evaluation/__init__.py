@@ -1,0 +1,1 @@
+"""Evaluation: metrics, off-policy values, the deploy gate, the HTML report, baselines."""

@@ -1,0 +1,483 @@
+"""Candidate vs production on the same logged data: the evaluation gate before deploy.
+
+Two questions, answered for both bundles on the same rows:
+
+* Is the click model good? Held-out AUC, log loss and calibration of each bundle's reward
+  model on the latest ``holdout_fraction`` of the log by time (the rows the candidate's
+  reward model did not train on).
+* Is the policy good? The off-policy value of each bundle's served policy (the top-1 of
+  ``Predictor.recommend``: beam search re-ranked by its reward model) on the logged data,
+  by self-normalised inverse propensity scoring (SNIPS):
+
+      V(pi) = sum_i w_i click_i / sum_i w_i,   w_i = 1[logged combo_i == pi(ad_i, ctx_i)] / p_i
+
+  with a delta-method normal confidence interval. p_i is the logged ``propensity``; a log
+  without one gets the per-ad empirical frequency of the combination (right for logging
+  policies that ignore context; documented in the result as ``propensity_source``).
+
+The gate: ``passed = production is None or V(candidate) >= V(production) * (1 + margin)``.
+A positive margin demands a clear win; a negative one tolerates a small loss (e.g. to pick
+up new catalog elements). It needs no ground truth. The gate refuses when the candidate's
+or production's value cannot be estimated (no logged impression matches its choices), or
+production cannot be scored at all (another catalog's components, damaged files): an unknown
+is never taken for a win. Only "no production model yet" lets a candidate in unopposed.
+When a simulated world's ground truth is given, the true
+CTR of each policy and the share of the logging-to-oracle gap it closes are added for
+information; they never decide the gate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from genco.data import storage
+from genco.data.contract import Catalog, Constraints
+from genco.data.ingest import VALID_FILE
+from genco.data.space import legal_combinations
+from genco.errors import BundleError, CatalogMismatchError, ConfigError, ContractError
+from genco.evaluation.heldout import evaluate_reward, holdout_split
+from genco.inference.predictor import Predictor
+from genco.models.reward import BoundModel
+from genco.models.vocab import Encoded, encode
+
+if TYPE_CHECKING:
+    from google.cloud.storage import Client
+
+    from genco.worlds.simulate import GroundTruth
+
+GATE_FILE = "gate.json"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    margin: float = field(
+        default=0.0,
+        metadata={
+            "help": "Gate: the candidate's value must reach production's x (1 + margin); "
+            "negative tolerates a small loss."
+        },
+    )
+    holdout_fraction: float = field(
+        default=0.1, metadata={"help": "Latest share of the log (by time) for AUC/log loss."}
+    )
+    confidence: float = field(default=0.95, metadata={"help": "Confidence of value intervals."})
+    max_policy_contexts: int = field(
+        default=5000,
+        metadata={
+            "help": "Most distinct (ad, context) keys to decode per bundle; above it a seeded "
+            "random subset of rows is evaluated (continuous contexts make every row a key)."
+        },
+    )
+    n_bins: int = field(default=10, metadata={"help": "Reliability curve bins."})
+    seed: int = field(default=0, metadata={"help": "Seed of the row subset."})
+
+    def __post_init__(self) -> None:
+        if not self.margin > -1.0:
+            raise ConfigError(f"margin must be > -1, got {self.margin}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ConfigError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if not 0.0 < self.confidence < 1.0:
+            raise ConfigError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.max_policy_contexts < 1:
+            raise ConfigError(f"max_policy_contexts must be >= 1, got {self.max_policy_contexts}")
+        if self.n_bins < 1:
+            raise ConfigError(f"n_bins must be >= 1, got {self.n_bins}")
+
+
+@dataclass
+class PolicyValue:
+    """SNIPS estimate of a policy's CTR on the logged rows."""
+
+    value: float | None  # None when no logged impression matches the policy
+    ci_low: float | None
+    ci_high: float | None
+    matched: int  # logged impressions whose combination is the policy's choice
+    effective_n: float  # (sum w)^2 / sum w^2
+    rows: int
+
+
+@dataclass
+class BundleEval:
+    path: str
+    version: str
+    auc: float | None = None
+    log_loss: float | None = None
+    ece: float | None = None
+    reliability: list[dict] = field(default_factory=list)
+    policy: PolicyValue | None = None
+    predicted_ctr: float | None = None  # its own reward model's CTR of its own choices
+    true_ctr: float | None = None  # simulated worlds only
+    gap_closed: float | None = None  # (true - logging) / (oracle - logging)
+    error: str | None = None  # why it could not be evaluated on this data
+
+    @property
+    def value(self) -> float | None:
+        return None if self.policy is None else self.policy.value
+
+
+@dataclass
+class EvalResult:
+    passed: bool
+    reason: str
+    margin: float
+    candidate: BundleEval
+    production: BundleEval | None
+    candidate_digest: str
+    production_version: str | None
+    holdout_rows: int
+    policy_rows: int
+    propensity_source: str
+    truth: dict | None = None
+    seconds: float = 0.0
+
+    @property
+    def candidate_value(self) -> float | None:
+        return self.candidate.value
+
+    @property
+    def production_value(self) -> float | None:
+        return None if self.production is None else self.production.value
+
+    def to_dict(self) -> dict:
+        """The gate file: deploy reads ``passed``, ``candidate_digest``, ``production_version``."""
+        out = asdict(self)
+        out["candidate_value"] = self.candidate_value
+        out["production_value"] = self.production_value
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Flat scalars for a KFP ``Metrics`` artifact (missing values left out)."""
+        out: dict[str, float] = {"passed": float(self.passed), "margin": self.margin}
+        for who, b in (("candidate", self.candidate), ("production", self.production)):
+            if b is None:
+                continue
+            for key in ("auc", "log_loss", "ece", "predicted_ctr", "true_ctr", "gap_closed"):
+                v = getattr(b, key)
+                if v is not None:
+                    out[f"{who}_{key}"] = float(v)
+            if b.policy is not None and b.policy.value is not None:
+                out[f"{who}_value"] = b.policy.value
+                out[f"{who}_value_ci_low"] = float(b.policy.ci_low)
+                out[f"{who}_value_ci_high"] = float(b.policy.ci_high)
+                out[f"{who}_matched"] = float(b.policy.matched)
+        return out
+
+
+# -------------------------------------------------------------------------- public
+
+
+def evaluate_bundle(
+    candidate_dir: str,
+    impressions: str | pd.DataFrame,
+    production_dir: str | None = None,
+    config: EvalConfig | None = None,
+    truth: GroundTruth | None = None,
+    production_version: str | None = None,
+    client: Client | None = None,
+) -> EvalResult:
+    """Score candidate and production bundles on the same validated impressions; apply the gate.
+
+    impressions: validated rows (``genco validate``'s impressions.parquet, a pipeline data
+    directory, or a DataFrame). Both bundles are decoded over the candidate's catalog and
+    constraints: those are what the deployed model will serve.
+    truth: a ``genco.worlds.simulate.GroundTruth`` for the simulated-world extras, or None.
+    """
+    from genco.store import bundle_digest
+
+    t0 = time.perf_counter()
+    config = config or EvalConfig()
+    frame = _read_impressions(impressions, client)
+    cand = Predictor.load(candidate_dir, client=client)
+    catalog, constraints = cand.catalog, cand.constraints
+    digest = bundle_digest(candidate_dir, client=client)
+
+    enc = encode(frame, catalog)
+    _, test_idx = holdout_split(enc, config.holdout_fraction, config.seed)
+    rows = _policy_rows(enc, config)
+    propensity, source = _propensities(enc)
+    ctx = _truth_ctx(truth, enc)
+
+    candidate = _score(cand, candidate_dir, enc, test_idx, rows, propensity, config, truth, ctx)
+    production = None
+    if production_dir is not None:
+        try:
+            prod = Predictor.load(production_dir, catalog, constraints, client=client)
+            production = _score(
+                prod, production_dir, enc, test_idx, rows, propensity, config, truth, ctx
+            )
+        except (CatalogMismatchError, BundleError) as exc:
+            # Production was trained on other components/features, or its files are damaged:
+            # it cannot be compared, so the gate fails closed (see ``gate``). Any other
+            # exception is a bug and propagates: it must never read as a win for the candidate.
+            production = BundleEval(production_dir, "unknown", error=str(exc))
+        production.version = production_version or production.version
+
+    passed, reason = gate(candidate, production, config.margin)
+    truth_info = None
+    if truth is not None:
+        truth_info = _truth_baselines(truth, catalog, constraints, enc, rows, ctx)
+        for b in (candidate, production):
+            if b is not None and b.true_ctr is not None:
+                span = truth_info["oracle_true_ctr"] - truth_info["logging_true_ctr"]
+                b.gap_closed = (
+                    (b.true_ctr - truth_info["logging_true_ctr"]) / span if span else None
+                )
+    return EvalResult(
+        passed=passed,
+        reason=reason,
+        margin=config.margin,
+        candidate=candidate,
+        production=production,
+        candidate_digest=digest,
+        production_version=production_version,
+        holdout_rows=len(test_idx),
+        policy_rows=len(rows),
+        propensity_source=source,
+        truth=truth_info,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def gate(candidate: BundleEval, production: BundleEval | None, margin: float) -> tuple[bool, str]:
+    """The deploy decision and a sentence saying why (shown in the report and the pointer)."""
+    if candidate.error is not None:
+        return False, f"the candidate cannot score this data ({candidate.error})"
+    if production is None:
+        return True, "no production model: first deployment"
+    if production.error is not None:
+        return False, (
+            f"production cannot score the current data ({production.error}); not replacing it "
+            "automatically: deploy by hand (genco deploy without --gate-file) if intended"
+        )
+    c, p = candidate.value, production.value
+    if c is None:
+        return False, "no logged impression matches the candidate's choices: value unknown"
+    if p is None:
+        return False, "no logged impression matches production's choices: value unknown"
+    threshold = p * (1.0 + margin)
+    # A value exactly at the threshold passes; isclose keeps float rounding of p * (1 + m)
+    # from turning such a tie into a refusal.
+    ok = c >= threshold or math.isclose(c, threshold, rel_tol=1e-9)
+    verdict = ">=" if ok else "<"
+    return ok, (
+        f"candidate value {c:.5f} {verdict} production {p:.5f} x (1 + {margin:g}) = {threshold:.5f}"
+    )
+
+
+def run_evaluate(
+    bundle_dir: str,
+    data: str,
+    model_store: str | None = None,
+    gate_path: str | None = None,
+    report_path: str | None = None,
+    config: EvalConfig | None = None,
+    ground_truth: str | None = None,
+    log_metric: Callable[[str, float], None] | None = None,
+    client: Client | None = None,
+) -> EvalResult:
+    """``genco evaluate`` and the pipeline's evaluate step: against the store's production.
+
+    Writes the gate JSON (read by the deploy step) and the HTML report when paths are given;
+    log_metric(name, value) receives ``EvalResult.metrics()`` (a KFP ``Metrics.log_metric``).
+    """
+    from genco.store import current, current_version
+
+    production_dir = current(model_store, client=client) if model_store else None
+    version = current_version(model_store, client=client) if model_store else None
+    truth = None
+    if ground_truth:
+        from genco.worlds.simulate import GroundTruth
+
+        truth = GroundTruth.load(ground_truth, client=client)
+    result = evaluate_bundle(bundle_dir, data, production_dir, config, truth, version, client)
+    if gate_path:
+        storage.write_json(gate_path, result.to_dict(), client=client)
+    if report_path:
+        from genco.evaluation.report import render_report
+
+        storage.write_text(report_path, render_report(bundle_dir, result, client), client=client)
+    if log_metric is not None:
+        for name, value in result.metrics().items():
+            log_metric(name, value)
+    return result
+
+
+# ------------------------------------------------------------------------- private
+
+
+def _read_impressions(impressions: str | pd.DataFrame, client: Client | None) -> pd.DataFrame:
+    if isinstance(impressions, pd.DataFrame):
+        frame = impressions
+    else:
+        path = impressions
+        if storage.exists(storage.join(path, VALID_FILE), client=client):
+            path = storage.join(path, VALID_FILE)  # a pipeline data directory
+        frame = storage.read_table(path, client=client)
+    if len(frame) == 0:
+        raise ContractError("impressions: no rows to evaluate on")
+    return frame
+
+
+def _policy_rows(enc: Encoded, config: EvalConfig) -> np.ndarray:
+    """All rows, or a seeded subset when decoding every distinct key would take too long."""
+    keys = _keys(enc, np.arange(len(enc)))
+    if len(np.unique(keys)) <= config.max_policy_contexts:
+        return np.arange(len(enc))
+    rng = np.random.default_rng(config.seed)
+    return np.sort(rng.choice(len(enc), size=config.max_policy_contexts, replace=False))
+
+
+def _keys(enc: Encoded, rows: np.ndarray) -> np.ndarray:
+    """One integer per distinct (ad, context) among rows."""
+    table = np.column_stack([enc.ads[rows].astype(np.float64), enc.ctx[rows].astype(np.float64)])
+    _, inverse = np.unique(table, axis=0, return_inverse=True)
+    return inverse.reshape(-1)
+
+
+def _propensities(enc: Encoded) -> tuple[np.ndarray, str]:
+    if enc.propensity is not None:
+        return enc.propensity, "logged"
+    # Share of the ad's impressions that showed this exact combination.
+    table = pd.DataFrame(enc.combos).assign(ad=enc.ads)
+    combo_n = table.groupby([*range(enc.combos.shape[1]), "ad"])["ad"].transform("size")
+    ad_n = table.groupby("ad")["ad"].transform("size")
+    return (combo_n / ad_n).to_numpy(np.float64), "estimated: per-ad frequency of the combination"
+
+
+def _choices(pred: Predictor, enc: Encoded, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bundle's top-1 combination (catalog codes, (len(rows), K)) and its predicted CTR."""
+    keys = _keys(enc, rows)
+    _, first = np.unique(keys, return_index=True)
+    catalog = pred.catalog
+    K = catalog.n_components
+    key_combo = np.zeros((len(first), K), dtype=np.int64)
+    key_score = np.zeros(len(first))
+    for j, r in enumerate(rows[first]):
+        ctx = enc.ctx[r] if enc.ctx.shape[1] else None
+        top = pred.recommend(catalog.ads[enc.ads[r]], ctx, top_k=1)[0]
+        key_combo[j] = [
+            catalog.element_code(k, top.elements[c]) for k, c in enumerate(catalog.components)
+        ]
+        key_score[j] = top.score
+    # np.unique sorts, so key id j is the j-th unique key: index by key id to expand to rows.
+    return key_combo[keys], key_score[keys]
+
+
+def _snips(
+    match: np.ndarray, click: np.ndarray, propensity: np.ndarray, confidence: float
+) -> PolicyValue:
+    w = match / propensity
+    total = w.sum()
+    if total <= 0:
+        return PolicyValue(None, None, None, 0, 0.0, len(match))
+    v = float((w * click).sum() / total)
+    se = float(np.sqrt((w**2 * (click - v) ** 2).sum()) / total)
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    return PolicyValue(
+        v, v - z * se, v + z * se, int(match.sum()), float(total**2 / (w**2).sum()), len(match)
+    )
+
+
+def _score(
+    pred: Predictor,
+    path: str,
+    enc: Encoded,
+    test_idx: np.ndarray,
+    rows: np.ndarray,
+    propensity: np.ndarray,
+    config: EvalConfig,
+    truth: GroundTruth | None,
+    truth_ctx: np.ndarray | None,
+) -> BundleEval:
+    out = BundleEval(path, pred.version)
+    catalog = pred.catalog
+    if tuple(enc.context_columns) != tuple(pred.context_columns):
+        out.error = (
+            f"its context columns {list(pred.context_columns)} differ from the log's "
+            f"{list(enc.context_columns)}"
+        )
+        return out
+    test = enc.take(test_idx)
+    if len(test) and 0 < test.click.sum() < len(test):
+        bound = BoundModel(pred.reward, catalog, allow_unknown_ads=True)
+        m = evaluate_reward(bound, test, n_bins=config.n_bins)
+        out.auc, out.log_loss, out.ece, out.reliability = (
+            m["auc"],
+            m["log_loss"],
+            m["ece"],
+            m["reliability"],
+        )
+    combos, scores = _choices(pred, enc, rows)
+    match = np.all(enc.combos[rows] == combos, axis=1).astype(np.float64)
+    out.policy = _snips(match, enc.click[rows], propensity[rows], config.confidence)
+    out.predicted_ctr = float(scores.mean())
+    if truth is not None:
+        out.true_ctr = float(_true_ctr(truth, catalog, enc.ads[rows], combos, truth_ctx).mean())
+    return out
+
+
+def _truth_ctx(truth: GroundTruth | None, enc: Encoded) -> np.ndarray | None:
+    if truth is None or not truth.n_context:
+        return None
+    return enc.ctx.astype(np.float64)
+
+
+def _true_ctr(
+    truth: GroundTruth,
+    catalog: Catalog,
+    ads: np.ndarray,
+    combos: np.ndarray,
+    ctx: np.ndarray | None,
+) -> np.ndarray:
+    ad_map, elem_maps = truth.aligned(catalog)
+    world = np.column_stack([elem_maps[k][combos[:, k]] for k in range(catalog.n_components)])
+    return truth.ctr(ad_map[ads], world, ctx)
+
+
+def _truth_baselines(
+    truth: GroundTruth,
+    catalog: Catalog,
+    constraints: Constraints,
+    enc: Encoded,
+    rows: np.ndarray,
+    ctx_all: np.ndarray | None,
+) -> dict:
+    """True CTR of the logging policy (the logged combinations) and of the oracle (the best
+    legal combination for each row), averaged over the evaluated rows."""
+    ctx = None if ctx_all is None else ctx_all[rows]
+    logging = _true_ctr(truth, catalog, enc.ads[rows], enc.combos[rows], ctx)
+    keys = _keys(enc, rows)
+    _, first = np.unique(keys, return_index=True)
+    best = np.zeros(len(first))
+    legal: dict[int, np.ndarray] = {}
+    for j, r in enumerate(rows[first]):
+        a = int(enc.ads[r])
+        if a not in legal:
+            legal[a] = legal_combinations(catalog, constraints, a)
+        combos = legal[a]
+        c = None if ctx_all is None else np.repeat(ctx_all[r][None, :], len(combos), 0)
+        best[j] = _true_ctr(truth, catalog, np.full(len(combos), a), combos, c).max()
+    return {
+        "logging_true_ctr": float(logging.mean()),
+        "oracle_true_ctr": float(best[keys].mean()),
+    }
+
+
+__all__ = [
+    "GATE_FILE",
+    "BundleEval",
+    "EvalConfig",
+    "EvalResult",
+    "PolicyValue",
+    "evaluate_bundle",
+    "gate",
+    "run_evaluate",
+]

@@ -1,0 +1,1 @@
+"""Inference: a bundle bound to its catalog, answering recommendations (``Predictor``)."""

@@ -1,0 +1,98 @@
+"""Legal-combination masks for step-by-step decoding, as padded tensors.
+
+Each ad's candidates of component k sit in slots ``0..n-1`` of a padded axis of size M_k.
+Forbidden pairs become per-ad boolean matrices ``F[(j, k)][ad]`` of shape (M_j, M_k) for the
+component pairs that have any. While decoding component k, a slot is allowed when it is a
+real candidate, conflicts with no earlier pick, and leaves every later constrained component
+at least one choice (forward checking), so sampling never walks into a dead end in practice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from genco.data.contract import Catalog, Constraints
+from genco.models.tables import AdMasks
+
+
+class LegalMasks:
+    def __init__(self, catalog: Catalog, constraints: Constraints) -> None:
+        K = catalog.n_components
+        self.K = K
+        self.n_ads = catalog.n_ads
+        self.M = [max(len(c[k]) for c in catalog.candidates) for k in range(K)]
+        # slots[k]: (n_ads, M_k) catalog element code in each slot, -1 for padding
+        self.slots: list[torch.Tensor] = []
+        self.valid: list[torch.Tensor] = []
+        slot_of: list[np.ndarray] = []  # (n_ads, n_elements_k) slot of element, -1 if absent
+        for k in range(K):
+            s = np.full((catalog.n_ads, self.M[k]), -1, dtype=np.int64)
+            so = np.full((catalog.n_ads, len(catalog.elements[k])), -1, dtype=np.int64)
+            for a in range(catalog.n_ads):
+                c = catalog.candidates[a][k]
+                s[a, : len(c)] = c
+                so[a, c] = np.arange(len(c))
+            self.slots.append(torch.as_tensor(s))
+            self.valid.append(torch.as_tensor(s >= 0))
+            slot_of.append(so)
+        self.slot_of = [torch.as_tensor(so) for so in slot_of]
+        self.forbid: dict[tuple[int, int], torch.Tensor] = {}
+        for i in range(len(constraints)):
+            j, k = int(constraints.comp_a[i]), int(constraints.comp_b[i])
+            ads = range(catalog.n_ads) if constraints.ad[i] < 0 else [int(constraints.ad[i])]
+            if (j, k) not in self.forbid:
+                self.forbid[(j, k)] = torch.zeros(
+                    catalog.n_ads, self.M[j], self.M[k], dtype=torch.bool
+                )
+            for a in ads:
+                sj = slot_of[j][a, constraints.elem_a[i]]
+                sk = slot_of[k][a, constraints.elem_b[i]]
+                if sj >= 0 and sk >= 0:
+                    self.forbid[(j, k)][a, sj, sk] = True
+        self.later = {
+            k: [(l_, f) for (j, l_), f in self.forbid.items() if j == k] for k in range(K)
+        }
+
+    def domain(self, k: int, ads: torch.Tensor, picks: torch.Tensor, upto: int) -> torch.Tensor:
+        """(B, M_k) slots of component k still allowed by the picks of components < upto."""
+        allowed = self.valid[k][ads].clone()
+        for j in range(min(upto, k)):
+            f = self.forbid.get((j, k))
+            if f is not None:
+                allowed &= ~f[ads, picks[:, j]]
+        return allowed
+
+    def mask(self, k: int, ads: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+        """(B, M_k) slots allowed at step k given picks (B, >=k) of earlier components (slots)."""
+        allowed = self.domain(k, ads, picks, k)
+        for l_, f in self.later[k]:
+            dom = self.domain(l_, ads, picks, k)  # (B, M_l) before choosing k
+            fk = f[ads]  # (B, M_k, M_l): slot of k forbids slot of l
+            left = (dom[:, None, :] & ~fk).any(-1)  # (B, M_k)
+            allowed &= left
+        return allowed
+
+    def to_slots(self, ads: np.ndarray, combos: np.ndarray) -> torch.Tensor:
+        """(B, K) catalog element codes -> (B, K) slots; ValueError if not a candidate."""
+        a = torch.as_tensor(ads)
+        cols = [self.slot_of[k][a, torch.as_tensor(combos[:, k])] for k in range(self.K)]
+        out = torch.stack(cols, 1)
+        if (out < 0).any():
+            raise ValueError("combination holds an element that is not a candidate of its ad")
+        return out
+
+    def to_codes(self, ads: torch.Tensor, slot_picks: torch.Tensor) -> np.ndarray:
+        """(B, K) slots -> (B, K) catalog element codes."""
+        cols = [self.slots[k][ads, slot_picks[:, k]] for k in range(self.K)]
+        return torch.stack(cols, 1).numpy()
+
+    def for_ad(self, ad: int) -> AdMasks:
+        """One ad's masks as numpy arrays, for decoding that ad alone."""
+        forbid = {jk: f[ad].numpy() for jk, f in self.forbid.items()}
+        return AdMasks(
+            codes=[s[ad].numpy() for s in self.slots],
+            valid=[v[ad].numpy() for v in self.valid],
+            forbid=forbid,
+            later={k: [(l_, forbid[(j, l_)]) for j, l_ in forbid if j == k] for k in range(self.K)},
+        )

@@ -1,0 +1,1 @@
+"""The retraining pipeline's steps and its local runner (``genco pipeline run``, the demo)."""

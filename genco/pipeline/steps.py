@@ -1,0 +1,239 @@
+"""The retraining pipeline's data and training steps, one function per KFP component.
+
+The pipeline splits ``genco train`` into steps with their own artifacts (validated data,
+reward model with attributions, complete bundle), so that each can be cached, retried and
+inspected on its own. Each step reads only its input directories, never the caller's
+original (possibly mutable) paths: the ingest step copies the catalog and constraints next
+to the validated log, which makes the data directory self-contained.
+
+Data directory (ingest's output)::
+
+    impressions.parquet   valid rows inside the window (all valid rows when window_days=0)
+    quarantine.csv, summary.json   as ``genco.data.ingest`` writes them (+ window counts)
+    catalog.csv, constraints.csv   the catalog and constraints the rows were checked against
+
+Warm start: the attribute and train steps start from the production bundle of the model
+store (``genco.store.current``) when its vocabulary matches today's catalog and context
+columns; otherwise they start fresh and record why in the bundle manifest.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from genco.data import storage
+from genco.data.contract import (
+    CONTEXT_PREFIX,
+    TIMESTAMP,
+    Catalog,
+    Constraints,
+    load_catalog,
+    load_constraints,
+)
+from genco.data.ingest import QUARANTINE_FILE, SUMMARY_FILE, VALID_FILE, IngestConfig, ingest
+from genco.errors import ConfigError, ContractError
+from genco.models.checkpoint import (
+    CATALOG,
+    CONSTRAINTS,
+    ELEMENT_FILE,
+    IMPRESSION_FILE,
+    MANIFEST,
+    METRICS_FILE,
+    REWARD_META,
+    REWARD_WEIGHTS,
+    load_generator,
+    load_reward_model,
+)
+from genco.models.generator import Generator, GeneratorConfig
+from genco.models.reward import RewardModel, RewardModelConfig
+from genco.models.vocab import Vocab
+from genco.training.attribution import fit_and_attribute
+from genco.training.bundle import finish_bundle
+
+if TYPE_CHECKING:
+    from google.cloud.storage import Client
+
+REWARD_FILES = (REWARD_WEIGHTS, REWARD_META, IMPRESSION_FILE, ELEMENT_FILE, METRICS_FILE)
+DAY_SECONDS = 86_400.0
+
+
+# ------------------------------------------------------------------------- ingest
+
+
+def ingest_step(
+    catalog_path: str,
+    impressions_path: str,
+    out_dir: str,
+    constraints_path: str | None = None,
+    window_days: float = 0.0,
+    max_bad_fraction: float = IngestConfig.max_bad_fraction,
+    quarantine_path: str | None = None,
+    client: Client | None = None,
+) -> dict:
+    """Validate the log into a self-contained data directory, keeping the last window_days.
+
+    The window is relative to the newest timestamp in the log, not to the wall clock, so
+    re-running a step on the same data gives the same rows (idempotent, cacheable).
+    quarantine_path: where to also publish the quarantine CSV (the pipeline's artifact).
+    """
+    if window_days < 0:
+        raise ConfigError(f"window_days must be >= 0 (0 = all), got {window_days}")
+    catalog = load_catalog(catalog_path, client=client)
+    constraints = load_constraints(constraints_path or None, catalog, client=client)
+    summary = ingest(
+        impressions_path,
+        catalog,
+        constraints,
+        out_dir,
+        IngestConfig(max_bad_fraction=max_bad_fraction),
+        client=client,
+    ).to_dict()
+    valid_path = storage.join(out_dir, VALID_FILE)
+    rows = summary["rows_valid"]
+    if window_days > 0:
+        frame = storage.read_table(valid_path, client=client)
+        if TIMESTAMP not in frame.columns:
+            raise ContractError(
+                f"{impressions_path}: window_days={window_days} needs a 'timestamp' column"
+            )
+        newest = frame[TIMESTAMP].max()
+        frame = frame[frame[TIMESTAMP] >= newest - window_days * DAY_SECONDS]
+        storage.write_table(frame.reset_index(drop=True), valid_path, client=client)
+        rows = len(frame)
+    if rows == 0:
+        raise ContractError(f"{impressions_path}: no valid impressions to train on")
+    summary.update(window_days=window_days, rows_in_window=rows)
+    storage.write_json(storage.join(out_dir, SUMMARY_FILE), summary, client=client)
+    storage.write_table(catalog.to_frame(), storage.join(out_dir, CATALOG), client=client)
+    storage.write_table(
+        constraints.to_frame(catalog), storage.join(out_dir, CONSTRAINTS), client=client
+    )
+    if quarantine_path:
+        storage.write_bytes(
+            quarantine_path,
+            storage.read_bytes(storage.join(out_dir, QUARANTINE_FILE), client=client),
+            client=client,
+        )
+    return summary
+
+
+def load_dataset(
+    data_dir: str, client: Client | None = None
+) -> tuple[Catalog, Constraints, pd.DataFrame]:
+    """Catalog, constraints and valid impressions of an ingest step's data directory."""
+    catalog = load_catalog(storage.join(data_dir, CATALOG), client=client)
+    constraints = load_constraints(storage.join(data_dir, CONSTRAINTS), catalog, client=client)
+    frame = storage.read_table(storage.join(data_dir, VALID_FILE), client=client)
+    return catalog, constraints, frame
+
+
+# ---------------------------------------------------------------------- warm start
+
+
+def _production_bundle(model_store: str | None, client: Client | None) -> str | None:
+    if not model_store:
+        return None
+    from genco.store import current
+
+    return current(model_store, client=client)
+
+
+def _context_columns(frame: pd.DataFrame) -> tuple[str, ...]:
+    return tuple(c for c in frame.columns if c.startswith(CONTEXT_PREFIX))
+
+
+def _warm_reward(
+    production: str | None, catalog: Catalog, frame: pd.DataFrame, client: Client | None
+) -> tuple[RewardModel | None, str]:
+    if production is None:
+        return None, "none"
+    model, _ = load_reward_model(production, client=client)
+    if model.vocab != Vocab.from_catalog(catalog, _context_columns(frame)):
+        return None, "skipped: vocabulary changed"
+    return model, production
+
+
+def _warm_generator(
+    production: str | None, catalog: Catalog, frame: pd.DataFrame, client: Client | None
+) -> tuple[Generator | None, str]:
+    if production is None:
+        return None, "none"
+    model = load_generator(production, client=client)
+    if model.vocab != Vocab.from_catalog(catalog, _context_columns(frame)):
+        return None, "skipped: vocabulary changed"
+    return model, production
+
+
+# ---------------------------------------------------------------------- attribute
+
+
+def attribute_step(
+    data_dir: str,
+    out_dir: str,
+    config: RewardModelConfig | None = None,
+    model_store: str | None = None,
+    warm_start: bool = True,
+    client: Client | None = None,
+) -> dict:
+    """Fit the reward model on the data directory and write it with its attribution tables.
+
+    Held out: the latest 10% by time (``fit_and_attribute``), the same rows the evaluate
+    step scores. Returns reward_metrics.json's content plus the warm-start source.
+    """
+    catalog, constraints, frame = load_dataset(data_dir, client=client)
+    production = _production_bundle(model_store, client) if warm_start else None
+    init, warm = _warm_reward(production, catalog, frame, client)
+    storage.makedirs(out_dir)
+    metrics = fit_and_attribute(
+        catalog, frame, out_dir, config, init=init, client=client, constraints=constraints
+    )
+    metrics["warm_start"] = warm
+    storage.write_json(storage.join(out_dir, METRICS_FILE), metrics, client=client)
+    return metrics
+
+
+# -------------------------------------------------------------------------- train
+
+
+def train_step(
+    data_dir: str,
+    rewards_dir: str,
+    out_dir: str,
+    config: GeneratorConfig | None = None,
+    model_store: str | None = None,
+    warm_start: bool = True,
+    client: Client | None = None,
+) -> dict:
+    """Train the generator against the attribute step's reward model; write a full bundle.
+
+    The bundle has the same files and manifest as ``genco train`` writes, so the predictor,
+    evaluation, deploy and serving treat both alike.
+    """
+    config = config or GeneratorConfig()
+    catalog, constraints, frame = load_dataset(data_dir, client=client)
+    storage.makedirs(out_dir)
+    for name in REWARD_FILES:
+        data = storage.read_bytes(storage.join(rewards_dir, name), client=client)
+        storage.write_bytes(storage.join(out_dir, name), data, client=client)
+    reward_metrics = storage.read_json(storage.join(out_dir, METRICS_FILE), client=client)
+    production = _production_bundle(model_store, client) if warm_start else None
+    init, warm = _warm_generator(production, catalog, frame, client)
+    report, manifest = finish_bundle(
+        catalog,
+        constraints,
+        frame,
+        out_dir,
+        config,
+        init,
+        {"warm_start": warm, "reward_warm_start": reward_metrics.get("warm_start", "none")},
+        client=client,
+    )
+    return {
+        "generator_seconds": report.seconds,
+        "final_reward": report.history[-1]["reward"] if report.history else None,
+        "warm_start": warm,
+        "manifest": storage.join(out_dir, MANIFEST),
+        "created_at": manifest["created_at"],
+    }

@@ -1,0 +1,1 @@
+"""Serving: REST request parsing, the .mar/KServe layout, a local TorchServe."""

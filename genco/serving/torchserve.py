@@ -1,0 +1,388 @@
+"""A private local TorchServe: ``serve`` a bundle, or ``serve_layout`` a published KServe
+layout as its pod would, and return once a real prediction succeeded."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from genco.data import storage
+from genco.inference.predictor import Predictor
+from genco.models.checkpoint import bundle_version, check_version
+from genco.serving.archive import (
+    JVM_ARGS,
+    LOG_CONFIG,
+    MAX_REQUEST_BYTES,
+    MODEL_NAME,
+    ManagementClient,
+    build_mar,
+    mar_name,
+    model_snapshot_entry,
+    properties_text,
+    read_token,
+)
+from genco.serving.requests import sample_request
+
+# ============================================================================== serve
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def local_properties(
+    model_store: str,
+    version: str,
+    ports: Sequence[int],
+    *,
+    token_auth: bool = True,
+    enable_model_api: bool = False,
+    workers: int = 1,
+    batch_size: int = 8,
+    max_batch_delay_ms: int = 1,
+    response_timeout_s: int = 30,
+) -> str:
+    """``config.properties`` for a private TorchServe on loopback.
+
+    Every listener, gRPC included, gets its own port, so several servers (tests, a demo, a
+    benchmark) can run side by side. max_batch_delay_ms bounds what a lone request waits
+    for batch-mates: TorchServe holds the first request that long whenever batch_size > 1.
+    """
+    inference, management, metrics, grpc_inference, grpc_management = ports
+    return properties_text(
+        {
+            "vmargs": JVM_ARGS,
+            "inference_address": f"http://127.0.0.1:{inference}",
+            "management_address": f"http://127.0.0.1:{management}",
+            "metrics_address": f"http://127.0.0.1:{metrics}",
+            "grpc_inference_address": "127.0.0.1",
+            "grpc_management_address": "127.0.0.1",
+            "grpc_inference_port": grpc_inference,
+            "grpc_management_port": grpc_management,
+            "model_store": model_store,
+            "load_models": mar_name(version),
+            "models": model_snapshot_entry(
+                version, workers, batch_size, max_batch_delay_ms, response_timeout_s
+            ),
+            "default_workers_per_model": workers,
+            "install_py_dep_per_model": "false",
+            "disable_token_authorization": str(not token_auth).lower(),
+            "enable_model_api": str(enable_model_api).lower(),
+            "max_request_size": MAX_REQUEST_BYTES,
+            "async_logging": "true",
+        }
+    )
+
+
+def _java() -> str:
+    home = os.environ.get("JAVA_HOME")
+    java = os.path.join(home, "bin", "java") if home else shutil.which("java")
+    if not java or not os.path.exists(java):
+        raise FileNotFoundError(
+            "java not found: TorchServe 0.12 needs a Java 17 runtime "
+            "(apt-get install openjdk-17-jre-headless, or set JAVA_HOME)"
+        )
+    return java
+
+
+@dataclass
+class ServeHandle:
+    """A running local TorchServe; ``stop()`` (or leaving a ``with`` block) ends it."""
+
+    inference_url: str
+    management_url: str
+    metrics_url: str
+    workdir: str
+    model_store: str
+    version: str
+    key_file: str | None
+    process: subprocess.Popen[bytes]
+    sample_request: dict[str, Any]
+    sample_response: dict[str, Any] | None = None
+    owns_workdir: bool = True
+    _stopped: bool = field(default=False, repr=False)
+
+    def token(self, api: str = "inference") -> str | None:
+        """Read fresh each time: TorchServe rewrites the key file when a key is regenerated."""
+        return read_token(self.key_file, api) if self.key_file else None
+
+    def headers(self, api: str = "inference") -> dict[str, str]:
+        token = self.token(api)
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def management(self, session: requests.Session | None = None) -> ManagementClient:
+        return ManagementClient(self.management_url, self.token("management"), session)
+
+    def predictions_url(self, version: str | None = None) -> str:
+        suffix = f"/{version}" if version else ""
+        return f"{self.inference_url}/predictions/{MODEL_NAME}{suffix}"
+
+    def log_tail(self, chars: int = 4000) -> str:
+        parts = []
+        for name in ("launcher.log", "model_log.log", "ts_log.log"):
+            path = os.path.join(self.workdir, "logs", name)
+            if os.path.exists(path):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    parts.append(f"--- {name}\n{f.read()[-chars:]}")
+        return "\n".join(parts)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM the whole process group (launcher, Java frontend, Python workers), then
+        SIGKILL whatever is left after ``timeout_s``. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        pgid = self.process.pid  # start_new_session made the launcher the group leader
+        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=wait)
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(pgid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            else:
+                continue
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> ServeHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(
+    model_dir: str,
+    *,
+    version: str | None = None,
+    workdir: str | None = None,
+    port_base: int | None = None,
+    token_auth: bool = True,
+    enable_model_api: bool = False,
+    workers: int = 1,
+    batch_size: int = 8,
+    max_batch_delay_ms: int = 1,
+    startup_timeout_s: float = 180.0,
+    log_config: str | os.PathLike[str] | None = LOG_CONFIG,
+    session: requests.Session | None = None,
+) -> ServeHandle:
+    """Start TorchServe on 127.0.0.1 serving ``model_dir``; return once a real prediction
+    succeeded (TorchServe's ``/ping`` says Healthy before the worker has loaded the model).
+
+    workdir: where config.properties, the model store, logs and ``key_file.json`` go (a
+    fresh temp dir, removed on stop, by default). TorchServe keeps its pid file and worker
+    sockets in $TMPDIR, so the server gets a private one: two servers on one machine would
+    otherwise refuse to start or share sockets. port_base: inference, management, metrics
+    and the two gRPC ports take port_base..port_base+4 (default: free ports). log_config:
+    a log4j2 file (default ``serving/log4j2.xml``: warnings only; None: TorchServe's own).
+    """
+    _java()  # no Java, no TorchServe: say so before any work
+    predictor = Predictor.load(model_dir)  # fail on a bad bundle before starting Java
+    version = check_version(version) if version else bundle_version(model_dir)
+    with _private_workdir(workdir, "genco-ts-") as (workdir, store, owns):
+        build_mar(model_dir, store, version)
+        ports = list(range(port_base, port_base + 5)) if port_base else _free_ports(5)
+        config = os.path.join(workdir, "config.properties")
+        with open(config, "w", encoding="utf-8") as f:
+            f.write(
+                local_properties(
+                    store,
+                    version,
+                    ports,
+                    token_auth=token_auth,
+                    enable_model_api=enable_model_api,
+                    workers=workers,
+                    batch_size=batch_size,
+                    max_batch_delay_ms=max_batch_delay_ms,
+                )
+            )
+        key_file = os.path.join(workdir, "key_file.json") if token_auth else None
+        timing = (startup_timeout_s, session)
+        return _launch(workdir, version, ports, predictor, key_file, owns, log_config, *timing)
+
+
+def serve_layout(
+    root: str,
+    *,
+    workdir: str | None = None,
+    startup_timeout_s: float = 180.0,
+    log_config: str | os.PathLike[str] | None = LOG_CONFIG,
+    session: requests.Session | None = None,
+) -> ServeHandle:
+    """Start TorchServe on a published KServe layout (``STORE/kserve``, local or gs://) the
+    way the InferenceService's pod does: its ``config/config.properties`` (model snapshot,
+    no token auth) over its ``model-store/``, with only the listening addresses moved to free
+    loopback ports (``TS_*`` variables, which the layout's config allows). Serves the version
+    the layout points at; returns once a real prediction succeeded."""
+    _java()  # no Java, no TorchServe: say so before any work
+    config_uri = storage.join(root, "config", "config.properties")
+    if not storage.exists(config_uri):
+        raise FileNotFoundError(f"{config_uri}: no published layout (see genco deploy --serving)")
+    text = storage.read_text(config_uri)
+    props = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    models = json.loads(props["model_snapshot"])["models"][MODEL_NAME]
+    version = next(v for v, entry in models.items() if entry.get("defaultVersion"))
+    with _private_workdir(workdir, "genco-ts-layout-") as (workdir, store, owns):
+        mar = os.path.join(store, mar_name(version))
+        with open(mar, "wb") as f:
+            f.write(storage.read_bytes(storage.join(root, "model-store", mar_name(version))))
+        bundle = os.path.join(workdir, "bundle")
+        with zipfile.ZipFile(mar) as z:  # the archive's extra files are the bundle
+            z.extractall(bundle)
+        predictor = Predictor.load(bundle)
+        config = os.path.join(workdir, "config.properties")
+        with open(config, "w", encoding="utf-8") as f:
+            f.write(text)
+        ports = _free_ports(5)
+        env = {
+            "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{ports[0]}",
+            "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{ports[1]}",
+            "TS_METRICS_ADDRESS": f"http://127.0.0.1:{ports[2]}",
+            "TS_GRPC_INFERENCE_PORT": str(ports[3]),
+            "TS_GRPC_MANAGEMENT_PORT": str(ports[4]),
+        }
+        timing = (startup_timeout_s, session)
+        return _launch(workdir, version, ports, predictor, None, owns, log_config, *timing, env)
+
+
+@contextlib.contextmanager
+def _private_workdir(workdir: str | None, prefix: str) -> Iterator[tuple[str, str, bool]]:
+    """(workdir, its model-store/, whether we own it), with logs/ and tmp/ made; a workdir we
+    created is removed again if anything fails before the server is running."""
+    owns = workdir is None
+    path = os.path.abspath(workdir or tempfile.mkdtemp(prefix=prefix))
+    store = os.path.join(path, "model-store")
+    for d in (store, os.path.join(path, "logs"), os.path.join(path, "tmp")):
+        os.makedirs(d, exist_ok=True)
+    try:
+        yield path, store, owns
+    except BaseException:
+        if owns:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _launch(
+    workdir: str,
+    version: str,
+    ports: Sequence[int],
+    predictor: Predictor,
+    key_file: str | None,
+    owns: bool,
+    log_config: str | os.PathLike[str] | None,
+    startup_timeout_s: float,
+    session: requests.Session | None,
+    extra_env: dict[str, str] | None = None,
+) -> ServeHandle:
+    """Run ``torchserve --foreground`` on ``workdir``'s config.properties and model-store/, in
+    its own process group and TMPDIR, and wait for a real prediction."""
+    java = _java()
+    config = os.path.join(workdir, "config.properties")
+    store = os.path.join(workdir, "model-store")
+    env = {
+        **os.environ,
+        "TMPDIR": os.path.join(workdir, "tmp"),
+        "TEMP": os.path.join(workdir, "tmp"),
+        "LOG_LOCATION": os.path.join(workdir, "logs"),
+        "METRICS_LOCATION": os.path.join(workdir, "logs"),
+        "JAVA_HOME": os.environ.get("JAVA_HOME") or str(Path(java).resolve().parent.parent),
+        **(extra_env or {}),
+    }
+    cmd = [sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs"]
+    cmd += ["--ts-config", config, "--model-store", store]
+    if log_config is not None:
+        cmd += ["--log-config", os.fspath(log_config)]
+    with open(os.path.join(workdir, "logs", "launcher.log"), "wb") as log:
+        process = subprocess.Popen(
+            cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    handle = ServeHandle(
+        inference_url=f"http://127.0.0.1:{ports[0]}",
+        management_url=f"http://127.0.0.1:{ports[1]}",
+        metrics_url=f"http://127.0.0.1:{ports[2]}",
+        workdir=workdir,
+        model_store=store,
+        version=version,
+        key_file=key_file,
+        process=process,
+        sample_request=sample_request(predictor),
+        owns_workdir=owns,
+    )
+    atexit.register(handle.stop)
+    try:
+        handle.sample_response = _wait_ready(handle, startup_timeout_s, session)
+    except TimeoutError as exc:
+        tail = handle.log_tail()
+        handle.stop()
+        raise TimeoutError(f"{exc}\n{tail}") from None
+    except BaseException:
+        handle.stop()
+        raise
+    return handle
+
+
+def _wait_ready(
+    handle: ServeHandle, timeout_s: float, session: requests.Session | None
+) -> dict[str, Any]:
+    session = session or requests.Session()
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if handle.process.poll() is not None:
+            raise RuntimeError(
+                f"TorchServe exited with status {handle.process.returncode}\n{handle.log_tail()}"
+            )
+        if handle.key_file and not os.path.exists(handle.key_file):
+            time.sleep(0.25)
+            continue
+        try:
+            resp = session.post(
+                handle.predictions_url(),
+                json=handle.sample_request,
+                headers=handle.headers(),
+                timeout=10,
+            )
+            if resp.status_code == 200:
+                body: dict[str, Any] = resp.json()
+                return body
+            last = f"{resp.status_code}: {resp.text.strip()[:200]}"
+        except (requests.ConnectionError, requests.Timeout, json.JSONDecodeError, KeyError) as e:
+            last = f"{type(e).__name__}: {e}"
+        time.sleep(0.25)
+    raise TimeoutError(f"TorchServe gave no prediction within {timeout_s:.0f}s (last: {last})")

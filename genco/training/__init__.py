@@ -1,0 +1,1 @@
+"""Training: reward-model fitting and attribution, and assembling a complete bundle."""

@@ -1,0 +1,1 @@
+"""Simulated worlds with known ground truth (synthetic and AES-based)."""
