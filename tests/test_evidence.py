@@ -152,7 +152,7 @@ def test_per_ad_effects_average_over_the_ads_own_legal_combinations(fitted):
     world, enc, model, _ = fitted
     bound = BoundModel(model, world.catalog)
     x = np.array([[1.0, 0.5]], np.float32)
-    effects = ad_effects(bound, world.constraints, x)
+    effects = ad_effects(bound.logit, world.catalog, world.constraints, x)
     for ad in range(world.catalog.n_ads):
         legal = legal_combinations(world.catalog, world.constraints, ad)
         z = bound.logit(np.full(len(legal), ad), legal, np.repeat(x, len(legal), 0))

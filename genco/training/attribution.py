@@ -73,7 +73,8 @@ def legal_sample(
 
 
 def ad_effects(
-    bound: BoundModel,
+    logit,
+    catalog: Catalog,
     constraints: Constraints,
     contexts: np.ndarray | None,
     seed: int = 0,
@@ -81,8 +82,9 @@ def ad_effects(
     """effects[a][k]: for each candidate of ad a's component k (``catalog.candidates[a][k]``
     order), its average marginal effect on the logit over the ad's own legal combinations:
     E[logit | e_k = e] - E[logit], averaged over ``contexts`` (rows (R, C); None = none).
-    A candidate no legal combination uses gets NaN."""
-    cat = bound.catalog
+    A candidate no legal combination uses gets NaN. ``logit(ads, combos, ctx)`` scores
+    combinations: a ``BoundModel``'s, or a ground truth's to compare with."""
+    cat = catalog
     rng = np.random.default_rng(seed)
     out = []
     for a in range(cat.n_ads):
@@ -90,7 +92,7 @@ def ad_effects(
         R = 1 if contexts is None else len(contexts)
         rows = np.repeat(combos, R, 0)
         X = None if contexts is None else np.tile(contexts, (len(combos), 1))
-        z = bound.logit(np.full(len(rows), a), rows, X).reshape(len(combos), R).mean(1)
+        z = logit(np.full(len(rows), a), rows, X).reshape(len(combos), R).mean(1)
         per = []
         for k, cands in enumerate(cat.candidates[a]):
             pos = np.searchsorted(cands, combos[:, k])
@@ -100,6 +102,14 @@ def ad_effects(
                 per.append(np.where(count > 0, total / count, np.nan) - z.mean())
         out.append(per)
     return out
+
+
+def context_mix(enc: Encoded) -> np.ndarray | None:
+    """EFFECT_CONTEXTS logged context rows (drawn with a fixed seed): the log's context mix."""
+    if not enc.ctx.shape[1]:
+        return None
+    pick = np.random.default_rng(0).choice(len(enc), min(EFFECT_CONTEXTS, len(enc)), False)
+    return enc.ctx[np.sort(pick)]
 
 
 def element_table(
@@ -118,11 +128,7 @@ def element_table(
     _, credit = bound.credit(enc.ads, enc.combos, enc.ctx)
     p = bound.ctr(enc.ads, enc.combos, enc.ctx)
     info = p * (1 - p)
-    contexts = None
-    if enc.ctx.shape[1]:
-        pick = np.random.default_rng(0).choice(len(enc), min(EFFECT_CONTEXTS, len(enc)), False)
-        contexts = enc.ctx[np.sort(pick)]
-    effects = ad_effects(bound, constraints, contexts)
+    effects = ad_effects(bound.logit, cat, constraints, context_mix(enc))
     seen = bound.model.seen.numpy()
     frames = []
     for k, comp in enumerate(cat.components):
