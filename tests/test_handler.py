@@ -566,5 +566,5 @@ def test_respond_maps_errors_to_their_status() -> None:
     err = serving.RequestError("top_k", "too big", 400)
     assert serving.respond([{"ok": 1}, err]) == [(200, {"ok": 1}), (400, err.to_dict())]
     assert serving.reason_phrase(413) == "Request Entity Too Large"
-    assert serving.request_body({"data": b"x", "body": b"y"}) == b"x"
+    assert serving.request_body({"data": b"x", "body": b"y"}) == b"y"  # JSON bodies only
     assert serving.request_body({"ad_id": AD0}) == {"ad_id": AD0}
