@@ -161,7 +161,7 @@ def test_kserve_layout_is_switched_by_its_config(mar: str, bundle_dir: str, tmp_
     assert snapshot["models"]["genco"][VERSION]["marName"] == "genco-v1.mar"
     assert snapshot["models"]["genco"][VERSION]["batchSize"] == 1  # KServe's envelope
     assert props["model_store"] == "/mnt/models/model-store"
-    assert props["disable_token_authorization"] == "true"
+    assert props["disable_token_authorization"] == "false"  # secure by default
     v2 = archive.build_mar(bundle_dir, str(tmp_path / "build"), "v2")
     archive.write_kserve_layout(v2, store, "v2")
     assert '"v2":' in Path(layout.config).read_text()
