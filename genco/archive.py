@@ -396,9 +396,12 @@ def _snapshot_version(text: str, where: str) -> str:
     return version
 
 
-def checked_members(archive: zipfile.ZipFile, where: str) -> list[zipfile.ZipInfo]:
+def checked_members(
+    archive: zipfile.ZipFile, where: str, max_bytes: int = MAX_ARCHIVE_BYTES
+) -> list[zipfile.ZipInfo]:
     """The members of a .mar, refused before extraction if any path could escape the target
-    directory (absolute, '..', backslashes, links) or the sizes exceed the bounds."""
+    directory (absolute, '..', backslashes, links) or they unpack to over ``max_bytes``
+    (zipfile never writes more than a member's declared size)."""
     members = archive.infolist()
     if len(members) > MAX_ARCHIVE_MEMBERS:
         raise ValueError(f"{where}: {len(members)} members, at most {MAX_ARCHIVE_MEMBERS}")
@@ -411,9 +414,9 @@ def checked_members(archive: zipfile.ZipFile, where: str) -> list[zipfile.ZipInf
         if (info.external_attr >> 16) & 0o170000 == 0o120000:
             raise ValueError(f"{where}: member '{name[:200]}' is a symbolic link")
         total += info.file_size
-        if total > MAX_ARCHIVE_BYTES:
+        if total > max_bytes:
             raise ValueError(
-                f"{where}: members unpack to over {MAX_ARCHIVE_BYTES} bytes; refusing to unpack"
+                f"{where}: members unpack to over {max_bytes} bytes; refusing to unpack"
             )
     return members
 
