@@ -261,3 +261,32 @@ def test_image_keeps_genco_jvm_and_rotating_log_config() -> None:
     log4j = (ROOT / "serving" / "log4j2.xml").read_text()
     assert log4j.count("<SizeBasedTriggeringPolicy") == log4j.count("<RollingFile ") == 2
     assert "<File " not in log4j
+
+
+@needs_java
+def test_genco_serve_renews_keys_before_they_expire(
+    short_lived: torchserve.ServeHandle, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The loop of a running ``genco serve --token-expiry-min`` (one pass of it)."""
+    from genco.cli_serve import _renew
+
+    h = short_lived
+    h.renew_token("inference")
+    before = h.token("inference")
+    _renew(h)  # six-second keys are always within the minute before expiry
+    assert h.token("inference") != before
+    assert f"renewed the inference key in {h.key_file}" in capsys.readouterr().err
+    resp = requests.post(
+        h.predictions_url(), json=h.sample_request, headers=h.headers(), timeout=HTTP_S
+    )
+    assert resp.status_code == 200, resp.text
+
+
+def test_cli_token_expiry_applies_to_a_bundle_not_a_layout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from genco.cli import main
+
+    args = ["serve", "--layout", str(tmp_path), "--token-expiry-min", "30"]
+    assert main(args) == 2
+    assert "--token-expiry-min applies to --model" in capsys.readouterr().err
