@@ -184,7 +184,7 @@ class Predictor:
         propensity = None
         refined = 0
         exhaustive = reward.exhaustive(policy.masks, self.exact_max) if mode == "beam" else None
-        if exhaustive is not None:
+        if exhaustive is not None and len(exhaustive.slots):  # (none: the beam says why)
             z = exhaustive.logits(reward, x)
             top = np.argsort(-z, kind="stable")[:top_k]
             slots = exhaustive.slots[top]
