@@ -38,17 +38,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> SimulationOutputs:
 
 @pytest.fixture(scope="module")
 def bundles(world: SimulationOutputs, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A trained bundle and a deliberately bad one: 1 reward epoch, an untrained generator
-    decoded greedily (beam width 1), so the reward model cannot rescue its choices."""
+    """A trained bundle and a deliberately bad one: a reward model that barely moved from its
+    initialisation (1 epoch at a tiny step, no residuals) and an untrained generator decoded
+    greedily (beam width 1). Small spaces decode exactly on the reward model, so a bad
+    bundle needs a bad reward model too."""
     root = tmp_path_factory.mktemp("eval_bundles")
     out = {}
-    for name, epochs, steps, beam in (("good", 5, 40, 16), ("bad", 1, 0, 1)):
+    for name, reward, steps, beam in (
+        ("good", RewardModelConfig(epochs=5), 40, 16),
+        ("bad", RewardModelConfig(epochs=1, lr=1e-3, residual=False), 0, 1),
+    ):
         run_train(
             world.catalog,
             world.impressions,
             str(root / name),
             world.constraints,
-            RewardModelConfig(epochs=epochs),
+            reward,
             GeneratorConfig(rl_steps=steps, beam_width=beam),
         )
         out[name] = str(root / name)

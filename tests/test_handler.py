@@ -171,7 +171,7 @@ def test_kserve_layout_is_switched_by_its_config(mar: str, bundle_dir: str, tmp_
     assert snapshot["models"]["genco"][VERSION]["marName"] == "genco-v1.mar"
     assert snapshot["models"]["genco"][VERSION]["batchSize"] == 1  # KServe's envelope
     assert props["model_store"] == "/mnt/models/model-store"
-    assert props["disable_token_authorization"] == "true"
+    assert props["disable_token_authorization"] == "false"  # secure by default
     v2 = archive.build_mar(bundle_dir, str(tmp_path / "build"), "v2")
     archive.write_kserve_layout(v2, store, "v2")
     assert '"v2":' in Path(layout.config).read_text()
@@ -573,8 +573,8 @@ def test_known_inline_elements_keep_their_catalog_features(predictor: Predictor)
 
 
 def test_respond_maps_errors_to_their_status() -> None:
-    err = RequestError("top_k", "too big", 400)
+    err = rest.RequestError("top_k", "too big", 400)
     assert rest.respond([{"ok": 1}, err]) == [(200, {"ok": 1}), (400, err.to_dict())]
     assert rest.reason_phrase(413) == "Request Entity Too Large"
-    assert rest.request_body({"data": b"x", "body": b"y"}) == b"x"
+    assert rest.request_body({"data": b"x", "body": b"y"}) == b"y"  # JSON bodies only
     assert rest.request_body({"ad_id": AD0}) == {"ad_id": AD0}

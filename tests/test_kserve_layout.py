@@ -36,17 +36,24 @@ def pod(layout: Path) -> Iterator[torchserve.ServeHandle]:
         handle.stop()
 
 
-def test_the_layout_serves_its_default_version_without_a_token(pod: torchserve.ServeHandle):
-    assert pod.version == "v2" and pod.key_file is None  # the layout's config: auth off
+def test_the_layout_serves_its_default_version_with_a_token(pod: torchserve.ServeHandle):
+    assert pod.version == "v2" and pod.key_file is not None  # the layout's config: auth on
     assert pod.sample_response is not None
     assert pod.sample_response["model_version"] == "v2"
-    resp = requests.post(pod.predictions_url(), json={**pod.sample_request, "top_k": 2}, timeout=60)
+    body = {**pod.sample_request, "top_k": 2}
+    resp = requests.post(pod.predictions_url(), json=body, headers=pod.headers(), timeout=60)
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["recommendations"]) == 2
-    bad = requests.post(pod.predictions_url(), json={"ad_id": "nope"}, timeout=60)
+    anonymous = requests.post(pod.predictions_url(), json=body, timeout=60)
+    assert anonymous.status_code in (400, 401) and "Token Authorization failed" in anonymous.text
+    bad = requests.post(
+        pod.predictions_url(), json={"ad_id": "nope"}, headers=pod.headers(), timeout=60
+    )
     assert bad.status_code == 404 and bad.json()["error"]["field"] == "ad_id"
     # Only the default version was loaded from the snapshot, not every archive in the store.
-    models = requests.get(f"{pod.management_url}/models/genco/all", timeout=60).json()
+    models = requests.get(
+        f"{pod.management_url}/models/genco/all", headers=pod.headers("management"), timeout=60
+    ).json()
     assert [m["modelVersion"] for m in models] == ["v2"]
 
 
@@ -79,7 +86,7 @@ def test_cli_serves_a_layout_once(layout: Path, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     info, _, rest = out.partition("}\n")
     info_d = json.loads(info + "}")
-    assert info_d["model_version"] == "v2" and info_d["token_auth"] is False
+    assert info_d["model_version"] == "v2" and info_d["token_auth"] is True
     response = json.loads(rest[rest.index("\n{") + 1 :])
     assert response["model_version"] == "v2" and len(response["recommendations"]) == 3
 

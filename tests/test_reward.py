@@ -98,7 +98,14 @@ def test_cold_start_elements_are_scored_from_features():
     table = element_table(b, encode(log, world.catalog))
     cold_rows = table[table.cold]
     assert (cold_rows.impressions == 0).all() and cold_rows.effect.notna().all()
-    assert len(cold_rows) == len(cold_l)
+    # One row per (ad, candidate): every cold element appears, under each ad that offers it.
+    cold_ids = {
+        (comp, world.catalog.elements[k][e])
+        for k, comp in enumerate(world.catalog.components)
+        for e in np.flatnonzero(world.truth.cold[k])
+        if any(e in world.catalog.candidates[a][k] for a in range(world.catalog.n_ads))
+    }
+    assert set(zip(cold_rows.component, cold_rows.element_id)) == cold_ids
 
 
 def test_bundle_round_trip_and_tamper_check(tmp_path, additive):
@@ -130,7 +137,7 @@ def test_fit_and_attribute_writes_tables_next_to_the_model(tmp_path):
     credits = per_imp[[f"credit_{c}" for c in world.catalog.components]].sum(axis=1)
     np.testing.assert_allclose(credits, per_imp["creative_logit"], atol=1e-5)
     per_el = pd.read_csv(tmp_path / ELEMENT_FILE, dtype={"element_id": str})
-    assert len(per_el) == sum(len(e) for e in world.catalog.elements)
+    assert len(per_el) == sum(len(c) for per in world.catalog.candidates for c in per)
     assert per_el.impressions.sum() == len(log) * world.catalog.n_components
     shown = per_el[per_el.impressions > 0]
     assert (shown.ci_low < shown.effect).all() and (shown.effect < shown.ci_high).all()

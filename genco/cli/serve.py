@@ -12,11 +12,17 @@ import json
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 import requests
 
 from genco.cli.common import print_json as _print_json
 from genco.errors import ConfigError
+
+if TYPE_CHECKING:
+    from genco.serving.torchserve import ServeHandle
+
+RENEW_BEFORE_S = 60.0
 
 
 def _curl(url: str, body: dict, key_file: str | None) -> str:
@@ -32,22 +38,52 @@ def _curl(url: str, body: dict, key_file: str | None) -> str:
     return "\n".join(lines)
 
 
+def _expiry(handle: ServeHandle) -> str | None:
+    expiry = handle.token_expiry("inference")
+    return expiry.isoformat() if expiry else None
+
+
+def _renew(handle: ServeHandle) -> None:
+    """Renew keys a minute before they expire, so "serving" stays true for key-file readers
+    (with the default expiry this never happens while the server runs)."""
+    from genco.serving.archive import ManagementError
+
+    if handle.key_file is None:
+        return
+    try:
+        renewed = handle.renew_expiring(RENEW_BEFORE_S)
+    except (OSError, ValueError, ManagementError, requests.RequestException) as exc:
+        # TorchServe busy or restarting: tried again next second
+        print(f"could not renew a key yet: {exc}", file=sys.stderr)
+        return
+    for api in renewed:
+        print(f"renewed the {api} key in {handle.key_file}", file=sys.stderr)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from genco.serving.torchserve import serve, serve_layout
 
     print("starting TorchServe (Java frontend + Python worker) ...", file=sys.stderr)
     if args.layout:
-        for flag, value in (("--port-base", args.port_base), ("--no-auth", args.no_auth)):
+        for flag, value in (
+            ("--port-base", args.port_base),
+            ("--no-auth", args.no_auth),
+            ("--token-expiry-min", args.token_expiry_min),
+        ):
             if value:
                 raise ConfigError(f"{flag} applies to --model; a layout brings its own config")
         handle = serve_layout(args.layout, startup_timeout_s=args.startup_timeout)
     else:
+        expiry = (
+            {} if args.token_expiry_min is None else {"token_expiry_min": args.token_expiry_min}
+        )
         handle = serve(
             args.model,
             port_base=args.port_base,
             token_auth=not args.no_auth,
             workers=args.workers,
             startup_timeout_s=args.startup_timeout,
+            **expiry,
         )
     with handle:
         _print_json(
@@ -58,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 "metrics_url": handle.metrics_url,
                 "token_auth": handle.key_file is not None,
                 "key_file": handle.key_file,
+                "token_expires": _expiry(handle),
                 "workdir": handle.workdir,
             }
         )
@@ -72,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             while not stop.wait(1.0) and handle.process.poll() is None:
-                pass
+                _renew(handle)
         except KeyboardInterrupt:
             pass
         if handle.process.poll() is not None:
@@ -90,7 +127,8 @@ def cmd_archive(args: argparse.Namespace) -> None:
         token = args.token or (read_token(args.key_file) if args.key_file else None)
         management = ManagementClient(args.management_url, token)
     try:
-        _print_json(publish(args.model, args.store, version, management))
+        token_auth = False if args.no_token_auth else None
+        _print_json(publish(args.model, args.store, version, management, token_auth=token_auth))
     except (ManagementError, requests.RequestException) as exc:
         # The server or its URL is the user's to fix; the layout still serves the old version.
         raise ConfigError(f"{args.management_url}: {exc}") from exc
@@ -125,6 +163,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="disable TorchServe token authorization (local demos only)",
     )
+    s.add_argument(
+        "--token-expiry-min",
+        type=float,
+        default=None,
+        help="minutes the inference and management keys last (TorchServe's "
+        "token_expiration_min; default genco.serving.archive.TOKEN_EXPIRY_MIN, ten years: "
+        "as long as "
+        "the server runs). Shorter keys are renewed a minute before they expire, in the key "
+        "file",
+    )
     s.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     s.add_argument(
         "--startup-timeout", type=float, default=180.0, help="seconds to wait (default 180)"
@@ -147,4 +195,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--management-url", default=None, help="TorchServe management API URL")
     a.add_argument("--token", default=None, help="management API key")
     a.add_argument("--key-file", default=None, help="TorchServe key_file.json to read it from")
+    a.add_argument(
+        "--no-token-auth",
+        action="store_true",
+        help="publish the layout with TorchServe token auth off: only where an authenticating "
+        "ingress fronts the InferenceService (default: on; a switch keeps the layout's setting)",
+    )
     a.set_defaults(func=cmd_archive)

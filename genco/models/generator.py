@@ -49,6 +49,14 @@ class GeneratorConfig:
         default=0, metadata={"help": "Behaviour-cloning steps on clicked logs before RL."}
     )
     beam_width: int = field(default=32, metadata={"help": "Beams kept while decoding."})
+    explore: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share of sampled (mode 'sample') impressions drawn uniformly over the "
+            "ad's legal combinations instead of from the policy: every legal combination "
+            "then has a propensity of at least explore / (prod of its candidate counts)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for init and sampling."})
 
     def __post_init__(self) -> None:
@@ -66,6 +74,8 @@ class GeneratorConfig:
             raise ValueError(f"entropy must be >= 0, got {self.entropy}")
         if self.credit not in CREDITS:
             raise ValueError(f"credit must be one of {', '.join(CREDITS)}, got '{self.credit}'")
+        if not 0.0 <= self.explore <= 1.0:
+            raise ValueError(f"explore must be in [0, 1], got {self.explore}")
 
 
 class GeneratorSample(NamedTuple):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -45,7 +45,11 @@ class RewardModelConfig:
     batch_size: int = field(default=4096, metadata={"help": "Impressions per gradient step."})
     lr: float = field(default=0.01, metadata={"help": "Adam learning rate."})
     l2_id: float = field(
-        default=1e-5, metadata={"help": "L2 on id embeddings (pulls rare elements to features)."}
+        default=0.0,
+        metadata={
+            "help": "L2 on id embeddings (pulls rare elements to their feature prediction); "
+            "0 = chosen on the held-out slice from L2_ID_GRID."
+        },
     )
     l2_dense: float = field(default=1e-6, metadata={"help": "L2 on feature projections."})
     val_fraction: float = field(
@@ -60,6 +64,29 @@ class RewardModelConfig:
     )
     max_weight: float = field(default=20.0, metadata={"help": "Clip of normalised weights."})
     init_scale: float = field(default=0.05, metadata={"help": "SD of initial interaction vectors."})
+    feature_hidden: int = field(
+        default=0,
+        metadata={
+            "help": "Hidden units of each component's feature tower (element features to "
+            "main-effect coefficients and interaction vectors, beside the linear map); "
+            "0 = linear only."
+        },
+    )
+    residual: bool = field(
+        default=True,
+        metadata={
+            "help": "Per (ad, combination) residual on top of the structure, shrunk by its own "
+            "traffic (empirical Bayes): the observed CTR where traffic is plenty, the "
+            "structure where it is thin."
+        },
+    )
+    residual_sd: float = field(
+        default=0.0,
+        metadata={
+            "help": "Prior SD of the residuals on the logit; 0 = chosen on the held-out slice "
+            "from RESIDUAL_SD_GRID."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for init, split and shuffling."})
 
     def __post_init__(self) -> None:
@@ -67,7 +94,7 @@ class RewardModelConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("l2_id", "l2_dense"):
+        for name in ("l2_id", "l2_dense", "residual_sd", "feature_hidden"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -89,6 +116,12 @@ class RewardModel(nn.Module):
         K, F, C = register_vocab_buffers(self, vocab)
         d = config.dim
         self.register_buffer("seen", torch.zeros(self.n_elements + 1, dtype=torch.bool))
+        # Combination residuals: rows (ad index, global element index per component) and
+        # their shrunk logit offsets; sized by the data, so loading resizes them.
+        self.register_buffer("residual_keys", torch.zeros(0, 1 + K, dtype=torch.long))
+        self.register_buffer("residual_values", torch.zeros(0))
+        self.register_buffer("residual_sd", torch.zeros(()))
+        self._residual_index: ResidualIndex | None = None
         self.bias = nn.Parameter(torch.zeros(()))
         self.appeal = nn.Embedding(len(vocab.ads) + 1, 1, padding_idx=len(vocab.ads))
         self.ctx_w = nn.Parameter(torch.zeros(C))
@@ -97,6 +130,12 @@ class RewardModel(nn.Module):
         self.w_main = nn.Parameter(torch.zeros(K, max(F, 1), 1 + C))
         self.id_ffm = nn.Embedding(self.n_elements + 1, K * d, padding_idx=self.n_elements)
         self.w_ffm = nn.Parameter(torch.zeros(K, max(F, 1), K * d))
+        # Nonlinear part of the feature map, one small tower per component.
+        H = config.feature_hidden if F else 0
+        self.tower = nn.ModuleList(
+            nn.Sequential(nn.Linear(F, H), nn.Tanh(), nn.Linear(H, 1 + C + K * d))
+            for _ in range(K if H else 0)
+        )
         g = torch.Generator().manual_seed(config.seed)
         with torch.no_grad():
             nn.init.zeros_(self.appeal.weight)
@@ -104,6 +143,11 @@ class RewardModel(nn.Module):
             self.id_ffm.weight.normal_(0.0, config.init_scale, generator=g)
             self.id_ffm.weight[self.n_elements].zero_()
             self.w_ffm.normal_(0.0, config.init_scale / math.sqrt(max(F, 1)), generator=g)
+            for t in self.tower:
+                t[0].weight.normal_(0.0, 1.0 / math.sqrt(F), generator=g)
+                t[0].bias.normal_(0.0, 0.5, generator=g)
+                t[2].weight.normal_(0.0, config.init_scale / math.sqrt(H), generator=g)
+                t[2].bias.zero_()
         self.K, self.F, self.C, self.d = K, F, C, d
 
     def parts(
@@ -121,19 +165,104 @@ class RewardModel(nn.Module):
         base = self.bias + x @ self.ctx_w
         if self.config.use_appeal:
             base = base + self.appeal(ad)[:, 0]
-        coef = self.id_main(elem) + torch.einsum("bkf,kfc->bkc", f, self.w_main)  # (B, K, 1+C)
+        feat_main, feat_ffm = self.feature_terms(f)
+        coef = self.id_main(elem) + feat_main  # (B, K, 1+C)
         main = coef[..., 0] + (coef[..., 1:] * x[:, None, :]).sum(-1)  # (B, K)
         if not self.config.use_interactions:
             return base, main, main.new_zeros(B, K, K)
-        v = self.id_ffm(elem) + torch.einsum("bkf,kfm->bkm", f, self.w_ffm)  # (B, K, K*d)
+        v = self.id_ffm(elem) + feat_ffm  # (B, K, K*d)
         v = v.view(B, K, K, self.d)  # v[b, k, l]: element of field k facing field l
         inter = (v * v.transpose(1, 2)).sum(-1)  # (B, K, K)
         inter = inter * (1 - torch.eye(K, dtype=inter.dtype))
         return base, main, inter
 
+    def feature_terms(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised features f (B, K, F) -> what they add to each element's main-effect
+        coefficients (B, K, 1 + C) and interaction vectors (B, K, K * d)."""
+        main = torch.einsum("bkf,kfc->bkc", f, self.w_main)
+        ffm = torch.einsum("bkf,kfm->bkm", f, self.w_ffm)
+        if len(self.tower):
+            out = torch.stack([t(f[:, k]) for k, t in enumerate(self.tower)], 1)
+            main, ffm = main + out[..., : 1 + self.C], ffm + out[..., 1 + self.C :]
+        return main, ffm
+
     def forward(self, ad, elem, feats, ctx) -> torch.Tensor:
+        """The structural logit (no combination residual): what gradient training fits."""
         base, main, inter = self.parts(ad, elem, feats, ctx)
         return base + main.sum(1) + inter.sum((1, 2)) / 2
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name in ("residual_keys", "residual_values", "residual_sd"):
+            saved = state_dict.get(prefix + name)
+            if saved is None:  # a bundle from before residuals existed: none
+                state_dict[prefix + name] = getattr(self, name)
+            elif name != "residual_sd":  # the residual table's size comes from the data
+                setattr(self, name, torch.empty_like(saved))
+        self._residual_index = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def set_residuals(self, keys: np.ndarray, values: np.ndarray, sd: float) -> None:
+        """keys (R, 1 + K) int64 (ad index, global element indices); values (R,) logits."""
+        self.residual_keys = torch.as_tensor(keys, dtype=torch.long)
+        self.residual_values = torch.as_tensor(values, dtype=torch.float32)
+        self.residual_sd.fill_(float(sd))
+        self._residual_index = None
+
+    def residual(self, keys: np.ndarray) -> np.ndarray:
+        """(B,) residual logit of rows (B, 1 + K) (ad index, global element indices); 0 where
+        the combination has none."""
+        if len(self.residual_values) == 0:
+            return np.zeros(len(keys), np.float32)
+        if self._residual_index is None:
+            self._residual_index = ResidualIndex(
+                self.residual_keys.numpy(), self.residual_values.numpy()
+            )
+        return self._residual_index.lookup(keys)
+
+    def residuals_of_ad(self, ad_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The residual rows (R_a, K) global element indices, and values, of one ad."""
+        if len(self.residual_values) == 0:
+            return np.zeros((0, self.K), np.int64), np.zeros(0, np.float32)
+        if self._residual_index is None:
+            self._residual_index = ResidualIndex(
+                self.residual_keys.numpy(), self.residual_values.numpy()
+            )
+        return self._residual_index.of_ad(ad_index)
+
+
+def _row_hash(rows: np.ndarray) -> np.ndarray:
+    """A 64-bit hash per int64 row (splitmix64 steps over the columns)."""
+    h = np.zeros(len(rows), np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(rows.shape[1]):
+            h = (h ^ rows[:, j].astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)
+            h ^= h >> np.uint64(31)
+    return h
+
+
+class ResidualIndex:
+    """Exact lookup of int64 rows: sorted row hashes, then the rows compared, so a hash
+    collision gives no residual rather than a wrong one."""
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray) -> None:
+        h = _row_hash(keys)
+        order = np.argsort(h, kind="stable")
+        self.hash, self.keys, self.values = h[order], keys[order], values[order]
+
+    def of_ad(self, ad_index: int) -> tuple[np.ndarray, np.ndarray]:
+        if not hasattr(self, "_by_ad"):
+            order = np.argsort(self.keys[:, 0], kind="stable")
+            self._by_ad = (self.keys[order], self.values[order])
+        keys, values = self._by_ad
+        lo, hi = np.searchsorted(keys[:, 0], [ad_index, ad_index + 1])
+        return keys[lo:hi, 1:], values[lo:hi]
+
+    def lookup(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        h = _row_hash(rows)
+        at = np.minimum(np.searchsorted(self.hash, h), len(self.hash) - 1)
+        hit = (self.hash[at] == h) & np.all(self.keys[at] == rows, axis=1)
+        return np.where(hit, self.values[at], 0.0).astype(np.float32)
 
 
 class BoundModel:
@@ -187,9 +316,17 @@ class BoundModel:
         base, main, inter = self.model.parts(*self._inputs(ads, combos, ctx))
         return base.numpy(), main.numpy(), inter.numpy()
 
+    def residual(self, ads: np.ndarray, combos: np.ndarray) -> np.ndarray:
+        """(B,) the combination residual of catalog-coded rows (0 where none)."""
+        if len(self.model.residual_values) == 0:
+            return np.zeros(len(ads), np.float32)
+        g = torch.as_tensor(combos + self.cat_offsets[None, :], dtype=torch.long)
+        rows = np.column_stack([self.ad_map[torch.as_tensor(ads)].numpy(), self.elem_map[g]])
+        return self.model.residual(rows)
+
     def logit(self, ads: np.ndarray, combos: np.ndarray, ctx: np.ndarray | None = None):
         base, main, inter = self.parts(ads, combos, ctx)
-        return base + main.sum(1) + inter.sum((1, 2)) / 2
+        return base + main.sum(1) + inter.sum((1, 2)) / 2 + self.residual(ads, combos)
 
     def ctr(self, ads: np.ndarray, combos: np.ndarray, ctx: np.ndarray | None = None):
         return 1.0 / (1.0 + np.exp(-self.logit(ads, combos, ctx)))
@@ -197,11 +334,23 @@ class BoundModel:
     def credit(self, ads: np.ndarray, combos: np.ndarray, ctx: np.ndarray | None = None):
         """Shapley credit per element (B, K): main effect plus half of each pairwise term.
 
-        For a model with only main and pairwise terms this is the exact Shapley value, and it
-        sums to the creative logit (logit minus base) row by row.
+        The combination residual is a K-way term, so each element gets an equal 1/K share. This
+        is the exact Shapley value of the model, and it sums to the creative logit (logit minus
+        base) row by row.
         """
         base, main, inter = self.parts(ads, combos, ctx)
-        return base, main + inter.sum(-1) / 2
+        share = self.residual(ads, combos)[:, None] / main.shape[1]
+        return base, main + inter.sum(-1) / 2 + share
+
+    def _component_features(self, k: int, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised features (N, F) of component k's elements -> feature terms."""
+        m = self.model
+        main = f @ m.w_main[k]
+        ffm = f @ m.w_ffm[k]
+        if len(m.tower):
+            out = m.tower[k](f)
+            main, ffm = main + out[:, : 1 + m.C], ffm + out[:, 1 + m.C :]
+        return main, ffm
 
     @torch.no_grad()
     def tables(self, ad: int, slot_codes: list[np.ndarray]) -> RewardTables:
@@ -214,8 +363,9 @@ class BoundModel:
             g = torch.as_tensor(np.maximum(codes, 0) + self.cat_offsets[k], dtype=torch.long)
             elem, f = self.elem_map[g], self.feat_table[g]
             f = (f - m.feat_mean[k]) / m.feat_std[k] if m.F else torch.zeros(len(g), 1)
-            main.append((m.id_main(elem) + f @ m.w_main[k]).numpy())  # (M_k, 1 + C)
-            v = m.id_ffm(elem) + f @ m.w_ffm[k]
+            fm, fv = self._component_features(k, f)
+            main.append((m.id_main(elem) + fm).numpy())  # (M_k, 1 + C)
+            v = m.id_ffm(elem) + fv
             vec.append(v.view(len(g), K, m.d))  # [slot, l]: facing component l
         pair = {}  # no pairwise terms: no tables
         if m.config.use_interactions:
@@ -233,7 +383,26 @@ class BoundModel:
             ctx_std=m.ctx_std.numpy().copy(),
             main=main,
             pair=pair,
+            residual=self._slot_residuals(ad, slot_codes),
         )
+
+    def _slot_residuals(self, ad: int, slot_codes: list[np.ndarray]):
+        """The ad's combination residuals as (slots (R, K), values (R,)), dropping rows
+        with an element that is not one of the ad's slots now."""
+        rows, values = self.model.residuals_of_ad(int(self.ad_map[ad]))
+        if len(rows) == 0:
+            return None
+        slots = np.zeros(rows.shape, np.int64)
+        keep = np.ones(len(rows), bool)
+        for k, codes in enumerate(slot_codes):
+            g = self.elem_map[np.maximum(codes, 0) + self.cat_offsets[k]].numpy()
+            g = np.where(codes >= 0, g, -1)
+            order = np.argsort(g)
+            at = np.minimum(np.searchsorted(g[order], rows[:, k]), len(g) - 1)
+            found = g[order][at] == rows[:, k]
+            slots[:, k] = order[at]
+            keep &= found
+        return (slots[keep], values[keep]) if keep.any() else None
 
     @torch.no_grad()
     def element_effects(self, ctx: np.ndarray | None = None) -> list[np.ndarray]:
@@ -252,11 +421,12 @@ class BoundModel:
         comp_t = torch.as_tensor(comp_of)
         f = self.feat_table
         f = (f - m.feat_mean[comp_t]) / m.feat_std[comp_t] if m.F else torch.zeros(n_cat, 1)
-        coef = m.id_main(self.elem_map) + torch.einsum("nf,nfc->nc", f, m.w_main[comp_t])
+        parts = [self._component_features(k, f[comp_of == k]) for k in range(K)]
+        coef = m.id_main(self.elem_map) + torch.cat([p[0] for p in parts])
         main = coef[:, 0] + (coef[:, 1:] * x).sum(-1)  # (n_cat,)
         out = main.clone()
         if m.config.use_interactions:
-            v = m.id_ffm(self.elem_map) + torch.einsum("nf,nfm->nm", f, m.w_ffm[comp_t])
+            v = m.id_ffm(self.elem_map) + torch.cat([p[1] for p in parts])
             v = v.view(n_cat, K, m.d)  # v[n, l]: element n facing field l
             mean_facing = torch.stack(
                 [v[torch.as_tensor(comp_of == k)].mean(0) for k in range(K)]
@@ -279,6 +449,8 @@ class TrainReport:
     split: str
     seconds: float
     history: list[dict]
+    # What was chosen on the held-out slice (l2_id, residual_sd) with the losses behind it.
+    tuning: dict = field(default_factory=dict)
 
 
 def _split(enc: Encoded, config: RewardModelConfig) -> tuple[np.ndarray, np.ndarray, str]:
@@ -300,12 +472,76 @@ def train_reward_model(
     progress: bool = False,
     init: RewardModel | None = None,
 ) -> tuple[RewardModel, TrainReport]:
-    """Fit the reward model by weighted BCE with early stopping on a held-out split.
+    """Fit the reward model: the structure by weighted BCE with early stopping on a held-out
+    split, then (``config.residual``) the combination residuals by empirical Bayes.
 
     init: a previous model to warm start from (same vocabulary), e.g. production.
     """
     config = config or RewardModelConfig()
     enc = impressions if isinstance(impressions, Encoded) else encode(impressions, catalog)
+    _check_learnable(enc)
+    if config.propensity_weighting and enc.propensity is None:
+        raise ValueError("propensity_weighting needs a 'propensity' column")
+    torch.manual_seed(config.seed)
+    model = RewardModel(Vocab.from_catalog(catalog, enc.context_columns), config)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    bound = BoundModel(model, catalog)
+    tr, va, split = _split(enc, config)
+    weights = _weights(enc, tr, config)
+    fit_scalers(model, catalog, enc.ctx[tr])
+    with torch.no_grad():
+        rate = float(enc.click[tr].mean())
+        if init is None:
+            model.bias.fill_(math.log(rate / (1 - rate)))
+    t0 = time.perf_counter()
+    history, best_epoch, tuning = _fit_tuned(model, bound, enc, tr, va, weights, config, progress)
+    residual: dict = {}
+    if config.residual:
+        residual = fit_residuals(model, bound, enc, tr, va, weights)
+    report = TrainReport(
+        len(history),
+        best_epoch,
+        len(tr),
+        len(va),
+        split,
+        time.perf_counter() - t0,
+        history,
+        {**tuning, **residual},
+    )
+    return model, report
+
+
+# Strengths tried for the id embeddings' L2 when the config leaves it at 0.
+L2_ID_GRID = (1e-3, 1e-2, 1e-1)
+
+
+def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[list, int, dict]:
+    """``_fit_structure`` once with ``config.l2_id``, or (l2_id = 0) once per L2_ID_GRID value
+    from the same start, keeping the one with the best held-out loss."""
+    if config.l2_id > 0 or not len(va):
+        l2 = config.l2_id if config.l2_id > 0 else L2_ID_GRID[len(L2_ID_GRID) // 2]
+        history, best_epoch = _fit_structure(
+            model, bound, enc, tr, va, weights, replace(config, l2_id=l2), progress
+        )
+        return history, best_epoch, {"l2_id": l2}
+    start = copy.deepcopy(model.state_dict())
+    best = None
+    losses = {}
+    for l2 in L2_ID_GRID:
+        model.load_state_dict(start)
+        history, best_epoch = _fit_structure(
+            model, bound, enc, tr, va, weights, replace(config, l2_id=l2), progress
+        )
+        losses[str(l2)] = min(h["val_loss"] for h in history)
+        if best is None or losses[str(l2)] < best[0]:
+            best = (losses[str(l2)], l2, copy.deepcopy(model.state_dict()), history, best_epoch)
+    _, l2, state, history, best_epoch = best
+    model.load_state_dict(state)
+    return history, best_epoch, {"l2_id": l2, "l2_id_val_loss": losses}
+
+
+def _check_learnable(enc: Encoded) -> None:
     if len(enc) == 0:
         raise ValueError("impressions: no rows to learn from")
     if enc.click.sum() == 0:
@@ -314,87 +550,138 @@ def train_reward_model(
         raise ValueError(
             "impressions: every impression was clicked; a click model cannot be learned"
         )
-    vocab = Vocab.from_catalog(catalog, enc.context_columns)
-    torch.manual_seed(config.seed)
-    model = RewardModel(vocab, config)
-    if init is not None:
-        model.load_state_dict(init.state_dict())
-    bound = BoundModel(model, catalog)
-    tr, va, split = _split(enc, config)
 
-    # Standardise features over each component's vocabulary and contexts over training rows.
-    fit_scalers(model, catalog, enc.ctx[tr])
-    with torch.no_grad():
-        rate = float(enc.click[tr].mean())
-        if init is None:
-            model.bias.fill_(math.log(rate / (1 - rate)))
 
-    def tensors(idx: np.ndarray):
-        ad, elem, feats, x = bound._inputs(enc.ads[idx], enc.combos[idx], enc.ctx[idx])
-        return ad, elem, feats, x, torch.as_tensor(enc.click[idx])
+def _weights(enc: Encoded, tr: np.ndarray, config: RewardModelConfig) -> np.ndarray:
+    """(n,) impression weights: 1, or 1/propensity normalised to mean 1 on the training rows
+    and clipped."""
+    if not config.propensity_weighting:
+        return np.ones(len(enc))
+    w = 1.0 / enc.propensity
+    return np.minimum(w / w[tr].mean(), config.max_weight)
 
-    train_t = tensors(tr)
-    val_t = tensors(va) if len(va) else None
-    weights = torch.ones(len(tr))
-    if config.propensity_weighting:
-        if enc.propensity is None:
-            raise ValueError("propensity_weighting needs a 'propensity' column")
-        w = 1.0 / enc.propensity[tr]
-        weights = torch.as_tensor(np.minimum(w / w.mean(), config.max_weight), dtype=torch.float32)
+
+@dataclass
+class _Rows:
+    """Impressions as model inputs, identical ones merged: ``weight`` sums their weights and
+    ``y`` is their weighted click rate (the same BCE, fewer rows)."""
+
+    ad: torch.Tensor
+    elem: torch.Tensor
+    feats: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    weight: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, b: torch.Tensor) -> tuple:
+        return self.ad[b], self.elem[b], self.feats[b], self.x[b], self.y[b], self.weight[b]
+
+
+# Merge identical impressions only when that shrinks the rows at least this much.
+MIN_MERGE_RATIO = 4.0
+
+
+def _merge(
+    enc: Encoded, idx: np.ndarray, weights: np.ndarray, force: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Identical impressions (ad, combination, context) among rows ``idx`` merged, when that
+    shrinks them by MIN_MERGE_RATIO (or ``force``): (one row index each, summed weight,
+    weighted click rate)."""
+    keys = np.column_stack([enc.ads[idx], enc.combos[idx], enc.ctx[idx].view(np.int32)])
+    h = _row_hash(keys.astype(np.int64))
+    uniq, first, group = np.unique(h, return_index=True, return_inverse=True)
+    w, y = weights[idx], enc.click[idx].astype(np.float64)
+    if not force and len(uniq) * MIN_MERGE_RATIO > len(idx):
+        return idx, w, y
+    group = group.reshape(-1)
+    wsum = np.bincount(group, w, len(uniq))
+    y = np.bincount(group, w * y, len(uniq)) / np.maximum(wsum, 1e-12)
+    return idx[first], wsum, y
+
+
+def _rows(bound: BoundModel, enc: Encoded, idx: np.ndarray, weights: np.ndarray) -> _Rows:
+    idx, w, y = _merge(enc, idx, weights)
+    ad, elem, feats, x = bound._inputs(enc.ads[idx], enc.combos[idx], enc.ctx[idx])
+    return _Rows(
+        ad,
+        elem,
+        feats,
+        x,
+        torch.as_tensor(y, dtype=torch.float32),
+        torch.as_tensor(w, dtype=torch.float32),
+    )
+
+
+def _fit_structure(
+    model: RewardModel,
+    bound: BoundModel,
+    enc: Encoded,
+    tr: np.ndarray,
+    va: np.ndarray,
+    weights: np.ndarray,
+    config: RewardModelConfig,
+    progress: bool,
+) -> tuple[list[dict], int]:
+    """Adam on weighted BCE; each plateau of the held-out loss goes back to the best weights
+    with half the step; stops after ``patience`` plateaus. Returns (history, best epoch)."""
+    train = _rows(bound, enc, tr, weights)
+    val = _rows(bound, enc, va, np.ones(len(enc))) if len(va) else None
     with torch.no_grad():
         seen = torch.zeros(model.n_elements + 1, dtype=torch.bool)
-        seen[train_t[1].unique()] = True
+        seen[train.elem.unique()] = True
         seen[model.n_elements] = False
         model.seen.copy_(seen)
-
+    # As many steps per epoch as unmerged rows would take; merged rows make each step smaller.
+    steps = max(1, math.ceil(len(tr) / config.batch_size))
+    per_step = min(config.batch_size, max(64, math.ceil(len(train) / steps)))
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     bce = nn.BCEWithLogitsLoss(reduction="none")
     g = torch.Generator().manual_seed(config.seed)
     best, best_loss, best_epoch, bad_epochs = None, float("inf"), 0, 0
     history: list[dict] = []
-    t0 = time.perf_counter()
     from tqdm import tqdm
 
     bar = tqdm(range(config.epochs), desc="reward model", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
-        perm = torch.randperm(len(tr), generator=g)
-        total = 0.0
-        for s in range(0, len(tr), config.batch_size):
-            b = perm[s : s + config.batch_size]
-            ad, elem, feats, x, y = (t[b] for t in train_t)
-            logit = model(ad, elem, feats, x)
-            loss = (bce(logit, y) * weights[b]).mean()
-            total += float(loss.detach()) * len(b)
+        reps = math.ceil(steps * per_step / len(train))
+        perm = torch.cat([torch.randperm(len(train), generator=g) for _ in range(reps)])
+        total, seen_w = 0.0, 0.0
+        for s in range(0, min(len(perm), steps * per_step), per_step):
+            ad, elem, feats, x, y, w = train.batch(perm[s : s + per_step])
+            raw = (bce(model(ad, elem, feats, x), y) * w).sum()
+            total, seen_w = total + float(raw.detach()), seen_w + float(w.sum())
+            loss = raw / w.sum()
             if config.l2_id:
                 loss = loss + config.l2_id * (
                     model.id_main(elem).pow(2).sum()
                     + model.id_ffm(elem).pow(2).sum()
                     + model.appeal(ad).pow(2).sum()
-                ) / len(b)
+                ) / len(y)
             if config.l2_dense:
                 loss = loss + config.l2_dense * (
-                    model.w_main.pow(2).sum() + model.w_ffm.pow(2).sum()
+                    model.w_main.pow(2).sum()
+                    + model.w_ffm.pow(2).sum()
+                    + sum(p.pow(2).sum() for t in model.tower for p in t.parameters())
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        record = {"epoch": epoch + 1, "train_loss": total / len(tr)}
-        if val_t is not None:
+        record = {"epoch": epoch + 1, "train_loss": total / seen_w}
+        if val is not None:
             model.eval()
             with torch.no_grad():
-                ad, elem, feats, x, y = val_t
-                record["val_loss"] = float(bce(model(ad, elem, feats, x), y).mean())
+                z = model(val.ad, val.elem, val.feats, val.x)
+                record["val_loss"] = float((bce(z, val.y) * val.weight).sum() / val.weight.sum())
         history.append(record)
         bar.set_postfix({k: round(v, 5) for k, v in record.items() if k != "epoch"})
         score = record.get("val_loss", record["train_loss"])
         if score < best_loss - 1e-6:
-            best, best_loss, best_epoch, bad_epochs = (
-                copy.deepcopy(model.state_dict()),
-                score,
-                epoch + 1,
-                0,
-            )
+            best = copy.deepcopy(model.state_dict())
+            best_loss, best_epoch, bad_epochs = score, epoch + 1, 0
         else:
             # Back to the best weights with half the step size: noisy Adam steps around the
             # optimum, not the model, were what stopped the improvement.
@@ -411,7 +698,94 @@ def train_reward_model(
         model.id_main.weight[~model.seen] = 0.0
         model.id_ffm.weight[~model.seen] = 0.0
     model.eval()
-    report = TrainReport(
-        len(history), best_epoch, len(tr), len(va), split, time.perf_counter() - t0, history
-    )
-    return model, report
+    return history, best_epoch
+
+
+# Prior SDs (logit scale) tried for the combination residuals on the held-out slice; 0 = none.
+RESIDUAL_SD_GRID = (0.0, 0.03, 0.06, 0.12, 0.25, 0.5, 1.0)
+
+
+def _residual_newton(
+    group: np.ndarray, n_groups: int, s: np.ndarray, y: np.ndarray, w: np.ndarray, sd: float
+) -> np.ndarray:
+    """Posterior mode of r_g under logit = s + r_g, r_g ~ N(0, sd^2), by Newton steps on all
+    groups at once. group (n,) in [0, n_groups); s (n,) structural logits; y (n,) click
+    rates of rows with weight (impressions) w (n,)."""
+    r = np.zeros(n_groups)
+    if sd <= 0:
+        return r
+    prec = 1.0 / sd**2
+    for _ in range(8):
+        p = 1.0 / (1.0 + np.exp(-(s + r[group])))
+        grad = np.bincount(group, w * (y - p), n_groups) - prec * r
+        hess = np.bincount(group, w * p * (1 - p), n_groups) + prec
+        step = grad / hess
+        r += step
+        if np.abs(step).max() < 1e-4:
+            break
+    return r
+
+
+def _weighted_log_loss(y: np.ndarray, z: np.ndarray, w: np.ndarray) -> float:
+    return float(np.sum(w * (np.logaddexp(0.0, z) - y * z)) / np.sum(w))
+
+
+@torch.no_grad()
+def fit_residuals(
+    model: RewardModel,
+    bound: BoundModel,
+    enc: Encoded,
+    train: np.ndarray,
+    val: np.ndarray,
+    weights: np.ndarray,
+    batch: int = 262_144,
+) -> dict:
+    """Fit the per (ad, combination) residuals on top of the trained structure.
+
+    The prior SD is chosen on the held-out slice (residuals fitted on ``train``, scored on
+    ``val``), unless the config fixes it; the residuals are then refitted on every row, so the
+    latest traffic counts too. Returns what was chosen and the held-out losses per SD.
+    """
+
+    def merged(idx: np.ndarray, w: np.ndarray):
+        """Rows merged by (ad, combination, context): structural logit, group, y, weight."""
+        idx, w, y = _merge(enc, idx, w, force=True)
+        s = np.zeros(len(idx))
+        for i in range(0, len(idx), batch):
+            part = idx[i : i + batch]
+            s[i : i + batch] = model(*bound._inputs(enc.ads[part], enc.combos[part], enc.ctx[part]))
+        g = torch.as_tensor(enc.combos[idx] + bound.cat_offsets[None, :], dtype=torch.long)
+        rows = np.column_stack(
+            [bound.ad_map[torch.as_tensor(enc.ads[idx])].numpy(), bound.elem_map[g]]
+        )
+        return rows, s, y, w
+
+    everything = np.arange(len(enc))
+    rows, s, y, w = merged(everything, weights)
+    keys, group = np.unique(_row_hash(rows), return_inverse=True)
+    group = group.reshape(-1)
+    n_groups = len(keys)
+    losses: dict[str, float] = {}
+    sd = model.config.residual_sd
+    if sd == 0 and len(val):
+        rows_t, s_t, y_t, w_t = merged(train, weights)
+        rows_v, s_v, y_v, w_v = merged(val, np.ones(len(enc)))
+        g_t = np.searchsorted(keys, _row_hash(rows_t))
+        g_v = np.searchsorted(keys, _row_hash(rows_v))
+        in_train = np.zeros(n_groups, bool)
+        in_train[g_t] = True
+        for cand in RESIDUAL_SD_GRID:
+            r = _residual_newton(g_t, n_groups, s_t, y_t, w_t, cand)
+            z = s_v + np.where(in_train[g_v], r[g_v], 0.0)
+            losses[str(cand)] = _weighted_log_loss(y_v, z, w_v)
+        sd = float(min(RESIDUAL_SD_GRID, key=lambda c: (losses[str(c)], c)))
+    r = _residual_newton(group, n_groups, s, y, w, sd)
+    first = np.zeros(n_groups, np.int64)
+    first[group] = np.arange(len(group))  # any row of a group: they share its key
+    keep = np.abs(r) > 1e-6
+    model.set_residuals(rows[first[keep]], r[keep].astype(np.float32), sd)
+    return {
+        "residual_sd": sd,
+        "residual_val_loss": losses,
+        "residual_combinations": int(keep.sum()),
+    }

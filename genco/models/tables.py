@@ -19,6 +19,7 @@ the batched torch path; tests hold the two to the same numbers. On the same tabl
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -27,6 +28,9 @@ import numpy as np
 # How beam results are improved on the reward model before ranking: "pairs" (swaps of one
 # component, then of two jointly), "single" (swaps of one component), "none" (beam + re-rank).
 REFINES = ("pairs", "single", "none")
+
+# How many of an ad's combinations with the largest residuals join the beam's candidates.
+RESIDUAL_CANDIDATES = 64
 
 # A move that breaks a forbidden pair (or picks a padding slot) scores this much lower: far
 # below any real logit, and finite when several add up.
@@ -200,6 +204,42 @@ class PolicyTables:
                 state = self.step(k, slot, state[beam_idx])
         return picks, score
 
+    def log_prob(
+        self, ctx: np.ndarray | None, slots: np.ndarray, temperature: float = 1.0
+    ) -> np.ndarray:
+        """(B,) the policy's exact log-probability of each combination given as slots (B, K)."""
+        K = len(self.A)
+        B = len(slots)
+        state = np.repeat(self.state0(ctx), B, 0)
+        logp = np.zeros(B, dtype=np.float64)
+        rows = np.arange(B)
+        for k in range(K):
+            allowed = self.masks.mask(k, slots)
+            logp += self.log_probs(k, state, allowed, temperature)[rows, slots[:, k]]
+            if k + 1 < K:
+                state = self.step(k, slots[:, k], state)
+        return logp
+
+    def uniform(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` exploration draws (slots (n, K)): each component uniform over the slots still
+        legal given the earlier picks (forward checking: never a dead end). Without
+        constraints this is uniform over the ad's combinations."""
+        K = len(self.A)
+        picks = np.zeros((n, K), dtype=np.int64)
+        for k in range(K):
+            allowed = self.masks.mask(k, picks)
+            cum = allowed.cumsum(1)
+            u = rng.integers(0, cum[:, -1])  # (n,) the u-th allowed slot
+            picks[:, k] = (cum <= u[:, None]).sum(1)
+        return picks
+
+    def log_uniform(self, slots: np.ndarray) -> np.ndarray:
+        """(B,) log-probability of each combination under ``uniform``."""
+        logq = np.zeros(len(slots), dtype=np.float64)
+        for k in range(len(self.A)):
+            logq -= np.log(self.masks.mask(k, slots).sum(1))
+        return logq
+
     def sample(
         self, ctx: np.ndarray | None, n: int, rng: np.random.Generator, temperature: float = 1.0
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -251,8 +291,10 @@ class RewardTables:
         ctx_std: np.ndarray,
         main: list[np.ndarray],
         pair: dict[tuple[int, int], np.ndarray],
+        residual: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        """pair[(k, l)]: (M_k, M_l) for k != l (both orders); empty without pairwise terms."""
+        """pair[(k, l)]: (M_k, M_l) for k != l (both orders); empty without pairwise terms.
+        residual: the ad's combination residuals as (slots (R, K), logit values (R,))."""
         self.base = base  # bias + appeal (the context part is added per request)
         self.ctx_w, self.ctx_mean, self.ctx_std = ctx_w, ctx_mean, ctx_std  # over standardised x
         self.main = main
@@ -274,11 +316,72 @@ class RewardTables:
             self.inter[k][:, self.off[l_] : self.off[l_] + sizes[l_]] = table
         self.has_pairs = bool(pair)
         self.total = total
+        # Combination residuals, looked up by a mixed-radix key over the ad's slots.
+        self.stride = np.concatenate([np.cumprod(sizes[::-1])[::-1][1:], [1]]).astype(np.int64)
+        self.residual_slots = np.zeros((0, K), np.int64)
+        self._res_keys = np.zeros(0, np.int64)
+        self._res_values = np.zeros(0, np.float32)
+        if residual is not None and len(residual[0]):
+            keys = residual[0] @ self.stride
+            order = np.argsort(keys)
+            self.residual_slots = residual[0][order]
+            self._res_keys, self._res_values = keys[order], residual[1][order]
+        # The combinations the residuals lift most: candidates next to the beam's.
+        top = np.argsort(-self._res_values, kind="stable")[:RESIDUAL_CANDIDATES]
+        self.residual_top = self.residual_slots[top]
+        self._exhaustive: _Exhaustive | None = None
         # With the float64 search copies ``refine`` builds on first use (inter, both).
         M = max(sizes)
         search = 8 * (K * M * total + K * (K - 1) // 2 * M * M + K * M * (1 + len(ctx_w)))
-        self.nbytes = self.main_flat.nbytes + self.inter_flat.nbytes + search
+        self.nbytes = (
+            self.main_flat.nbytes
+            + self.inter_flat.nbytes
+            + search
+            + self.residual_slots.nbytes
+            + self._res_values.nbytes
+            + self._res_keys.nbytes
+        )
         self._search: _Search | None = None
+
+    def residual(self, slots: np.ndarray) -> np.ndarray:
+        """(B,) the combination residual of slot rows (0 where the ad has none)."""
+        if not len(self._res_keys):
+            return np.zeros(len(slots), np.float32)
+        keys = slots @ self.stride
+        at = np.minimum(np.searchsorted(self._res_keys, keys), len(self._res_keys) - 1)
+        return np.where(self._res_keys[at] == keys, self._res_values[at], 0.0).astype(np.float32)
+
+    def exhaustive(self, masks: AdMasks, limit: int) -> _Exhaustive | None:
+        """Every legal combination of the ad with its context-free logit, when the ad's space
+        has at most ``limit`` combinations before constraints; else None. Built once per ad,
+        so a request then costs one (N, C) product: exact decoding of small spaces."""
+        if self._exhaustive is None:
+            sizes = [int(v.sum()) for v in masks.valid]
+            if math.prod(sizes) > limit:
+                return None
+            rows = np.zeros((1, 0), np.int64)
+            for k, valid in enumerate(masks.valid):
+                slots = np.flatnonzero(valid)
+                rows = np.concatenate(
+                    [np.repeat(rows, len(slots), 0), np.tile(slots, len(rows))[:, None]], 1
+                )
+                ok = np.ones(len(rows), bool)
+                for j in range(k):
+                    f = masks.forbid.get((j, k))
+                    if f is not None:
+                        ok &= ~f[rows[:, j], rows[:, k]]
+                rows = rows[ok]
+            m = self.main_flat[rows + self.off].sum(1, dtype=np.float64)  # (N, 1 + C)
+            static = self.base + m[:, 0] + self.residual(rows)
+            if self.has_pairs:
+                cols = rows + self.off
+                at = self.row_off + rows * self.total
+                static = static + 0.5 * self.inter_flat[at[:, :, None] + cols[:, None, :]].sum(
+                    (1, 2), dtype=np.float64
+                )
+            self._exhaustive = _Exhaustive(rows, static, m[:, 1:])
+            self.nbytes += rows.nbytes + static.nbytes + m.nbytes
+        return self._exhaustive
 
     def _x(self, ctx: np.ndarray | None) -> np.ndarray:
         C = len(self.ctx_w)
@@ -289,7 +392,8 @@ class RewardTables:
     def credit(self, slots: np.ndarray, ctx: np.ndarray | None) -> tuple[float, np.ndarray]:
         """(base logit, Shapley credit (B, K)) of combinations given as slots (B, K).
 
-        Credit = main effect + half of each pairwise term, as ``BoundModel.credit``.
+        Credit = main effect + half of each pairwise term + 1/K of the combination residual,
+        as ``BoundModel.credit``.
         """
         x = self._x(ctx)
         base = self.base + float(x @ self.ctx_w)
@@ -299,6 +403,8 @@ class RewardTables:
             cols = slots + self.off  # (B, K): each pick's column
             at = self.row_off + slots * self.total  # (B, K): each pick's row in inter_flat
             out = out + 0.5 * self.inter_flat[at[:, :, None] + cols[:, None, :]].sum(-1)
+        if len(self._res_keys):
+            out = out + self.residual(slots)[:, None] / slots.shape[1]
         return base, out
 
     def refine(
@@ -390,6 +496,18 @@ class RewardTables:
                 pair_size=sum(sizes[k] * sizes[l_] for k, l_ in zip(pk, pl, strict=True)),
             )
         return self._search
+
+
+@dataclass(frozen=True)
+class _Exhaustive:
+    slots: np.ndarray  # (N, K) every legal combination of the ad
+    static: np.ndarray  # (N,) float64 logit at a zero (standardised) context
+    ctx: np.ndarray  # (N, C) coefficients of the standardised context
+
+    def logits(self, tables: RewardTables, ctx: np.ndarray | None) -> np.ndarray:
+        x = tables._x(ctx)
+        z = self.static + float(x @ tables.ctx_w)
+        return z + self.ctx @ x if len(x) else z
 
 
 @dataclass(frozen=True)

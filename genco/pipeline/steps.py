@@ -182,11 +182,13 @@ def attribute_step(
     Held out: the latest 10% by time (``fit_and_attribute``), the same rows the evaluate
     step scores. Returns reward_metrics.json's content plus the warm-start source.
     """
-    catalog, _, frame = load_dataset(data_dir, client=client)
+    catalog, constraints, frame = load_dataset(data_dir, client=client)
     production = _production_bundle(model_store, client) if warm_start else None
     init, warm = _warm_reward(production, catalog, frame, client)
     storage.makedirs(out_dir)
-    metrics = fit_and_attribute(catalog, frame, out_dir, config, init=init, client=client)
+    metrics = fit_and_attribute(
+        catalog, frame, out_dir, config, init=init, client=client, constraints=constraints
+    )
     metrics["warm_start"] = warm
     storage.write_json(storage.join(out_dir, METRICS_FILE), metrics, client=client)
     return metrics

@@ -7,6 +7,12 @@ benchmark run exactly what the handler runs: ``parse_request`` validates one JSO
 request, so a bad request never fails its batch-mates), ``load_predictor`` loads and warms a
 bundle for a worker.
 
+Bodies are bounded before anything recursive touches them: the content type (JSON only), the
+size, the nesting depth (scanned without recursion before ``json.loads``) and every number
+(finite, integers below 2^63; inline features and context within ``MAX_FEATURE_ABS``). A
+malformed request gets its own 4xx, an unexpected exception a 500 for that request only, and
+a response with a non-finite number is never sent (it becomes that request's 500).
+
 Archives, the KServe layout and TorchServe's management API are in ``genco.serving.archive``; a
 local TorchServe process in ``genco.serving.torchserve``.
 """
@@ -14,7 +20,9 @@ local TorchServe process in ``genco.serving.torchserve``.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from http import HTTPStatus
@@ -34,7 +42,19 @@ from genco.models.tables import REFINES
 MAX_BODY_BYTES = 64 * 1024
 MAX_CANDIDATES = 256  # per component of an inline candidate set
 MAX_CONSTRAINTS = 256
+# A valid request nests 4 deep ({"candidates": {"title": [{"id": ...}]}}); 32 leaves room
+# while keeping json.loads and every walk over the body far from Python's recursion limit.
+MAX_DEPTH = 32
+# Inline features and context values are standardized in the catalogs we train on (|x| < 10);
+# far beyond that the float32 reward model overflows (inf - inf = NaN scores). 1e6 is absurd
+# for a feature yet still decodes to finite scores.
+MAX_FEATURE_ABS = 1e6
+MAX_INT = 2**63  # integers beyond int64 are refused wherever they appear
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3  # float32 logits / temperature stay finite
+JSON_CONTENT_TYPE = "application/json"
 INLINE_AD = "__inline__"
+_LOG_CHARS = 300  # one log line per client error, whatever the client sent
+logger = logging.getLogger(__name__)
 _FIELDS = (
     "ad_id",
     "candidates",
@@ -49,6 +69,26 @@ _FIELDS = (
 
 
 # ============================================================================ requests
+
+
+class InternalError(RuntimeError):
+    """A request that failed on our side (a bug, or a response with a non-finite number):
+    answered with a 500 for that request alone; the traceback goes to the server's log."""
+
+    status = 500
+    field = None
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(
+            f"internal error ({type(cause).__name__}); the server logged it, "
+            "other requests are unaffected"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"status": self.status, "field": self.field, "message": str(self)}}
+
+
+Result = dict[str, Any] | RequestError | InternalError
 
 
 @dataclass(frozen=True)
@@ -85,12 +125,104 @@ def _is_number(value: object) -> bool:
     )
 
 
+class _BadNumber:
+    """A number literal json.loads must not turn into a float: kept as its text so the
+    error can name the field and quote the value."""
+
+    def __init__(self, literal: str) -> None:
+        self.literal = literal if len(literal) <= 40 else literal[:37] + "..."
+
+
+def _parse_int(literal: str) -> int | _BadNumber:
+    # 20 characters hold any int64; longer literals never reach int() (whose 4,300-digit
+    # limit raises a ValueError of its own) nor float() (OverflowError).
+    if len(literal) > 20 or not -MAX_INT < (value := int(literal)) < MAX_INT:
+        return _BadNumber(literal)
+    return value
+
+
+def _parse_float(literal: str) -> float | _BadNumber:
+    value = float(literal)
+    return value if math.isfinite(value) else _BadNumber(literal)
+
+
+# Outside strings, only brackets matter for depth; a string is skipped whole (escapes
+# included) by one anchored, backtracking-free match.
+_STRUCTURE = re.compile(r'["\[\]{}]')
+_STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def _check_depth(text: str) -> None:
+    """Refuse JSON text nested deeper than ``MAX_DEPTH``, in one pass and no recursion."""
+    depth = pos = 0
+    while (m := _STRUCTURE.search(text, pos)) is not None:
+        char = m.group()
+        if char == '"':
+            end = _STRING_REST.match(text, m.end())
+            if end is None:  # unterminated string: json.loads names the position
+                return
+            pos = end.end()
+            continue
+        if char in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise RequestError(
+                    "body", f"nested deeper than {MAX_DEPTH} levels (at character {m.start()})"
+                )
+        else:
+            depth -= 1
+        pos = m.end()
+
+
+def _check_tree(body: object) -> None:
+    """Depth and numbers of a parsed body, walked without recursion: nesting within
+    ``MAX_DEPTH``, every number finite and every integer within int64."""
+    stack: list[tuple[object, str, int]] = [(body, "body", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise RequestError(path, f"nested deeper than {MAX_DEPTH} levels")
+            if isinstance(value, dict):
+                top = path == "body"
+                items = [(v, str(k) if top else f"{path}.{k}") for k, v in value.items()]
+            else:
+                items = [(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            stack.extend((v, p, depth + 1) for v, p in reversed(items))
+        elif isinstance(value, _BadNumber):
+            raise RequestError(path, f"{value.literal} is out of range {_NUMBER_RANGE}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise RequestError(path, f"{value} is out of range {_NUMBER_RANGE}")
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= MAX_INT:
+            bits = value.bit_length()
+            shown = str(value) if bits < 128 else f"an integer of {bits} bits"
+            raise RequestError(path, f"{shown} is out of range {_NUMBER_RANGE}")
+
+
+_NUMBER_RANGE = "(numbers must be finite, integers within +-2^63)"
+
+
+def _content_type_ok(content_type: str | None) -> None:
+    if content_type is None:  # not given (an in-process call, or a client that sent none)
+        return
+    mime = content_type.split(";", 1)[0].strip().lower()
+    if mime != JSON_CONTENT_TYPE:
+        shown = content_type[:60]
+        raise RequestError(
+            "body",
+            f"content type '{shown}' is not supported; send JSON with "
+            f"Content-Type: {JSON_CONTENT_TYPE}",
+            415,
+        )
+
+
 def _decode(body: object) -> dict[str, Any]:
-    """The request as a dict; TorchServe hands over parsed JSON, raw bytes or text."""
+    """The request as a dict, bounded: TorchServe hands over raw bytes (the worker is told
+    not to decode them: ``TS_DECODE_INPUT_REQUEST=false``), an envelope parsed JSON."""
     if body is None:
         raise RequestError("body", "empty; send a JSON object")
     if isinstance(body, (bytes, bytearray, str)):
-        raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+        raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
         if len(raw) > MAX_BODY_BYTES:
             raise RequestError(
                 "body", f"{len(raw)} bytes is over the limit of {MAX_BODY_BYTES}", 413
@@ -98,16 +230,41 @@ def _decode(body: object) -> dict[str, Any]:
         if not raw.strip():
             raise RequestError("body", "empty; send a JSON object")
         try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise RequestError("body", f"not valid JSON ({exc})") from None
-    elif isinstance(body, dict):
-        size = len(json.dumps(body, separators=(",", ":")))
-        if size > MAX_BODY_BYTES:
-            raise RequestError("body", f"{size} bytes is over the limit of {MAX_BODY_BYTES}", 413)
+        _check_depth(text)
+        try:
+            body = json.loads(
+                text,
+                parse_int=_parse_int,
+                parse_float=_parse_float,
+                parse_constant=_BadNumber,  # NaN, Infinity, -Infinity
+            )
+        except json.JSONDecodeError as exc:
+            raise RequestError("body", f"not valid JSON ({exc})") from None
+        _check_tree(body)
+    else:
+        _check_tree(body)  # before json.dumps, which recurses
+        if isinstance(body, dict):
+            size = len(json.dumps(body, separators=(",", ":")))
+            if size > MAX_BODY_BYTES:
+                raise RequestError(
+                    "body", f"{size} bytes is over the limit of {MAX_BODY_BYTES}", 413
+                )
     if not isinstance(body, dict):
         raise RequestError("body", f"must be a JSON object, got {_json_type(body)}")
     return body
+
+
+def _magnitude(value: object, name: str) -> float:
+    """A feature or context value: a finite number within ``MAX_FEATURE_ABS``."""
+    if not _is_number(value):
+        raise RequestError(name, f"must be a finite number, got {_json_type(value)}")
+    number = float(value)  # type: ignore[arg-type]
+    if abs(number) > MAX_FEATURE_ABS:
+        raise RequestError(name, f"{number:g} is out of range (|value| <= {MAX_FEATURE_ABS:g})")
+    return number
 
 
 def _string(value: object, name: str) -> str:
@@ -145,11 +302,7 @@ def _elements(
                     raise RequestError(
                         f"{where}.{key}", f"unknown feature (the model's features: {allowed})"
                     )
-                if not _is_number(value):
-                    raise RequestError(
-                        f"{where}.{key}", f"must be a finite number, got {_json_type(value)}"
-                    )
-                given[key] = float(value)
+                given[key] = _magnitude(value, f"{where}.{key}")
         else:
             eid = _string(e, where)
         if eid in seen:
@@ -235,9 +388,7 @@ def _context(body: dict[str, Any], predictor: Predictor) -> dict[str, float] | N
     for col in cols:
         if col not in given:
             raise RequestError(col, "missing: the model needs every context column")
-        if not _is_number(given[col]):
-            raise RequestError(col, f"must be a finite number, got {_json_type(given[col])}")
-    return {c: float(given[c]) for c in cols} if cols else None
+    return {c: _magnitude(given[c], c) for c in cols} if cols else None
 
 
 def parse_request(body: object, predictor: Predictor) -> RecommendRequest:
@@ -278,6 +429,11 @@ def parse_request(body: object, predictor: Predictor) -> RecommendRequest:
     temperature = data.get("temperature", 1.0)
     if not _is_number(temperature) or not temperature > 0:
         raise RequestError("temperature", f"must be a number > 0, got {temperature!r}")
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise RequestError(
+            "temperature",
+            f"must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature!r}",
+        )
     seed = data.get("seed")
     if seed is not None and (
         not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63
@@ -359,53 +515,140 @@ def predict(predictor: Predictor, req: RecommendRequest) -> dict[str, Any]:
     return out
 
 
+def _log_line(text: str) -> str:
+    """One log line of bounded length, whatever the client sent (newlines escaped)."""
+    line = text.encode("unicode_escape").decode("ascii")
+    return line if len(line) <= _LOG_CHARS else line[: _LOG_CHARS - 3] + "..."
+
+
+def _check_response(body: object) -> None:
+    """Every number of a response is finite: ``NaN`` is not JSON, and a NaN score is a bug."""
+    stack = [body]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"non-finite number {value} in the response")
+
+
+def answer(predictor: Predictor, body: object, explain: bool = False) -> Result:
+    """The response body for one request, or its error; never raises.
+
+    A client mistake is a ``RequestError`` (its 4xx, one log line); anything else, including
+    a response that would carry a non-finite number, an ``InternalError`` (500, traceback
+    logged) for this request alone. explain: force attributions (``/explanations``).
+    """
+    try:
+        req = parse_request(body, predictor)
+        if explain:
+            req = replace(req, explain=True)
+        out = predict(predictor, req)
+        _check_response(out)
+        return out
+    except RequestError as exc:
+        logger.info("genco request refused: %d %s", exc.status, _log_line(str(exc)))
+        return exc
+    except Exception as exc:  # a bug must cost one request, never its batch-mates
+        logger.exception("genco request failed: 500 %s", _log_line(repr(exc)))
+        return InternalError(exc)
+
+
 def handle_batch(
     predictor: Predictor,
     requests_: Sequence[object],
     explain: Sequence[bool] | None = None,
-) -> list[dict[str, Any] | RequestError]:
-    """One response body or ``RequestError`` per request, in order.
+) -> list[Result]:
+    """One response body or error per request, in order.
 
     A bad request never fails its batch-mates: TorchServe batches unrelated clients together.
     explain[i]: force attributions for request i (TorchServe's ``/explanations`` endpoint).
     """
-    out: list[dict[str, Any] | RequestError] = []
-    for i, body in enumerate(requests_):
+    return [
+        answer(predictor, body, explain is not None and explain[i])
+        for i, body in enumerate(requests_)
+    ]
+
+
+def handle_rows(
+    predictor: Predictor,
+    rows: Sequence[object],
+    content_types: Sequence[str | None],
+    explain: Sequence[bool],
+) -> list[Result]:
+    """``handle_batch`` over TorchServe's batch rows: each row's JSON body is taken out
+    (``request_body``) and checked against its request's Content-Type first."""
+    out: list[Result] = []
+    for i, row in enumerate(rows):
         try:
-            req = parse_request(body, predictor)
-            if explain is not None and explain[i]:
-                req = replace(req, explain=True)
-            out.append(predict(predictor, req))
+            body = request_body(row, content_types[i])
         except RequestError as exc:
+            logger.info("genco request refused: %d %s", exc.status, _log_line(str(exc)))
             out.append(exc)
+            continue
+        out.append(answer(predictor, body, explain[i]))
     return out
 
 
-def request_body(row: object) -> object:
-    """The client's payload from a TorchServe batch row.
+def _form_row(row: object) -> bool:
+    """TorchServe's row for a form or multipart post: one bytes value per field."""
+    return (
+        isinstance(row, dict)
+        and bool(row)
+        and all(isinstance(v, (bytes, bytearray)) for v in row.values())
+    )
 
-    TorchServe wraps each request as ``{"body": ...}`` (or ``{"data": ...}`` for form posts);
-    behind KServe's envelope the handler receives the ``instances`` themselves.
+
+def request_body(row: object, content_type: str | None = None) -> object:
+    """The client's JSON payload from a TorchServe batch row (a 415 ``RequestError`` for
+    anything but JSON).
+
+    TorchServe wraps a request's body as ``{"body": ...}`` (plus any query parameters), and
+    a form post as one entry per field; behind KServe's envelope the handler receives the
+    ``instances`` themselves. content_type: the request's Content-Type header, if any.
     """
-    if isinstance(row, dict) and ("body" in row or "data" in row):
-        return row["data"] if row.get("data") is not None else row.get("body")
+    _content_type_ok(content_type)
+    if isinstance(row, dict) and "body" in row:
+        return row["body"]
+    if _form_row(row):
+        fields = ", ".join(sorted(str(k)[:40] for k in row)[:5])
+        raise RequestError(
+            "body", f"form fields ({fields}) are not supported; send a JSON body", 415
+        )
     return row
 
 
 def enveloped(rows: Sequence[object]) -> bool:
     """True when a request envelope (KServe's) unwrapped the rows into bare instances."""
-    return any(not (isinstance(r, dict) and ("body" in r or "data" in r)) for r in rows)
+    return any(not (isinstance(r, dict) and "body" in r) and not _form_row(r) for r in rows)
 
 
 def encode_json(body: dict[str, Any]) -> bytes:
-    """Compact JSON bytes. Handed a dict, TorchServe pretty-prints it with ``indent=2``,
-    which forces Python's pure-Python encoder: ~0.5 ms per response, a third of a request."""
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+    """Compact JSON bytes; a non-finite number raises ValueError (``NaN`` is not JSON).
+    Handed a dict, TorchServe pretty-prints it with ``indent=2``, which forces Python's
+    pure-Python encoder: ~0.5 ms per response, a third of a request."""
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def respond(results: Sequence[dict[str, Any] | RequestError]) -> list[tuple[int, dict[str, Any]]]:
+def respond(results: Sequence[Result]) -> list[tuple[int, dict[str, Any]]]:
     """(HTTP status, JSON body) per result."""
-    return [(r.status, r.to_dict()) if isinstance(r, RequestError) else (200, r) for r in results]
+    return [(200, r) if isinstance(r, dict) else (r.status, r.to_dict()) for r in results]
+
+
+def encoded(results: Sequence[Result]) -> list[tuple[int, bytes]]:
+    """(HTTP status, JSON bytes) per result; a body that cannot be encoded as strict JSON
+    becomes that request's 500."""
+    out = []
+    for status, body in respond(results):
+        try:
+            out.append((status, encode_json(body)))
+        except (TypeError, ValueError) as exc:
+            logger.exception("genco response not encodable: 500 %s", _log_line(repr(exc)))
+            err = InternalError(exc)
+            out.append((err.status, encode_json(err.to_dict())))
+    return out
 
 
 def reason_phrase(status: int) -> str:

@@ -17,6 +17,7 @@ import time
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,18 @@ from genco.models.checkpoint import bundle_version, check_version
 from genco.serving.archive import (
     JVM_ARGS,
     LOG_CONFIG,
+    MAX_ARCHIVE_BYTES,
     MAX_REQUEST_BYTES,
+    TOKEN_EXPIRY_MIN,
+    allowed_urls,
     build_mar,
+    check_layout_config,
+    checked_members,
     mar_name,
     model_snapshot_entry,
     properties_text,
 )
-from genco.serving.management import MODEL_NAME, ManagementClient, read_token
+from genco.serving.management import MODEL_NAME, ManagementClient, ManagementError, read_token
 from genco.serving.requests import sample_request
 
 # ============================================================================== serve
@@ -59,6 +65,7 @@ def local_properties(
     ports: Sequence[int],
     *,
     token_auth: bool = True,
+    token_expiry_min: float = TOKEN_EXPIRY_MIN,
     enable_model_api: bool = False,
     workers: int = 1,
     batch_size: int = 8,
@@ -70,7 +77,13 @@ def local_properties(
     Every listener, gRPC included, gets its own port, so several servers (tests, a demo, a
     benchmark) can run side by side. max_batch_delay_ms bounds what a lone request waits
     for batch-mates: TorchServe holds the first request that long whenever batch_size > 1.
+    Keys last ``token_expiry_min`` (TorchServe's own default, 60, would lock clients out of
+    a server that keeps running); models can be registered only from ``model_store``.
     """
+    if not 0 < token_expiry_min <= TOKEN_EXPIRY_MIN:
+        raise ValueError(
+            f"token_expiry_min must be in (0, {TOKEN_EXPIRY_MIN}], got {token_expiry_min}"
+        )
     inference, management, metrics, grpc_inference, grpc_management = ports
     return properties_text(
         {
@@ -89,8 +102,11 @@ def local_properties(
             ),
             "default_workers_per_model": workers,
             "install_py_dep_per_model": "false",
+            "decode_input_request": "false",  # raw bytes for genco.serving's bounded parser
             "disable_token_authorization": str(not token_auth).lower(),
+            "token_expiration_min": token_expiry_min,
             "enable_model_api": str(enable_model_api).lower(),
+            "allowed_urls": allowed_urls(model_store),
             "max_request_size": MAX_REQUEST_BYTES,
             "async_logging": "true",
         }
@@ -132,6 +148,42 @@ class ServeHandle:
     def headers(self, api: str = "inference") -> dict[str, str]:
         token = self.token(api)
         return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def token_expiry(self, api: str = "inference") -> datetime | None:
+        """When TorchServe stops accepting the ``api`` key (None: no token auth)."""
+        if not self.key_file:
+            return None
+        with open(self.key_file, encoding="utf-8") as f:
+            stamp = json.load(f)[api]["expiration time"]
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+    def renew_token(self, api: str = "inference", session: requests.Session | None = None) -> str:
+        """A new ``api`` key ("inference" or "management") with a fresh expiry, through
+        TorchServe's token API (the API key); TorchServe rewrites the key file, which
+        ``token()`` reads, and the old key stops working."""
+        if not self.key_file:
+            raise ValueError("token auth is off: there is no key to renew")
+        if api not in ("inference", "management"):
+            raise ValueError(f"api must be 'inference' or 'management', got '{api}'")
+        resp = (session or requests.Session()).get(
+            f"{self.management_url}/token",
+            params={"type": api},
+            headers={"Authorization": f"Bearer {self.token('API')}"},
+            timeout=30,
+        )
+        if resp.status_code != 200:
+            raise ManagementError(resp.status_code, resp.text.strip()[:500])
+        return str(self.token(api))
+
+    def renew_expiring(self, within_s: float, session: requests.Session | None = None) -> list[str]:
+        """Renew each key that expires within ``within_s`` seconds; the renewed APIs."""
+        renewed = []
+        for api in ("inference", "management"):
+            expiry = self.token_expiry(api)
+            if expiry is not None and (expiry - datetime.now(UTC)).total_seconds() < within_s:
+                self.renew_token(api, session)
+                renewed.append(api)
+        return renewed
 
     def management(self, session: requests.Session | None = None) -> ManagementClient:
         return ManagementClient(self.management_url, self.token("management"), session)
@@ -192,6 +244,7 @@ def serve(
     workdir: str | None = None,
     port_base: int | None = None,
     token_auth: bool = True,
+    token_expiry_min: float = TOKEN_EXPIRY_MIN,
     enable_model_api: bool = False,
     workers: int = 1,
     batch_size: int = 8,
@@ -208,7 +261,8 @@ def serve(
     sockets in $TMPDIR, so the server gets a private one: two servers on one machine would
     otherwise refuse to start or share sockets. port_base: inference, management, metrics
     and the two gRPC ports take port_base..port_base+4 (default: free ports). log_config:
-    a log4j2 file (default ``serving/log4j2.xml``: warnings only; None: TorchServe's own).
+    a log4j2 file (default ``serving/log4j2.xml``: warnings and one line per client error,
+    rotated by size; None: TorchServe's own). token_expiry_min: how long the keys last.
     """
     _java()  # no Java, no TorchServe: say so before any work
     predictor = Predictor.load(model_dir)  # fail on a bad bundle before starting Java
@@ -224,6 +278,7 @@ def serve(
                     version,
                     ports,
                     token_auth=token_auth,
+                    token_expiry_min=token_expiry_min,
                     enable_model_api=enable_model_api,
                     workers=workers,
                     batch_size=batch_size,
@@ -245,38 +300,47 @@ def serve_layout(
 ) -> ServeHandle:
     """Start TorchServe on a published KServe layout (``STORE/kserve``, local or gs://) the
     way the InferenceService's pod does: its ``config/config.properties`` (model snapshot,
-    no token auth) over its ``model-store/``, with only the listening addresses moved to free
-    loopback ports (``TS_*`` variables, which the layout's config allows). Serves the version
-    the layout points at; returns once a real prediction succeeded."""
+    token setting) over its ``model-store/``, with only the listening addresses moved to free
+    loopback ports (``TS_*`` variables, which the layout's config allows) and
+    ``allowed_urls`` to the local model store. The config is validated first
+    (``genco.serving.archive.check_layout_config``: genco's keys only, no foreign JVM arguments) and
+    the archive's members and sizes before anything is unpacked. Serves the version the
+    layout points at; returns once a real prediction succeeded."""
     _java()  # no Java, no TorchServe: say so before any work
     config_uri = storage.join(root, "config", "config.properties")
     if not storage.exists(config_uri):
         raise FileNotFoundError(f"{config_uri}: no published layout (see genco deploy --serving)")
-    text = storage.read_text(config_uri)
-    props = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    models = json.loads(props["model_snapshot"])["models"][MODEL_NAME]
-    version = next(v for v, entry in models.items() if entry.get("defaultVersion"))
+    props, version = check_layout_config(storage.read_text(config_uri), config_uri)
     with _private_workdir(workdir, "genco-ts-layout-") as (workdir, store, owns):
+        mar_uri = storage.join(root, "model-store", mar_name(version))
+        data = storage.read_bytes(mar_uri)
+        if len(data) > MAX_ARCHIVE_BYTES:
+            raise ValueError(f"{mar_uri}: {len(data)} bytes, over {MAX_ARCHIVE_BYTES}")
         mar = os.path.join(store, mar_name(version))
         with open(mar, "wb") as f:
-            f.write(storage.read_bytes(storage.join(root, "model-store", mar_name(version))))
+            f.write(data)
+        del data
         bundle = os.path.join(workdir, "bundle")
         with zipfile.ZipFile(mar) as z:  # the archive's extra files are the bundle
-            z.extractall(bundle)
+            z.extractall(bundle, checked_members(z, mar_uri))
         predictor = Predictor.load(bundle)
         config = os.path.join(workdir, "config.properties")
         with open(config, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.write(properties_text({**props, "allowed_urls": allowed_urls(store)}))
         ports = _free_ports(5)
         env = {
             "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{ports[0]}",
             "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{ports[1]}",
             "TS_METRICS_ADDRESS": f"http://127.0.0.1:{ports[2]}",
+            "TS_GRPC_INFERENCE_ADDRESS": "127.0.0.1",
+            "TS_GRPC_MANAGEMENT_ADDRESS": "127.0.0.1",
             "TS_GRPC_INFERENCE_PORT": str(ports[3]),
             "TS_GRPC_MANAGEMENT_PORT": str(ports[4]),
         }
+        token_auth = props.get("disable_token_authorization", "false") != "true"
+        key_file = os.path.join(workdir, "key_file.json") if token_auth else None
         timing = (startup_timeout_s, session)
-        return _launch(workdir, version, ports, predictor, None, owns, log_config, *timing, env)
+        return _launch(workdir, version, ports, predictor, key_file, owns, log_config, *timing, env)
 
 
 @contextlib.contextmanager
@@ -320,6 +384,9 @@ def _launch(
         "LOG_LOCATION": os.path.join(workdir, "logs"),
         "METRICS_LOCATION": os.path.join(workdir, "logs"),
         "JAVA_HOME": os.environ.get("JAVA_HOME") or str(Path(java).resolve().parent.parent),
+        # The worker forwards bodies as bytes, for genco.serving's bounded parser (the
+        # handler sets this too, for servers we do not start).
+        "TS_DECODE_INPUT_REQUEST": "false",
         **(extra_env or {}),
     }
     cmd = [sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs"]

@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 
 from genco.data import storage
-from genco.data.contract import AD, CLICK, TIMESTAMP, Catalog
+from genco.data.contract import AD, CLICK, TIMESTAMP, Catalog, Constraints
 from genco.data.ingest import IngestConfig, validated_inputs
+from genco.data.space import legal_combinations
 from genco.errors import ConfigError
 from genco.evaluation.heldout import evaluate_reward, holdout_split
 from genco.models.checkpoint import (
@@ -46,43 +47,120 @@ def impression_attributions(bound: BoundModel, enc: Encoded) -> pd.DataFrame:
     return df
 
 
-def element_table(bound: BoundModel, enc: Encoded) -> pd.DataFrame:
-    """One row per catalog element, including never-shown ones (cold: effect from features).
+# Per ad, its element effects average over at most this many of its legal combinations (all
+# of them when it has fewer; else a uniform sample) and this many logged contexts.
+EFFECT_COMBINATIONS = 4096
+EFFECT_CONTEXTS = 8
 
-    effect_se: 1/sqrt(sum p(1-p)) over the impressions that showed the element, the Laplace
-    standard error of an additive logit coefficient with that much traffic.
+
+def legal_sample(
+    catalog: Catalog, constraints: Constraints, ad: int, n: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Every legal combination of the ad when it has at most ``n``, else ``n`` uniform legal
+    draws (rejection: each component uniform among the ad's candidates, illegal redrawn)."""
+    if catalog.n_combinations(ad) <= n:
+        return legal_combinations(catalog, constraints, ad)
+    cands = catalog.candidates[ad]
+    out = np.zeros((0, len(cands)), np.int64)
+    for _ in range(100):
+        draw = np.stack([c[rng.integers(len(c), size=n)] for c in cands], 1)
+        if len(constraints):
+            draw = draw[constraints.violations(np.full(n, ad), draw) < 0]
+        out = np.concatenate([out, draw])[:n]
+        if len(out) == n:
+            break
+    return out
+
+
+def ad_effects(
+    logit,
+    catalog: Catalog,
+    constraints: Constraints,
+    contexts: np.ndarray | None,
+    seed: int = 0,
+) -> list[list[np.ndarray]]:
+    """effects[a][k]: for each candidate of ad a's component k (``catalog.candidates[a][k]``
+    order), its average marginal effect on the logit over the ad's own legal combinations:
+    E[logit | e_k = e] - E[logit], averaged over ``contexts`` (rows (R, C); None = none).
+    A candidate no legal combination uses gets NaN. ``logit(ads, combos, ctx)`` scores
+    combinations: a ``BoundModel``'s, or a ground truth's to compare with."""
+    cat = catalog
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in range(cat.n_ads):
+        combos = legal_sample(cat, constraints, a, EFFECT_COMBINATIONS, rng)
+        R = 1 if contexts is None else len(contexts)
+        rows = np.repeat(combos, R, 0)
+        X = None if contexts is None else np.tile(contexts, (len(combos), 1))
+        z = logit(np.full(len(rows), a), rows, X).reshape(len(combos), R).mean(1)
+        per = []
+        for k, cands in enumerate(cat.candidates[a]):
+            pos = np.searchsorted(cands, combos[:, k])
+            total = np.bincount(pos, z, len(cands))
+            count = np.bincount(pos, minlength=len(cands))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per.append(np.where(count > 0, total / count, np.nan) - z.mean())
+        out.append(per)
+    return out
+
+
+def context_mix(enc: Encoded) -> np.ndarray | None:
+    """EFFECT_CONTEXTS logged context rows (drawn with a fixed seed): the log's context mix."""
+    if not enc.ctx.shape[1]:
+        return None
+    pick = np.random.default_rng(0).choice(len(enc), min(EFFECT_CONTEXTS, len(enc)), False)
+    return enc.ctx[np.sort(pick)]
+
+
+def element_table(
+    bound: BoundModel, enc: Encoded, constraints: Constraints | None = None
+) -> pd.DataFrame:
+    """One row per catalog row (ad, component, candidate), never-shown ones included (cold:
+    effect from features).
+
+    effect: average marginal effect over the ad's own legal combinations (``ad_effects``) in
+    the log's context mix; effect_se: 1/sqrt(sum p(1-p)) over the ad's impressions that
+    showed the element, the Laplace standard error of an additive logit coefficient with that
+    much traffic.
     """
     cat = bound.catalog
+    constraints = constraints if constraints is not None else Constraints.empty()
     _, credit = bound.credit(enc.ads, enc.combos, enc.ctx)
     p = bound.ctr(enc.ads, enc.combos, enc.ctx)
     info = p * (1 - p)
-    effects = bound.element_effects()
+    effects = ad_effects(bound.logit, cat, constraints, context_mix(enc))
     seen = bound.model.seen.numpy()
     frames = []
     for k, comp in enumerate(cat.components):
         n_el = len(cat.elements[k])
-        e = enc.combos[:, k]
-        shows = np.bincount(e, minlength=n_el)
-        clicks = np.bincount(e, weights=enc.click, minlength=n_el)
-        credit_sum = np.bincount(e, weights=credit[:, k], minlength=n_el)
-        info_sum = np.bincount(e, weights=info, minlength=n_el)
+        # Per (ad, element) sums over the log: key = ad * n_el + element.
+        key = enc.ads * n_el + enc.combos[:, k]
+        size = cat.n_ads * n_el
+        shows = np.bincount(key, minlength=size)
+        clicks = np.bincount(key, weights=enc.click, minlength=size)
+        credit_sum = np.bincount(key, weights=credit[:, k], minlength=size)
+        info_sum = np.bincount(key, weights=info, minlength=size)
+        ads = np.concatenate([np.full(len(cat.candidates[a][k]), a) for a in range(cat.n_ads)])
+        elems = np.concatenate([cat.candidates[a][k] for a in range(cat.n_ads)])
+        effect = np.concatenate([effects[a][k] for a in range(cat.n_ads)])
+        at = ads * n_el + elems
+        n, c, i = shows[at], clicks[at], info_sum[at]
         with np.errstate(divide="ignore", invalid="ignore"):
-            se = np.where(info_sum > 0, 1.0 / np.sqrt(info_sum), np.nan)
+            se = np.where(i > 0, 1.0 / np.sqrt(i), np.nan)
             frame = pd.DataFrame(
                 {
+                    AD: np.asarray(cat.ads, dtype=object)[ads],
                     "component": comp,
-                    "element_id": list(cat.elements[k]),
-                    "impressions": shows,
-                    "clicks": clicks.astype(np.int64),
-                    "observed_ctr": np.where(shows > 0, clicks / shows, np.nan),
-                    "mean_credit": np.where(shows > 0, credit_sum / shows, np.nan),
-                    "effect": effects[k],
+                    "element_id": np.asarray(cat.elements[k], dtype=object)[elems],
+                    "impressions": n,
+                    "clicks": c.astype(np.int64),
+                    "observed_ctr": np.where(n > 0, c / n, np.nan),
+                    "mean_credit": np.where(n > 0, credit_sum[at] / n, np.nan),
+                    "effect": effect,
                     "effect_se": se,
-                    "ci_low": effects[k] - 1.96 * se,
-                    "ci_high": effects[k] + 1.96 * se,
-                    "cold": ~seen[
-                        bound.elem_map[bound.cat_offsets[k] : bound.cat_offsets[k] + n_el].numpy()
-                    ],
+                    "ci_low": effect - 1.96 * se,
+                    "ci_high": effect + 1.96 * se,
+                    "cold": ~seen[bound.elem_map[bound.cat_offsets[k] + elems].numpy()],
                 }
             )
         frames.append(frame)
@@ -98,8 +176,10 @@ def fit_and_attribute(
     init: RewardModel | None = None,
     progress: bool = False,
     client=None,
+    constraints: Constraints | None = None,
 ) -> dict:
-    """Train on all but the latest test_fraction, evaluate on it, write model and tables."""
+    """Train on all but the latest test_fraction, evaluate on it, write model and tables
+    (element effects over each ad's combinations that ``constraints`` leave legal)."""
     if not 0.0 <= test_fraction < 1.0:
         raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}")
     config = config or RewardModelConfig()
@@ -116,7 +196,9 @@ def fit_and_attribute(
         impression_attributions(bound, enc), storage.join(out_dir, IMPRESSION_FILE), client=client
     )
     storage.write_table(
-        element_table(bound, enc), storage.join(out_dir, ELEMENT_FILE), client=client
+        element_table(bound, enc, constraints),
+        storage.join(out_dir, ELEMENT_FILE),
+        client=client,
     )
     storage.write_json(storage.join(out_dir, METRICS_FILE), metrics, client=client)
     return metrics
@@ -133,7 +215,7 @@ def run_attribute(
     client=None,
 ) -> dict:
     """``genco attribute``: validate the log, then train, evaluate and attribute."""
-    catalog, _, summary, valid = validated_inputs(
+    catalog, constraints, summary, valid = validated_inputs(
         catalog_path,
         impressions_path,
         constraints_path,
@@ -142,5 +224,7 @@ def run_attribute(
         progress,
         client,
     )
-    metrics = fit_and_attribute(catalog, valid, out_dir, config, progress=progress, client=client)
+    metrics = fit_and_attribute(
+        catalog, valid, out_dir, config, progress=progress, client=client, constraints=constraints
+    )
     return {"ingest": summary.to_dict(), **metrics}

@@ -146,6 +146,7 @@ def train_bundle(
         init=init_reward,
         progress=progress,
         client=client,
+        constraints=constraints,
     )
     report, manifest = finish_bundle(
         catalog,

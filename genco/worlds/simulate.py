@@ -86,13 +86,23 @@ class WorldConfig:
     cold_start_share: float = field(
         default=0.0, metadata={"help": "Share of elements never shown by the logging policy."}
     )
+    per_product: bool = field(
+        default=False,
+        metadata={
+            "help": "Every ad has its own elements (features drawn from shared distributions); "
+            "quality and styles are nonlinear functions of the features."
+        },
+    )
+    three_way_scale: float = field(
+        default=0.0, metadata={"help": "SD of the three-way term over the first three styles."}
+    )
     n_impressions: int = field(default=20_000, metadata={"help": "Default log size."})
 
     def __post_init__(self) -> None:
         for name in ("n_ads", "n_components", "n_candidates", "pool_size", "n_features"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.pool_size < self.n_candidates:
+        if self.pool_size < self.n_candidates and not self.per_product:
             raise ValueError(
                 f"pool_size ({self.pool_size}) must be >= n_candidates ({self.n_candidates})"
             )
@@ -104,6 +114,8 @@ class WorldConfig:
             raise ValueError(f"greedy must be 'random' or 'confounded', got '{self.greedy}'")
         if not 0.0 <= self.cold_start_share < 1.0:
             raise ValueError(f"cold_start_share must be in [0, 1), got {self.cold_start_share}")
+        if self.three_way_scale and self.n_components < 3:
+            raise ValueError("three_way_scale needs n_components >= 3")
 
     @property
     def contextual(self) -> bool:
@@ -202,6 +214,53 @@ WORLDS: dict[str, WorldConfig] = {
             interaction_scale=0.08,
             n_impressions=1_000_000,
         ),
+        # Worlds of the usual e-commerce kind: every product has its own titles and images,
+        # each seen a few hundred times at 500k impressions, so the signal must travel through
+        # element features shared across products.
+        WorldConfig(
+            "per_product",
+            n_ads=120,
+            base_logit=-3.2,
+            n_components=4,
+            n_candidates=6,
+            n_features=6,
+            appeal_scale=0.5,
+            main_scale=0.2,
+            feature_share=0.85,
+            interaction_scale=0.15,
+            per_product=True,
+            n_impressions=500_000,
+        ),
+        WorldConfig(
+            "per_product_contextual",
+            n_ads=120,
+            base_logit=-3.2,
+            n_components=3,
+            n_candidates=8,
+            n_features=6,
+            appeal_scale=0.5,
+            main_scale=0.2,
+            feature_share=0.85,
+            interaction_scale=0.1,
+            context_flip=1.5,
+            per_product=True,
+            n_impressions=500_000,
+        ),
+        WorldConfig(
+            "per_product_3way",
+            n_ads=120,
+            base_logit=-3.2,
+            n_components=4,
+            n_candidates=5,
+            n_features=6,
+            appeal_scale=0.5,
+            main_scale=0.15,
+            feature_share=0.85,
+            interaction_scale=0.1,
+            three_way_scale=0.2,
+            per_product=True,
+            n_impressions=500_000,
+        ),
     )
 }
 
@@ -231,6 +290,8 @@ class GroundTruth:
     style: list[np.ndarray]
     inter: dict[tuple[int, int], np.ndarray]
     cold: list[np.ndarray]  # boolean (n_elements_k,) never logged
+    # (k, l, m) -> (rank, rank, rank): three-way terms over styles; empty in most worlds
+    inter3: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)
 
     @property
     def n_context(self) -> int:
@@ -254,6 +315,14 @@ class GroundTruth:
             z = z + np.einsum(
                 "nr,rs,ns->n", self.style[k][combos[:, k]], w, self.style[m][combos[:, m]]
             )
+        for (k, m, j), w in self.inter3.items():
+            z = z + np.einsum(
+                "nr,rst,ns,nt->n",
+                self.style[k][combos[:, k]],
+                w,
+                self.style[m][combos[:, m]],
+                self.style[j][combos[:, j]],
+            )
         return np.clip(z, _LOGIT_MIN, _LOGIT_MAX)
 
     def element_effects(self) -> list[np.ndarray]:
@@ -268,6 +337,11 @@ class GroundTruth:
         for (k, m), w in self.inter.items():
             out[k] += self.style[k] @ w @ self.style[m].mean(0)
             out[m] += self.style[m] @ w.T @ self.style[k].mean(0)
+        for (k, m, j), w in self.inter3.items():
+            mk, mm, mj = (self.style[c].mean(0) for c in (k, m, j))
+            out[k] += np.einsum("nr,rst,s,t->n", self.style[k], w, mm, mj)
+            out[m] += np.einsum("ns,rst,r,t->n", self.style[m], w, mk, mj)
+            out[j] += np.einsum("nt,rst,r,s->n", self.style[j], w, mk, mm)
         return [o - o.mean() for o in out]
 
     def ctr(self, ads: np.ndarray, combos: np.ndarray, ctx: np.ndarray | None = None) -> np.ndarray:
@@ -289,6 +363,8 @@ class GroundTruth:
             arrays[f"cold_{k}"] = self.cold[k]
         for (k, m), w in self.inter.items():
             arrays[f"inter_{k}_{m}"] = w
+        for (k, m, j), w in self.inter3.items():
+            arrays[f"inter3_{k}_{m}_{j}"] = w
         meta = {
             "config": asdict(self.config),
             "ads": list(self.ads),
@@ -308,11 +384,14 @@ class GroundTruth:
         with np.load(io.BytesIO(storage.read_bytes(path, client=client)), allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             n_comp = len(meta["components"])
-            inter = {}
+            inter, inter3 = {}, {}
             for name in z.files:
                 if name.startswith("inter_"):
                     _, k, m = name.split("_")
                     inter[(int(k), int(m))] = z[name]
+                elif name.startswith("inter3_"):
+                    _, k, m, j = name.split("_")
+                    inter3[(int(k), int(m), int(j))] = z[name]
             return GroundTruth(
                 config=WorldConfig(**meta["config"]),
                 ads=tuple(meta["ads"]),
@@ -324,6 +403,7 @@ class GroundTruth:
                 style=[z[f"style_{k}"] for k in range(n_comp)],
                 inter=inter,
                 cold=[z[f"cold_{k}"] for k in range(n_comp)],
+                inter3=inter3,
             )
 
 
@@ -344,52 +424,23 @@ class World:
 def make_world(config: WorldConfig, seed: int) -> World:
     """Draw a world's parameters. Deterministic in (config, seed)."""
     rng = np.random.default_rng([seed, _stable_hash(config.name)])
-    K, P, F, R = config.n_components, config.pool_size, config.n_features, config.style_rank
+    K = config.n_components
     components = COMPONENT_NAMES[:K]
-    elements = tuple(tuple(f"{c[:3]}_{j:03d}" for j in range(P)) for c in components)
     ads = tuple(f"ad_{i:04d}" for i in range(config.n_ads))
-
-    feats = [rng.normal(size=(P, F)) for _ in range(K)]
-    main, style = [], []
-    for k in range(K):
-        beta = rng.normal(size=F) / np.sqrt(F)
-        from_feat = feats[k] @ beta
-        from_feat = (from_feat - from_feat.mean()) / (from_feat.std() + 1e-9)
-        noise = rng.normal(size=P)
-        noise = (noise - noise.mean()) / (noise.std() + 1e-9)
-        m = np.sqrt(config.feature_share) * from_feat + np.sqrt(1 - config.feature_share) * noise
-        main.append(config.main_scale * m)
-        proj = rng.normal(size=(F, R)) / np.sqrt(F)
-        style.append(feats[k] @ proj)
-    inter = {}
-    if config.interaction_scale > 0:
-        for k in range(K):
-            for m_ in range(k + 1, K):
-                # Divided by R so that each pairwise term has SD ~ interaction_scale.
-                inter[(k, m_)] = config.interaction_scale / R * rng.normal(size=(R, R))
+    elements = _element_ids(config, components)
+    P = [len(e) for e in elements]
+    feats = [rng.normal(size=(P[k], config.n_features)) for k in range(K)]
+    effects = _nonlinear_effects if config.per_product else _linear_effects
+    main, style = effects(config, feats, rng)
+    inter, inter3 = _interaction_weights(config, rng)
     appeal = config.appeal_scale * rng.normal(size=config.n_ads)
     ctx_appeal = np.array([0.2, 0.0]) if config.contextual else np.zeros(0)
-
-    cold = [np.zeros(P, dtype=bool) for _ in range(K)]
-    if config.cold_start_share > 0:
-        for k in range(K):
-            n_cold = max(1, round(config.cold_start_share * P))
-            cold[k][rng.choice(P, n_cold, replace=False)] = True
-
-    cand_rows = []
-    for _ in range(config.n_ads):
-        per = []
-        for k in range(K):
-            pick = np.sort(rng.choice(P, config.n_candidates, replace=False))
-            if cold[k][pick].all():  # keep at least one loggable candidate
-                pick[0] = np.flatnonzero(~cold[k])[0]
-                pick = np.unique(pick)
-            per.append(pick)
-        cand_rows.append(per)
+    cold = _cold_elements(config, P, rng)
+    cand_rows = _candidates(config, cold, rng)
     catalog = _catalog(ads, components, elements, feats, cand_rows)
     # The catalog's codes follow first appearance; align the truth to them.
     truth0 = GroundTruth(
-        config, ads, components, elements, appeal, ctx_appeal, main, style, inter, cold
+        config, ads, components, elements, appeal, ctx_appeal, main, style, inter, cold, inter3
     )
     _, emap = truth0.aligned(catalog)
     truth = GroundTruth(
@@ -403,9 +454,9 @@ def make_world(config: WorldConfig, seed: int) -> World:
         [style[k][emap[k]] for k in range(K)],
         inter,
         [cold[k][emap[k]] for k in range(K)],
+        inter3,
     )
     constraints = _constraints(config, catalog, truth, rng)
-
     warm = [
         [c[~truth.cold[k][c]] for k, c in enumerate(catalog.candidates[a])]
         for a in range(config.n_ads)
@@ -415,7 +466,106 @@ def make_world(config: WorldConfig, seed: int) -> World:
     )
     if np.any(n_legal_warm == 0):
         raise ValueError(f"world '{config.name}': an ad has no legal loggable combination")
-    greedy = np.zeros((config.n_ads, K), dtype=np.int64)
+    greedy = _greedy_combinations(config, catalog, constraints, truth, warm, rng)
+    ranks = np.argsort(np.argsort(-appeal))  # most appealing ads are the most shown
+    pop = 1.0 / (1.0 + ranks) ** config.popularity_skew
+    return World(config, catalog, constraints, truth, greedy, warm, n_legal_warm, pop / pop.sum())
+
+
+def _element_ids(config: WorldConfig, components) -> tuple[tuple[str, ...], ...]:
+    """Element ids per component: a pool shared by all ads, or (per_product) each ad's own."""
+    if config.per_product:
+        return tuple(
+            tuple(
+                f"{c[:3]}_{a:04d}_{j:02d}"
+                for a in range(config.n_ads)
+                for j in range(config.n_candidates)
+            )
+            for c in components
+        )
+    return tuple(tuple(f"{c[:3]}_{j:03d}" for j in range(config.pool_size)) for c in components)
+
+
+def _mix(from_feat: np.ndarray, config: WorldConfig, rng) -> np.ndarray:
+    """Main effects: a share of their variance from the features, the rest idiosyncratic."""
+    from_feat = (from_feat - from_feat.mean()) / (from_feat.std() + 1e-9)
+    noise = rng.normal(size=len(from_feat))
+    noise = (noise - noise.mean()) / (noise.std() + 1e-9)
+    m = np.sqrt(config.feature_share) * from_feat + np.sqrt(1 - config.feature_share) * noise
+    return config.main_scale * m
+
+
+def _linear_effects(config: WorldConfig, feats, rng) -> tuple[list, list]:
+    """Main effects and interaction styles linear in the features."""
+    F, R = config.n_features, config.style_rank
+    main, style = [], []
+    for f in feats:
+        beta = rng.normal(size=F) / np.sqrt(F)
+        main.append(_mix(f @ beta, config, rng))
+        proj = rng.normal(size=(F, R)) / np.sqrt(F)
+        style.append(f @ proj)
+    return main, style
+
+
+def _nonlinear_effects(config: WorldConfig, feats, rng, hidden: int = 8) -> tuple[list, list]:
+    """Quality a random one-hidden-layer function of the features; styles a saturating
+    projection of them (compatibility between components is then nonlinear in features)."""
+    F, R = config.n_features, config.style_rank
+    main, style = [], []
+    for f in feats:
+        w1 = rng.normal(size=(F, hidden)) / np.sqrt(F)
+        b1 = rng.normal(size=hidden) * 0.5
+        w2 = rng.normal(size=hidden) / np.sqrt(hidden)
+        main.append(_mix(np.tanh(f @ w1 + b1) @ w2, config, rng))
+        proj = rng.normal(size=(F, R)) * 1.5 / np.sqrt(F)
+        style.append(np.tanh(f @ proj) * np.sqrt(2.0))
+    return main, style
+
+
+def _interaction_weights(config: WorldConfig, rng) -> tuple[dict, dict]:
+    K, R = config.n_components, config.style_rank
+    inter: dict[tuple[int, int], np.ndarray] = {}
+    if config.interaction_scale > 0:
+        for k in range(K):
+            for m_ in range(k + 1, K):
+                # Divided by R so that each pairwise term has SD ~ interaction_scale.
+                inter[(k, m_)] = config.interaction_scale / R * rng.normal(size=(R, R))
+    inter3: dict[tuple[int, int, int], np.ndarray] = {}
+    if config.three_way_scale > 0:
+        inter3[(0, 1, 2)] = config.three_way_scale / R**1.5 * rng.normal(size=(R, R, R))
+    return inter, inter3
+
+
+def _cold_elements(config: WorldConfig, sizes: list[int], rng) -> list[np.ndarray]:
+    cold = [np.zeros(p, dtype=bool) for p in sizes]
+    if config.cold_start_share > 0:
+        for k, p in enumerate(sizes):
+            n_cold = max(1, round(config.cold_start_share * p))
+            cold[k][rng.choice(p, n_cold, replace=False)] = True
+    return cold
+
+
+def _candidates(config: WorldConfig, cold: list[np.ndarray], rng) -> list[list[np.ndarray]]:
+    """Each ad's candidates per component (element indices), at least one loggable."""
+    K, C = config.n_components, config.n_candidates
+    if config.per_product:
+        return [[np.arange(a * C, (a + 1) * C) for _ in range(K)] for a in range(config.n_ads)]
+    out = []
+    for _ in range(config.n_ads):
+        per = []
+        for k in range(K):
+            pick = np.sort(rng.choice(config.pool_size, C, replace=False))
+            if cold[k][pick].all():  # keep at least one loggable candidate
+                pick[0] = np.flatnonzero(~cold[k])[0]
+                pick = np.unique(pick)
+            per.append(pick)
+        out.append(per)
+    return out
+
+
+def _greedy_combinations(config, catalog, constraints, truth, warm, rng) -> np.ndarray:
+    """The logging policy's greedy combination per ad."""
+    greedy = np.zeros((config.n_ads, config.n_components), dtype=np.int64)
     ctx0 = _default_context(truth, 1)
     for a in range(config.n_ads):
         legal = legal_combinations(catalog, constraints, a, warm[a])
@@ -424,13 +574,12 @@ def make_world(config: WorldConfig, seed: int) -> World:
             # naive per-element CTRs then credit elements with the product's appeal.
             ctx = None if ctx0 is None else np.repeat(ctx0, len(legal), 0)
             z = truth.logit(np.full(len(legal), a), legal, ctx)
+            appeal = truth.appeal
             pick = np.argmin(z) if appeal[a] > np.median(appeal) else np.argmax(z)
             greedy[a] = legal[pick]
         else:
             greedy[a] = legal[rng.integers(len(legal))]
-    ranks = np.argsort(np.argsort(-appeal))  # most appealing ads are the most shown
-    pop = 1.0 / (1.0 + ranks) ** config.popularity_skew
-    return World(config, catalog, constraints, truth, greedy, warm, n_legal_warm, pop / pop.sum())
+    return greedy
 
 
 def _stable_hash(s: str) -> int:
