@@ -301,7 +301,10 @@ def _read_seen(store: str, client: Client | None) -> _Seen:
         if blob is None:
             return _Seen(None, None)
         token = blob.generation  # before the download, which may reset it from headers
-        raw = blob.download_as_bytes(if_generation_match=token)
+        try:
+            raw = blob.download_as_bytes(if_generation_match=token)
+        except gexc.PreconditionFailed:
+            raise StoreError(f"{path}: replaced while it was being read; run again") from None
     else:
         try:
             with open(path, "rb") as f:
