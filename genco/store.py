@@ -12,18 +12,32 @@ after every file of the version is in place. So a reader sees either the old pro
 or the complete new one, even if a deploy dies half way. Versions are never deleted:
 rollback is a pointer change.
 
-One writer at a time: the pointer is read, modified and rewritten without a lock, so
-concurrent deploys into one store could lose a ``previous`` entry. The scheduled pipeline
-runs with max concurrency 1 for that reason.
+The pointer update is a compare-and-swap: a deploy remembers the pointer it read (the
+sha256 of the local file, or the GCS object's generation) and replaces it only if it is
+unchanged, under an ``fcntl`` lock on ``STORE/.CURRENT.json.lock`` locally (the kernel
+drops it if the process dies) and with an ``if_generation_match`` precondition on GCS. Of
+two racing deploys exactly one moves the pointer; the other gets a ``StoreError`` and
+changes nothing. The pointer is the commit point: serving (``on_promote``) is prepared
+before it and switched to it after it, and leftovers of runs that died (version
+directories without a manifest, ``.tmp`` files) older than the current deploy are removed
+after it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import json
+import os
+import re
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
+
+from google.api_core import exceptions as gexc
 
 from genco.data import storage
 from genco.errors import BundleError, StoreError
@@ -32,6 +46,7 @@ from genco.models.checkpoint import (
     VERSION_RE,
     check_version,
     read_manifest,
+    verify_bundle,
     version_id,
 )
 
@@ -39,10 +54,16 @@ if TYPE_CHECKING:
     from google.cloud.storage import Client
 
 POINTER = "CURRENT.json"
+LOCK = ".CURRENT.json.lock"
 VERSIONS = "versions"
 STORE_FORMAT = "genco.model_store/1"
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+# atomic_local_path's temp files: ``.<name>.<random>.tmp[suffix]``.
+TMP_RE = re.compile(r"^\..+\.tmp[^/]*$")
 
-OnPromote = Callable[[str, str], None]
+# on_promote(version_dir, version) prepares serving before the pointer moves (if it raises,
+# production is unchanged) and may return a step to run once the pointer has moved.
+OnPromote = Callable[[str, str], "Callable[[], object] | None"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,7 @@ class DeployResult:
     version_dir: str | None
     previous: str | None
     reason: str
+    removed: tuple[str, ...] = field(default=())  # leftovers of dead runs cleaned up
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,13 +86,7 @@ class DeployResult:
 
 def read_pointer(store: str, client: Client | None = None) -> dict | None:
     """The parsed ``CURRENT.json``, or None for a store that never had a production model."""
-    path = storage.join(store, POINTER)
-    if not storage.exists(path, client=client):
-        return None
-    pointer = storage.read_json(path, client=client)
-    if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
-        raise StoreError(f"{path}: not a model store pointer (no 'version')")
-    return pointer
+    return _read_seen(store, client).pointer
 
 
 def current_version(store: str, client: Client | None = None) -> str | None:
@@ -132,19 +148,22 @@ def promote(
     """Copy a bundle into the store as a new version and point production at it.
 
     gate: an evaluation result (``genco.evaluation.evaluate.EvalResult.to_dict()``). A gate that did
-    not pass, that was computed for another bundle, or against a production model that has
-    since changed refuses the deploy: nothing is written and the pointer stays. Without a
-    gate the deploy is unconditional (a person promoting by hand).
-    on_promote(version_dir, version): runs after the version is fully copied and before the
-    pointer moves, e.g. to register the model with a model server; if it raises, production
-    is unchanged. The TorchServe registration plugs in here.
+    not pass, that names no bundle digest or another bundle's, or that was computed against
+    a production model that has since changed refuses the deploy: nothing is written and
+    the pointer stays. Without a gate the deploy is unconditional (a person promoting by hand).
+    on_promote(version_dir, version): runs after the version is fully copied and verified
+    and before the pointer moves, e.g. to archive and register the model with a model
+    server; if it raises, production is unchanged. What it returns (if anything) runs after
+    the pointer moved: switching what serves to the new production.
+    Raises ``StoreError`` when another deploy moved the pointer meanwhile.
     """
-    manifest, raw = read_manifest(bundle_dir, client)
+    started = time.time()
+    manifest, raw, files = verify_bundle(bundle_dir, client, complete=True)
     digest = hashlib.sha256(raw).hexdigest()
-    files = _verified_files(bundle_dir, manifest, client)
-    version = version_id(manifest, digest) if version is None else version
+    version = version_id(manifest, digest) if version is None else check_version(version)
     target = version_dir(store, version)
-    pointer = read_pointer(store, client=client)
+    seen = _read_seen(store, client)
+    pointer = seen.pointer
     now = None if pointer is None else pointer["version"]
 
     if now == version:
@@ -158,15 +177,19 @@ def promote(
     if storage.exists(target_manifest, client=client):
         if storage.read_bytes(target_manifest, client=client) != raw:
             raise StoreError(f"{target}: version '{version}' exists with different content")
+        try:
+            verify_bundle(target, client, complete=True)
+        except BundleError:  # a copy damaged since: write it again, manifest last
+            _copy(target, files, raw, client)
     else:
-        for name, data in files.items():
-            storage.write_bytes(storage.join(target, name), data, client=client)
-        storage.write_bytes(target_manifest, raw, client=client)  # last: marks it complete
-    if on_promote is not None:
-        on_promote(target, version)
+        _copy(target, files, raw, client)
+    finish = on_promote(target, version) if on_promote is not None else None
     previous = [] if pointer is None else [now, *pointer.get("previous", [])]
-    _write_pointer(store, version, previous, client, gate=_gate_summary(gate))
-    return DeployResult(True, version, target, now, "promoted")
+    _write_pointer(store, seen, version, previous, client, gate=_gate_summary(gate, digest))
+    if finish is not None:
+        finish()
+    removed = clean_leftovers(store, started, client)
+    return DeployResult(True, version, target, now, "promoted", removed)
 
 
 def rollback(
@@ -178,10 +201,13 @@ def rollback(
     """Point production back at the previous version (or at ``to_version``).
 
     Without ``to_version`` this undoes the last promotion: the pointer's ``previous`` stack
-    is popped, so repeated rollbacks walk back through the history. on_promote: the same
-    hook as ``promote``'s, so a model server follows the pointer back.
+    is popped, so repeated rollbacks walk back through the history. The target is verified
+    against its manifest first. on_promote: the same hook as ``promote``'s, so a model
+    server follows the pointer back; the pointer moves by the same compare-and-swap.
     """
-    pointer = read_pointer(store, client=client)
+    started = time.time()
+    seen = _read_seen(store, client)
+    pointer = seen.pointer
     if pointer is None:
         raise StoreError(f"{store}: no production model to roll back ({POINTER} is missing)")
     now = pointer["version"]
@@ -197,10 +223,13 @@ def rollback(
     target = version_dir(store, to_version)
     if not storage.exists(storage.join(target, MANIFEST), client=client):
         raise StoreError(f"{store}: version '{to_version}' does not exist (see list_versions)")
-    if on_promote is not None:
-        on_promote(target, to_version)
-    _write_pointer(store, to_version, rest, client, rolled_back_from=now)
-    return DeployResult(True, to_version, target, now, f"rolled back from {now}")
+    verify_bundle(target, client, complete=True)
+    finish = on_promote(target, to_version) if on_promote is not None else None
+    _write_pointer(store, seen, to_version, rest, client, rolled_back_from=now)
+    if finish is not None:
+        finish()
+    removed = clean_leftovers(store, started, client)
+    return DeployResult(True, to_version, target, now, f"rolled back from {now}", removed)
 
 
 def run_deploy(
@@ -213,69 +242,217 @@ def run_deploy(
 ) -> DeployResult:
     """``genco deploy`` and the pipeline's deploy step: ``promote`` with the gate read from a
     file (written by the evaluate step), so the gate is re-checked where the pointer moves."""
-    gate = None if not gate_path else storage.read_json(gate_path, client=client)
-    if gate is not None and not isinstance(gate, dict):
-        raise StoreError(f"{gate_path}: a gate file must hold a JSON object")
+    gate = None
+    if gate_path:
+        try:
+            gate = storage.read_json(gate_path, client=client)
+        except ValueError as exc:
+            raise StoreError(f"{gate_path}: not a gate file (invalid JSON: {exc})") from None
+        if not isinstance(gate, dict):
+            raise StoreError(f"{gate_path}: a gate file must hold a JSON object")
     return promote(bundle_dir, store, version, gate, on_promote, client)
+
+
+def clean_leftovers(store: str, before: float, client: Client | None = None) -> tuple[str, ...]:
+    """Remove what runs that died left behind, if last written before ``before`` (epoch
+    seconds; a deploy passes its start, so a run still writing is left alone): version
+    directories without a manifest and atomic writes' hidden ``.tmp`` files. Returns the
+    removed paths."""
+    if storage.is_gcs(store):
+        return _clean_gcs(store, before, client)
+    removed: list[str] = []
+    if not os.path.isdir(store):
+        return ()
+    for root, _, names in os.walk(store):
+        for name in names:
+            path = os.path.join(root, name)
+            if TMP_RE.match(name) and _mtime(path) < before:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                    removed.append(path)
+    versions = os.path.join(store, VERSIONS)
+    for name in sorted(os.listdir(versions)) if os.path.isdir(versions) else []:
+        path = os.path.join(versions, name)
+        if not os.path.isdir(path) or os.path.exists(os.path.join(path, MANIFEST)):
+            continue
+        stamps = [_mtime(path)] + [_mtime(os.path.join(path, n)) for n in os.listdir(path)]
+        if max(stamps) < before:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return tuple(removed)
 
 
 # ------------------------------------------------------------------------ private
 
 
-def _verified_files(bundle_dir: str, manifest: dict, client: Client | None) -> dict[str, bytes]:
-    """Every file the manifest names, checked against its sha256 before anything is copied:
-    a bundle damaged after training must not reach production."""
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise BundleError(f"{bundle_dir}/{MANIFEST}: names no files")
-    out = {}
-    for name, expected in files.items():
-        if "/" in name or name in ("", ".", "..", MANIFEST):
-            raise BundleError(f"{bundle_dir}/{MANIFEST}: unsafe file name '{name}'")
-        data = storage.read_bytes(storage.join(bundle_dir, name), client=client)
-        if hashlib.sha256(data).hexdigest() != expected:
-            raise BundleError(f"{bundle_dir}: {name} does not match its sha256 in {MANIFEST}")
-        out[name] = data
-    return out
+@dataclass(frozen=True)
+class _Seen:
+    """The pointer as a deploy read it, and what identifies that exact content: the sha256
+    of the local file or the GCS object's generation (None: no pointer yet)."""
+
+    pointer: dict | None
+    token: str | int | None
+
+
+def _read_seen(store: str, client: Client | None) -> _Seen:
+    path = storage.join(store, POINTER)
+    if storage.is_gcs(path):
+        blob = _gcs_bucket(path, client).get_blob(_gcs_name(path))
+        if blob is None:
+            return _Seen(None, None)
+        token = blob.generation  # before the download, which may reset it from headers
+        try:
+            raw = blob.download_as_bytes(if_generation_match=token)
+        except gexc.PreconditionFailed:
+            raise StoreError(f"{path}: replaced while it was being read; run again") from None
+    else:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return _Seen(None, None)
+        token = hashlib.sha256(raw).hexdigest()
+    try:
+        pointer = json.loads(raw)
+    except ValueError:
+        pointer = None
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
+        raise StoreError(f"{path}: not a model store pointer (no 'version')")
+    return _Seen(pointer, token)
+
+
+def _write_pointer(
+    store: str,
+    seen: _Seen,
+    version: str,
+    previous: list[str],
+    client: Client | None,
+    **extra: object,
+) -> None:
+    """Replace the pointer if it still is what ``seen`` read (compare-and-swap)."""
+    unique: set[str] = set()
+    history = [v for v in previous if v != version and not (v in unique or unique.add(v))]
+    pointer = {
+        "format": STORE_FORMAT,
+        "version": version,
+        "path": f"{VERSIONS}/{version}",
+        "previous": history,
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **{k: v for k, v in extra.items() if v is not None},
+    }
+    data = (json.dumps(pointer, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    path = storage.join(store, POINTER)
+    if storage.is_gcs(path):
+        bucket, name = _gcs_bucket(path, client), _gcs_name(path)
+        blob = bucket.get_blob(name)  # fails fast; the precondition is what makes it atomic
+        if (None if blob is None else blob.generation) != seen.token:
+            raise _moved(store, seen, client)
+        try:
+            bucket.blob(name).upload_from_string(
+                data, content_type="application/json", if_generation_match=seen.token or 0
+            )
+        except gexc.PreconditionFailed:
+            raise _moved(store, seen, client) from None
+        return
+    os.makedirs(store, exist_ok=True)
+    fd = os.open(os.path.join(store, LOCK), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        if _read_seen(store, client).token != seen.token:
+            raise _moved(store, seen, client)
+        storage.write_bytes(path, data)
+    finally:
+        os.close(fd)
+
+
+def _moved(store: str, seen: _Seen, client: Client | None) -> StoreError:
+    was = None if seen.pointer is None else seen.pointer["version"]
+    try:
+        now = current_version(store, client=client)
+    except StoreError as exc:
+        now = f"unreadable ({exc})"
+    return StoreError(
+        f"{storage.join(store, POINTER)}: production moved while this deploy ran (read "
+        f"'{was}', now '{now}'); this run changed nothing: evaluate and deploy again"
+    )
+
+
+def _copy(target: str, files: dict[str, bytes], raw: bytes, client: Client | None) -> None:
+    for name, data in files.items():
+        storage.write_bytes(storage.join(target, name), data, client=client)
+    storage.write_bytes(storage.join(target, MANIFEST), raw, client=client)  # last: complete
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return float("inf")  # gone meanwhile: not ours to remove
+
+
+def _gcs_name(path: str) -> str:
+    return path[len("gs://") :].partition("/")[2]
+
+
+def _gcs_bucket(path: str, client: Client | None):
+    return (client or storage.gcs_client()).bucket(path[len("gs://") :].partition("/")[0])
+
+
+def _clean_gcs(store: str, before: float, client: Client | None) -> tuple[str, ...]:
+    bucket = _gcs_bucket(storage.join(store, POINTER), client)
+    prefix = _gcs_name(storage.join(store, POINTER))[: -len(POINTER)]
+    blobs = list(bucket.list_blobs(prefix=prefix))
+    by_version: dict[str, list] = {}
+    doomed = []
+    for blob in blobs:
+        rel = blob.name[len(prefix) :]
+        if TMP_RE.match(rel.rsplit("/", 1)[-1]) and blob.updated.timestamp() < before:
+            doomed.append(blob)
+        parts = rel.split("/")
+        if len(parts) == 3 and parts[0] == VERSIONS:
+            by_version.setdefault(parts[1], []).append(blob)
+    for group in by_version.values():
+        names = {b.name.rsplit("/", 1)[-1] for b in group}
+        if MANIFEST not in names and all(b.updated.timestamp() < before for b in group):
+            doomed.extend(group)
+    for blob in doomed:
+        with contextlib.suppress(gexc.NotFound):
+            blob.delete()
+    return tuple(f"gs://{bucket.name}/{b.name}" for b in doomed)
 
 
 def _gate_refusal(gate: dict, digest: str, production: str | None) -> str | None:
+    """Why a gate does not allow this deploy, or None. The gate must pass, name this
+    bundle's digest and the production it was judged against (a hand-written
+    ``{"passed": true}`` names neither), and that production must still be current."""
     passed = gate.get("passed")
     if not isinstance(passed, bool):
         raise StoreError("gate: 'passed' must be true or false")
     if not passed:
         return f"evaluation gate not passed: {gate.get('reason', 'no reason given')}"
-    if gate.get("candidate_digest") not in (None, digest):
-        return "evaluation gate was computed for another bundle"
+    judged = gate.get("candidate_digest")
+    if judged is not None and judged != digest:
+        return (
+            f"evaluation gate was computed for another bundle (candidate_digest "
+            f"'{str(judged)[:16]}', this bundle's is '{digest[:16]}')"
+        )
     if "production_version" in gate and gate["production_version"] != production:
         return (
             f"production changed since the evaluation (evaluated against "
             f"{gate['production_version']}, now {production}); evaluate again"
         )
+    if not isinstance(judged, str) or not DIGEST_RE.match(judged):
+        return (
+            f"gate: 'candidate_digest' is {judged!r}, not a sha256: this gate was not written "
+            "by genco evaluate for a bundle; evaluate again"
+        )
+    if "production_version" not in gate:
+        return "gate: 'production_version' is missing: this gate was not written by genco evaluate"
     return None
 
 
-def _gate_summary(gate: dict | None) -> dict | None:
+def _gate_summary(gate: dict | None, digest: str) -> dict | None:
     if gate is None:
         return None
     keys = ("passed", "reason", "margin", "candidate_value", "production_value")
-    return {k: gate[k] for k in keys if k in gate}
-
-
-def _write_pointer(
-    store: str, version: str, previous: list[str], client: Client | None, **extra: object
-) -> None:
-    seen: set[str] = set()
-    history = [v for v in previous if v != version and not (v in seen or seen.add(v))]
-    storage.write_json(
-        storage.join(store, POINTER),
-        {
-            "format": STORE_FORMAT,
-            "version": version,
-            "path": f"{VERSIONS}/{version}",
-            "previous": history,
-            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **{k: v for k, v in extra.items() if v is not None},
-        },
-        client=client,
-    )
+    return {**{k: gate[k] for k in keys if k in gate}, "candidate_digest": digest}

@@ -125,6 +125,9 @@ def test_a_bug_is_not_reported_as_a_user_error(tmp_path):
     data = buf.getvalue()
     (tmp_path / "reward_model.pt").write_bytes(data)
     meta = {"format": FORMAT, "sha256": hashlib.sha256(data).hexdigest()}
+    meta_files = ("reward_model.pt", "reward_model.json")
     (tmp_path / "reward_model.json").write_text(json.dumps(meta))
+    files = {n: hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in meta_files}
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": files}))  # passes verification
     with pytest.raises(KeyError, match="vocab"):
         main(["recommend", "--model", str(tmp_path), "--out", str(tmp_path / "r.csv")])

@@ -3,6 +3,7 @@ bundles of a tiny world."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -151,6 +152,11 @@ def test_unexpected_error_scoring_production_propagates(bundles, tmp_path):
     meta = json.loads((broken / "reward_model.json").read_text())
     del meta["config"]
     (broken / "reward_model.json").write_text(json.dumps(meta))
+    # ...with a manifest that agrees (a buggy trainer, not a torn write: that is a BundleError)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    data = (broken / "reward_model.json").read_bytes()
+    manifest["files"]["reward_model.json"] = hashlib.sha256(data).hexdigest()
+    (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(KeyError, match="config"):
         evaluate_bundle(bundles["good"], bundles["data"], str(broken))
 

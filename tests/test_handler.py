@@ -193,9 +193,11 @@ def test_kserve_layout_on_gcs(mar: str, gcs: Any) -> None:
 
 def test_on_promote_archives_and_points_the_store(bundle_dir: str, tmp_path: Path) -> None:
     on_promote = archive.make_on_promote(str(tmp_path / "store"))
-    on_promote(bundle_dir, "20261128T000000Z-abcdef12")
+    switch = on_promote(bundle_dir, "20261128T000000Z-abcdef12")
     root = tmp_path / "store" / archive.KSERVE_DIR
     assert (root / "model-store" / "genco-20261128T000000Z-abcdef12.mar").is_file()
+    assert not (root / "config").exists()  # switched only once the store's pointer moved
+    switch()
     assert (
         "genco-20261128T000000Z-abcdef12.mar" in (root / "config" / "config.properties").read_text()
     )

@@ -8,6 +8,7 @@ propensities, for logging and off-policy evaluation).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -30,10 +31,10 @@ from genco.errors import ConfigError
 from genco.models.checkpoint import (
     CATALOG,
     CONSTRAINTS,
-    MANIFEST,
-    bundle_version,
     load_generator,
     load_reward_model,
+    verify_bundle,
+    version_id,
 )
 from genco.models.generator import BoundGenerator, Generator
 from genco.models.reward import BoundModel, RewardModel
@@ -98,7 +99,12 @@ class Predictor:
         constraints: Constraints | None = None,
         client=None,
     ) -> Predictor:
-        """Load a bundle; by default with the catalog and constraints it was trained on."""
+        """Load a bundle; by default with the catalog and constraints it was trained on.
+
+        The bundle is checked against its manifest first (``verify_bundle``): a directory
+        without one, or with a file changed after it was written, is a ``BundleError``.
+        """
+        manifest, raw, _ = verify_bundle(model_dir, client)
         reward, _ = load_reward_model(model_dir, client=client)
         generator = load_generator(model_dir, client=client)
         if catalog is None:
@@ -108,9 +114,7 @@ class Predictor:
                     storage.join(model_dir, CONSTRAINTS), catalog, client=client
                 )
         constraints = constraints if constraints is not None else Constraints.empty()
-        version = "unversioned"
-        if storage.exists(storage.join(model_dir, MANIFEST), client=client):
-            version = bundle_version(model_dir, client)
+        version = version_id(manifest, hashlib.sha256(raw).hexdigest())
         return Predictor(reward, generator, catalog, constraints, version)
 
     @property

@@ -170,3 +170,52 @@ def bundle_version(bundle_dir: str, client=None) -> str:
     """The version id the store gives this bundle (``version_id`` of its manifest)."""
     manifest, raw = read_manifest(bundle_dir, client)
     return version_id(manifest, hashlib.sha256(raw).hexdigest())
+
+
+# What ``Predictor.load`` reads: each must be named by the manifest and match it.
+LOADED_FILES = (REWARD_WEIGHTS, REWARD_META, GEN_WEIGHTS, GEN_META, CATALOG, CONSTRAINTS)
+
+
+def verify_bundle(
+    bundle_dir: str, client=None, complete: bool = False
+) -> tuple[dict, bytes, dict[str, bytes]]:
+    """Check a bundle against its manifest before anything trusts it: (manifest, its bytes,
+    the verified files' bytes by name).
+
+    The manifest is written last and names every file's sha256, so a directory without one
+    is a write that never finished, and a file that does not match it was changed after it
+    (a retraining killed half way over an old bundle, an emptied ``constraints.csv``). Every
+    file the loader reads must be listed and match, and every other listed file that is
+    present must match; with ``complete`` (the store copying a bundle) every listed file
+    must be present. A ``.mar`` carries only the files serving reads, hence the default.
+    Raises a one-line ``BundleError`` naming the file.
+    """
+    manifest, raw = read_manifest(bundle_dir, client)
+    where = storage.join(bundle_dir, MANIFEST)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{where}: names no files")
+    for name in LOADED_FILES:
+        if name not in files and storage.exists(storage.join(bundle_dir, name), client=client):
+            raise BundleError(
+                f"{storage.join(bundle_dir, name)}: not named in {MANIFEST} (written after it)"
+            )
+    out: dict[str, bytes] = {}
+    for name, expected in files.items():
+        if not isinstance(name, str) or "/" in name or name in ("", ".", "..", MANIFEST):
+            raise BundleError(f"{where}: unsafe file name '{name}'")
+        path = storage.join(bundle_dir, name)
+        try:
+            data = storage.read_bytes(path, client=client)
+        except FileNotFoundError:
+            if complete or name in LOADED_FILES:
+                raise BundleError(f"{path}: missing, but named in {MANIFEST}") from None
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected:
+            raise BundleError(
+                f"{path} does not match its sha256 in {MANIFEST} ({digest[:12]}... is not "
+                f"{str(expected)[:12]}...; changed after the bundle was written)"
+            )
+        out[name] = data
+    return manifest, raw, out

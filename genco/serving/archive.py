@@ -462,11 +462,13 @@ def publish(
     check: Callable[[str], object] | None = None,
     client: Any = None,
     token_auth: bool | None = None,
+    switch: bool = True,
 ) -> dict[str, Any]:
     """Archive a bundle into a KServe layout at ``root`` and switch to it, in the order that
     keeps every failure harmless: the archive first (new file, nothing points at it), then
     the running TorchServe if one is given (register, check, set default), and the layout's
-    config last. Registration is by file name, so that server's model store must be
+    config last (not at all with ``switch=False``: the store's deploy switches it after its
+    pointer moved). Registration is by file name, so that server's model store must be
     ``root/model-store`` (as in a KServe pod, where ``root`` is mounted at /mnt/models).
     token_auth: the layout's TorchServe token auth (None: keep the layout's, on if new)."""
     target = storage.join(root, "model-store", mar_name(version))
@@ -482,7 +484,8 @@ def publish(
         deployment = deploy_to_torchserve(management, mar_name(version), version, check=check)
         out["torchserve"] = deployment.to_dict()
     props = {} if token_auth is None else {"token_auth": token_auth}
-    out["kserve"] = set_kserve_version(root, version, client=client, **props).to_dict()
+    if switch:
+        out["kserve"] = set_kserve_version(root, version, client=client, **props).to_dict()
     return out
 
 
@@ -496,14 +499,37 @@ def serving_hook(
     """The ``on_promote`` for ``genco deploy``/``rollback`` and the pipeline's deploy step.
 
     With ``publish`` or a ``management_url``, or when the store already publishes for
-    serving, each version that becomes production is published in ``STORE/kserve`` (and
-    registered as TorchServe's default) before the store's pointer moves: serving never lags
-    the store. None when none of that applies.
+    serving, each version that becomes production is archived in ``STORE/kserve`` (and
+    registered as TorchServe's default) before the store's pointer moves, and the layout's
+    config is switched after it: ``CURRENT.json`` is the commit point. A run that died
+    between the two left the layout behind the pointer; building the hook first repairs
+    that (``sync_layout``), so every deploy and rollback starts from a layout that serves
+    what ``CURRENT.json`` names. None when none of that applies.
     """
     if not (publish or management_url or is_published(store_uri, client=client)):
         return None
+    sync_layout(store_uri, client=client)
     token = read_token(key_file, "management") if key_file else None
     return make_on_promote(store_uri, management_url or None, token, client=client)
+
+
+def sync_layout(store_uri: str, client: Any = None) -> str | None:
+    """Point ``STORE/kserve`` at the version ``STORE/CURRENT.json`` names, archiving it if
+    it never was; the version switched to, or None when nothing had to change (no layout,
+    no pointer, or already in step)."""
+    from genco.store import current_version, version_dir
+
+    if not is_published(store_uri, client=client):
+        return None
+    version = current_version(store_uri, client=client)
+    if version is None:
+        return None
+    root = storage.join(store_uri, KSERVE_DIR)
+    config = storage.join(root, "config", "config.properties")
+    if storage.read_text(config, client=client) == kserve_properties(version):
+        return None
+    publish(version_dir(store_uri, version), root, version, client=client)
+    return version
 
 
 def is_published(store_uri: str, client: Any = None) -> bool:
@@ -526,10 +552,11 @@ def make_on_promote(
     InferenceService's storageUri; an archive published before is reused), registering it
     on the TorchServe at ``management_url`` when given (again, if it was retired), after a
     real prediction against that version when ``inference_url`` is given too. Any failure
-    raises, so the store's pointer stays where it was."""
+    raises, so the store's pointer stays where it was. Returns the step the store runs
+    once its pointer moved: switch the layout's config to the new production."""
     root = storage.join(store_uri, KSERVE_DIR)
 
-    def on_promote(version_dir: str, version: str) -> None:
+    def on_promote(version_dir: str, version: str) -> Callable[[], object]:
         management = check = None
         if management_url:
             management = ManagementClient(management_url, token)
@@ -539,6 +566,7 @@ def make_on_promote(
                 def check(v: str) -> object:
                     return probe_version(inference_url, v, request, inference_token)
 
-        publish(version_dir, root, version, management, check, client)
+        publish(version_dir, root, version, management, check, client, switch=False)
+        return lambda: set_kserve_version(root, version, client=client)
 
     return on_promote

@@ -1,7 +1,8 @@
 """``genco train``: validate, fit the reward model, train the generator: one bundle directory.
 
-Bundle layout (every file written atomically; ``manifest.json`` last, naming each file's
-sha256, so a directory with a manifest is complete):
+Bundle layout (every file written atomically; an existing ``manifest.json`` removed first and
+the new one written last, naming each file's sha256, so a directory with a manifest is
+complete, and every load checks the files against it):
 
     manifest.json            version, created_at, genco version, files and their sha256
     reward_model.{pt,json}   reward model (config + state_dict + vocabularies + sha256)
@@ -30,6 +31,7 @@ from genco.models.checkpoint import (
     load_generator,
     load_reward_model,
     save_generator,
+    verify_bundle,
 )
 from genco.models.generator import Generator, GeneratorConfig, GeneratorReport, train_generator
 from genco.models.reward import BoundModel, RewardModelConfig
@@ -40,7 +42,8 @@ from genco.training.attribution import fit_and_attribute
 def write_manifest(out_dir: str, extra: dict | None = None, client=None) -> dict:
     files = {}
     for name in storage.listdir(out_dir, client=client):
-        if name in (MANIFEST, "ingest") or name.endswith("/"):
+        # Hidden names are atomic writes' temp files (``.x.tmp``), never part of a bundle.
+        if name in (MANIFEST, "ingest") or name.endswith("/") or name.startswith("."):
             continue
         path = storage.join(out_dir, name)
         files[name] = hashlib.sha256(storage.read_bytes(path, client=client)).hexdigest()
@@ -130,6 +133,7 @@ def train_bundle(
     init_reward = init_gen = None
     warm = "none"
     if warm_start_dir and storage.exists(storage.join(warm_start_dir, MANIFEST), client=client):
+        verify_bundle(warm_start_dir, client)
         prev_reward, _ = load_reward_model(warm_start_dir, client=client)
         prev_gen = load_generator(warm_start_dir, client=client)
         ctx_cols = tuple(c for c in impressions.columns if c.startswith("ctx_"))
@@ -138,6 +142,12 @@ def train_bundle(
         else:
             warm = "skipped: vocabulary changed"
     storage.makedirs(out_dir)
+    # Retraining over an existing bundle: its manifest goes first, so until the new one is
+    # written last the directory reads as incomplete, never as the old version with some
+    # new files (which verify_bundle would refuse anyway).
+    old_manifest = storage.join(out_dir, MANIFEST)
+    if storage.exists(old_manifest, client=client):
+        storage.remove(old_manifest, client=client)
     reward_metrics = fit_and_attribute(
         catalog,
         impressions,
