@@ -22,7 +22,7 @@ from components import (
 )
 from genco.data import storage
 from genco.inference.predictor import Predictor
-from genco.store import current_version, read_pointer
+from genco.store import bundle_digest, current_version, read_pointer
 from genco.worlds.simulate import SimulationOutputs, simulate, world_config
 
 if TYPE_CHECKING:
@@ -207,7 +207,11 @@ def test_deploy_promotes_then_evaluate_against_production_and_refuse(chain, tmp_
 def test_warm_start_from_the_store(chain, tmp_path):
     store = str(tmp_path / "store")
     gate = dsl.Artifact(uri=str(tmp_path / "gate.json"))
-    storage.write_json(gate.path, {"passed": True})
+    # A first production, as a gate bound to this bundle would let it in (empty store).
+    digest = bundle_digest(chain["bundle"].path)
+    storage.write_json(
+        gate.path, {"passed": True, "candidate_digest": digest, "production_version": None}
+    )
     deploy.python_func(bundle=chain["bundle"], gate=gate, model_store=store)
     rewards = dsl.Model(uri=str(tmp_path / "rewards"))
     attribute_rewards.python_func(data=chain["data"], rewards=rewards, epochs=1, model_store=store)
