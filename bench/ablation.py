@@ -23,9 +23,10 @@ import numpy as np
 
 from genco.data.space import legal_combinations
 from genco.models.generator import BoundGenerator, GeneratorConfig, train_generator
-from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
+from genco.models.reward import BoundModel, RewardModelConfig
 from genco.models.vocab import encode
 from genco.training.bundle import clicked_for_warm_start
+from genco.training.reward_fit import train_reward_model
 from genco.worlds.simulate import WORLDS, log_impressions, make_world
 
 VARIANTS = {

@@ -45,8 +45,9 @@ from genco.evaluation.baselines import (
 )
 from genco.inference.predictor import EXACT_MAX, Predictor
 from genco.models.generator import Generator, GeneratorConfig, train_generator
-from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
+from genco.models.reward import BoundModel, RewardModelConfig
 from genco.models.vocab import Vocab, encode
+from genco.training.reward_fit import train_reward_model
 from genco.worlds.simulate import WORLDS, contexts_frame, log_impressions, make_world
 
 SIZES = {

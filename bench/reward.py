@@ -21,8 +21,9 @@ import numpy as np
 
 from genco.evaluation.heldout import evaluate_reward
 from genco.evaluation.metrics import spearman
-from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
+from genco.models.reward import BoundModel, RewardModelConfig
 from genco.models.vocab import encode
+from genco.training.reward_fit import train_reward_model
 from genco.worlds.simulate import WORLDS, log_impressions, make_world
 
 SIZES = {

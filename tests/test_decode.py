@@ -11,9 +11,10 @@ import torch
 from genco.data.space import legal_combinations
 from genco.inference.predictor import distinct
 from genco.models.generator import BoundGenerator, Generator, GeneratorConfig
-from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
+from genco.models.reward import BoundModel, RewardModelConfig
 from genco.models.tables import TableCache
 from genco.models.vocab import Vocab, encode, fit_scalers
+from genco.training.reward_fit import train_reward_model
 from genco.worlds.simulate import WORLDS, log_impressions, make_world
 
 # Context, features and forbidden pairs: every part of the tables is exercised.

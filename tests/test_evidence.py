@@ -13,9 +13,10 @@ from genco.data.space import legal_combinations
 from genco.evaluation.baselines import EmpiricalBest, FactorizationMachine, FMConfig
 from genco.inference.predictor import Predictor
 from genco.models.generator import Generator, GeneratorConfig
-from genco.models.reward import BoundModel, RewardModel, RewardModelConfig, train_reward_model
+from genco.models.reward import BoundModel, RewardModel, RewardModelConfig
 from genco.models.vocab import Vocab, encode, fit_scalers
 from genco.training.attribution import ad_effects, element_table
+from genco.training.reward_fit import train_reward_model
 from genco.worlds.simulate import WORLDS, GroundTruth, log_impressions, make_world
 
 SMALL_PER_PRODUCT = replace(WORLDS["per_product_3way"], n_ads=6, n_candidates=3)
@@ -55,7 +56,7 @@ def test_residuals_are_fitted_and_shrunk_by_traffic(fitted):
 def test_residual_converges_to_the_observed_rate_with_traffic():
     """Many impressions of one combination: its posterior logit approaches the observed CTR,
     whatever the structure says."""
-    from genco.models.reward import _residual_newton
+    from genco.training.residuals import _residual_newton
 
     rng = np.random.default_rng(0)
     n = 200_000

@@ -15,8 +15,9 @@ import torch
 from genco.data.space import legal_combinations
 from genco.inference.predictor import Predictor
 from genco.models.generator import BoundGenerator, Generator, GeneratorConfig, train_generator
-from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
+from genco.models.reward import BoundModel, RewardModelConfig
 from genco.models.vocab import Vocab, encode
+from genco.training.reward_fit import train_reward_model
 from genco.worlds.simulate import WORLDS, log_impressions, make_world
 
 SMALL_CONSTRAINED = replace(

@@ -19,9 +19,10 @@ from genco.models.checkpoint import (
     load_reward_model,
     save_reward_model,
 )
-from genco.models.reward import BoundModel, RewardModelConfig, train_reward_model
+from genco.models.reward import BoundModel, RewardModelConfig
 from genco.models.vocab import encode
 from genco.training.attribution import element_table, fit_and_attribute
+from genco.training.reward_fit import train_reward_model
 from genco.worlds.simulate import WORLDS, log_impressions, make_world
 
 FAST = RewardModelConfig(epochs=6, batch_size=2048)

@@ -10,8 +10,6 @@ from genco.data.contract import load_catalog, load_constraints
 from genco.data.ingest import ingest
 from genco.data.space import legal_combinations
 from genco.worlds.simulate import (
-    CTR_MAX,
-    CTR_MIN,
     WORLDS,
     GroundTruth,
     log_impressions,
@@ -20,6 +18,7 @@ from genco.worlds.simulate import (
     simulate,
     world_config,
 )
+from genco.worlds.truth import CTR_MAX, CTR_MIN
 
 SMALL_WORLDS = [w for w in WORLDS if w != "large"]
 

@@ -37,8 +37,9 @@ from genco.models.checkpoint import (
     version_id,
 )
 from genco.models.generator import BoundGenerator, Generator
+from genco.models.policy_tables import PolicyTables
 from genco.models.reward import BoundModel, RewardModel
-from genco.models.tables import REFINES, PolicyTables, RewardTables, TableCache
+from genco.models.tables import REFINES, RewardTables, TableCache
 
 MODES = ("beam", "sample")
 EXACT_MAX = 4096

@@ -22,7 +22,8 @@ from torch import nn
 
 from genco.data.contract import Catalog, Constraints
 from genco.models.legal import LegalMasks
-from genco.models.tables import PolicyTables, TableCache, no_legal_element
+from genco.models.policy_tables import PolicyTables, no_legal_element
+from genco.models.tables import TableCache
 from genco.models.vocab import Vocab, check_catalog, fit_scalers, register_vocab_buffers
 
 CREDITS = ("combination", "element", "counterfactual")

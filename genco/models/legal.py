@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from genco.data.contract import Catalog, Constraints
-from genco.models.tables import AdMasks
+from genco.models.policy_tables import AdMasks
 
 
 class LegalMasks:

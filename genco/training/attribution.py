@@ -24,8 +24,9 @@ from genco.models.checkpoint import (
     METRICS_FILE,
     save_reward_model,
 )
-from genco.models.reward import BoundModel, RewardModel, RewardModelConfig, train_reward_model
+from genco.models.reward import BoundModel, RewardModel, RewardModelConfig
 from genco.models.vocab import Encoded, encode
+from genco.training.reward_fit import train_reward_model
 
 
 def impression_attributions(bound: BoundModel, enc: Encoded) -> pd.DataFrame:

@@ -1,0 +1,259 @@
+"""Fitting the reward model: the structure by weighted BCE (identical impressions merged,
+early stopping and the id-embedding L2 chosen on the held-out slice), then the combination
+residuals (``genco.training.residuals``)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from genco.data.contract import Catalog
+from genco.models.reward import BoundModel, RewardModel, RewardModelConfig
+from genco.models.vocab import Encoded, Vocab, encode, fit_scalers
+from genco.training.residuals import fit_residuals, merge_impressions
+
+
+@dataclass
+class TrainReport:
+    epochs: int
+    best_epoch: int
+    train_rows: int
+    val_rows: int
+    split: str
+    seconds: float
+    history: list[dict]
+    # What was chosen on the held-out slice (l2_id, residual_sd) with the losses behind it.
+    tuning: dict = field(default_factory=dict)
+
+
+def _split(enc: Encoded, config: RewardModelConfig) -> tuple[np.ndarray, np.ndarray, str]:
+    n = len(enc)
+    n_val = round(config.val_fraction * n)
+    if n_val == 0:
+        return np.arange(n), np.zeros(0, np.int64), "none"
+    if enc.timestamp is not None:
+        order = np.argsort(enc.timestamp, kind="stable")
+        return order[: n - n_val], order[n - n_val :], "time"
+    perm = np.random.default_rng(config.seed).permutation(n)
+    return perm[n_val:], perm[:n_val], "random"
+
+
+def train_reward_model(
+    catalog: Catalog,
+    impressions: pd.DataFrame | Encoded,
+    config: RewardModelConfig | None = None,
+    progress: bool = False,
+    init: RewardModel | None = None,
+) -> tuple[RewardModel, TrainReport]:
+    """Fit the reward model: the structure by weighted BCE with early stopping on a held-out
+    split, then (``config.residual``) the combination residuals by empirical Bayes.
+
+    init: a previous model to warm start from (same vocabulary), e.g. production.
+    """
+    config = config or RewardModelConfig()
+    enc = impressions if isinstance(impressions, Encoded) else encode(impressions, catalog)
+    _check_learnable(enc)
+    if config.propensity_weighting and enc.propensity is None:
+        raise ValueError("propensity_weighting needs a 'propensity' column")
+    torch.manual_seed(config.seed)
+    model = RewardModel(Vocab.from_catalog(catalog, enc.context_columns), config)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    bound = BoundModel(model, catalog)
+    tr, va, split = _split(enc, config)
+    weights = _weights(enc, tr, config)
+    fit_scalers(model, catalog, enc.ctx[tr])
+    with torch.no_grad():
+        rate = float(enc.click[tr].mean())
+        if init is None:
+            model.bias.fill_(math.log(rate / (1 - rate)))
+    t0 = time.perf_counter()
+    history, best_epoch, tuning = _fit_tuned(model, bound, enc, tr, va, weights, config, progress)
+    residual: dict = {}
+    if config.residual:
+        residual = fit_residuals(model, bound, enc, weights)
+    report = TrainReport(
+        len(history),
+        best_epoch,
+        len(tr),
+        len(va),
+        split,
+        time.perf_counter() - t0,
+        history,
+        {**tuning, **residual},
+    )
+    return model, report
+
+
+# Strengths tried for the id embeddings' L2 when the config leaves it at 0.
+L2_ID_GRID = (1e-3, 1e-2, 1e-1)
+
+
+def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[list, int, dict]:
+    """``_fit_structure`` once with ``config.l2_id``, or (l2_id = 0) once per L2_ID_GRID value
+    from the same start, keeping the one with the best held-out loss."""
+    if config.l2_id > 0 or not len(va):
+        l2 = config.l2_id if config.l2_id > 0 else L2_ID_GRID[len(L2_ID_GRID) // 2]
+        history, best_epoch = _fit_structure(
+            model, bound, enc, tr, va, weights, replace(config, l2_id=l2), progress
+        )
+        return history, best_epoch, {"l2_id": l2}
+    start = copy.deepcopy(model.state_dict())
+    best = None
+    losses = {}
+    for l2 in L2_ID_GRID:
+        model.load_state_dict(start)
+        history, best_epoch = _fit_structure(
+            model, bound, enc, tr, va, weights, replace(config, l2_id=l2), progress
+        )
+        losses[str(l2)] = min(h["val_loss"] for h in history)
+        if best is None or losses[str(l2)] < best[0]:
+            best = (losses[str(l2)], l2, copy.deepcopy(model.state_dict()), history, best_epoch)
+    _, l2, state, history, best_epoch = best
+    model.load_state_dict(state)
+    return history, best_epoch, {"l2_id": l2, "l2_id_val_loss": losses}
+
+
+def _check_learnable(enc: Encoded) -> None:
+    if len(enc) == 0:
+        raise ValueError("impressions: no rows to learn from")
+    if enc.click.sum() == 0:
+        raise ValueError("impressions: no clicks at all; a click model cannot be learned")
+    if enc.click.sum() == len(enc):
+        raise ValueError(
+            "impressions: every impression was clicked; a click model cannot be learned"
+        )
+
+
+def _weights(enc: Encoded, tr: np.ndarray, config: RewardModelConfig) -> np.ndarray:
+    """(n,) impression weights: 1, or 1/propensity normalised to mean 1 on the training rows
+    and clipped."""
+    if not config.propensity_weighting:
+        return np.ones(len(enc))
+    w = 1.0 / enc.propensity
+    return np.minimum(w / w[tr].mean(), config.max_weight)
+
+
+@dataclass
+class _Rows:
+    """Impressions as model inputs, identical ones merged: ``weight`` sums their weights and
+    ``y`` is their weighted click rate (the same BCE, fewer rows)."""
+
+    ad: torch.Tensor
+    elem: torch.Tensor
+    feats: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    weight: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, b: torch.Tensor) -> tuple:
+        return self.ad[b], self.elem[b], self.feats[b], self.x[b], self.y[b], self.weight[b]
+
+
+def _rows(bound: BoundModel, enc: Encoded, idx: np.ndarray, weights: np.ndarray) -> _Rows:
+    idx, w, y = merge_impressions(enc, idx, weights)
+    ad, elem, feats, x = bound._inputs(enc.ads[idx], enc.combos[idx], enc.ctx[idx])
+    return _Rows(
+        ad,
+        elem,
+        feats,
+        x,
+        torch.as_tensor(y, dtype=torch.float32),
+        torch.as_tensor(w, dtype=torch.float32),
+    )
+
+
+def _fit_structure(
+    model: RewardModel,
+    bound: BoundModel,
+    enc: Encoded,
+    tr: np.ndarray,
+    va: np.ndarray,
+    weights: np.ndarray,
+    config: RewardModelConfig,
+    progress: bool,
+) -> tuple[list[dict], int]:
+    """Adam on weighted BCE; each plateau of the held-out loss goes back to the best weights
+    with half the step; stops after ``patience`` plateaus. Returns (history, best epoch)."""
+    train = _rows(bound, enc, tr, weights)
+    val = _rows(bound, enc, va, np.ones(len(enc))) if len(va) else None
+    with torch.no_grad():
+        seen = torch.zeros(model.n_elements + 1, dtype=torch.bool)
+        seen[train.elem.unique()] = True
+        seen[model.n_elements] = False
+        model.seen.copy_(seen)
+    # As many steps per epoch as unmerged rows would take; merged rows make each step smaller.
+    steps = max(1, math.ceil(len(tr) / config.batch_size))
+    per_step = min(config.batch_size, max(64, math.ceil(len(train) / steps)))
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    bce = nn.BCEWithLogitsLoss(reduction="none")
+    g = torch.Generator().manual_seed(config.seed)
+    best, best_loss, best_epoch, bad_epochs = None, float("inf"), 0, 0
+    history: list[dict] = []
+    from tqdm import tqdm
+
+    bar = tqdm(range(config.epochs), desc="reward model", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        reps = math.ceil(steps * per_step / len(train))
+        perm = torch.cat([torch.randperm(len(train), generator=g) for _ in range(reps)])
+        total, seen_w = 0.0, 0.0
+        for s in range(0, min(len(perm), steps * per_step), per_step):
+            ad, elem, feats, x, y, w = train.batch(perm[s : s + per_step])
+            raw = (bce(model(ad, elem, feats, x), y) * w).sum()
+            total, seen_w = total + float(raw.detach()), seen_w + float(w.sum())
+            loss = raw / w.sum()
+            if config.l2_id:
+                loss = loss + config.l2_id * (
+                    model.id_main(elem).pow(2).sum()
+                    + model.id_ffm(elem).pow(2).sum()
+                    + model.appeal(ad).pow(2).sum()
+                ) / len(y)
+            if config.l2_dense:
+                loss = loss + config.l2_dense * (
+                    model.w_main.pow(2).sum()
+                    + model.w_ffm.pow(2).sum()
+                    + sum(p.pow(2).sum() for t in model.tower for p in t.parameters())
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        record = {"epoch": epoch + 1, "train_loss": total / seen_w}
+        if val is not None:
+            model.eval()
+            with torch.no_grad():
+                z = model(val.ad, val.elem, val.feats, val.x)
+                record["val_loss"] = float((bce(z, val.y) * val.weight).sum() / val.weight.sum())
+        history.append(record)
+        bar.set_postfix({k: round(v, 5) for k, v in record.items() if k != "epoch"})
+        score = record.get("val_loss", record["train_loss"])
+        if score < best_loss - 1e-6:
+            best = copy.deepcopy(model.state_dict())
+            best_loss, best_epoch, bad_epochs = score, epoch + 1, 0
+        else:
+            # Back to the best weights with half the step size: noisy Adam steps around the
+            # optimum, not the model, were what stopped the improvement.
+            bad_epochs += 1
+            if bad_epochs >= config.patience:
+                break
+            model.load_state_dict(best)
+            for group in opt.param_groups:
+                group["lr"] /= 2
+    bar.close()
+    model.load_state_dict(best)
+    with torch.no_grad():
+        # Elements never seen in training carry no evidence: score them from features only.
+        model.id_main.weight[~model.seen] = 0.0
+        model.id_ffm.weight[~model.seen] = 0.0
+    model.eval()
+    return history, best_epoch
