@@ -16,6 +16,7 @@ from typing import Any
 from ts.context import Context
 from ts.torch_handler.base_handler import BaseHandler
 
+from genco.serving import limits
 from genco.serving import requests as rest
 
 
@@ -46,7 +47,7 @@ class GencoHandler(BaseHandler):
         results = rest.handle_rows(self.predictor, data, content_types, explain)
         # Behind an envelope, the envelope serializes what we return; otherwise we do.
         answers: list[tuple[int, Any]] = (
-            list(rest.respond(results)) if rest.enveloped(data) else list(rest.encoded(results))
+            list(rest.respond(results)) if limits.enveloped(data) else list(rest.encoded(results))
         )
         bodies: list[dict[str, Any] | bytes] = []
         for j, (status, body) in zip(idx, answers):

@@ -31,8 +31,8 @@ import pytest
 import requests
 
 from genco.inference.predictor import Predictor
-from genco.serving import requests as serving
 from genco.serving import torchserve
+from genco.serving.limits import MAX_BODY_BYTES
 from tests.test_handler import tiny_bundle
 
 pytestmark = pytest.mark.skipif(
@@ -189,7 +189,7 @@ def _hostile(rng: random.Random, p: Predictor) -> Case:
         full = json.dumps({"ad_id": ad, "top_k": 3, "explain": True}).encode()
         data = full[: rng.randint(1, len(full) - 1)]
     elif kind == "oversize":
-        size = rng.choice([serving.MAX_BODY_BYTES + 1, 200_000, 1_100_000])
+        size = rng.choice([MAX_BODY_BYTES + 1, 200_000, 1_100_000])
         data = b'{"ad_id": "' + b"x" * size + b'"}'
     elif kind == "absurd_feature":
         value = rng.choice(["1e300", "-1e300", "1e7", "1e38", "NaN"])

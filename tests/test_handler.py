@@ -23,7 +23,7 @@ from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 from genco.errors import RequestError
 from genco.inference.predictor import Predictor
 from genco.models.checkpoint import bundle_version, check_version
-from genco.serving import archive
+from genco.serving import archive, limits
 from genco.serving import requests as rest
 from genco.store import promote
 
@@ -578,5 +578,5 @@ def test_respond_maps_errors_to_their_status() -> None:
     err = rest.RequestError("top_k", "too big", 400)
     assert rest.respond([{"ok": 1}, err]) == [(200, {"ok": 1}), (400, err.to_dict())]
     assert rest.reason_phrase(413) == "Request Entity Too Large"
-    assert rest.request_body({"data": b"x", "body": b"y"}) == b"y"  # JSON bodies only
-    assert rest.request_body({"ad_id": AD0}) == {"ad_id": AD0}
+    assert limits.request_body({"data": b"x", "body": b"y"}) == b"y"  # JSON bodies only
+    assert limits.request_body({"ad_id": AD0}) == {"ad_id": AD0}

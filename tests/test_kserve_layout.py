@@ -12,6 +12,7 @@ import requests
 import yaml
 
 from genco.serving import archive, torchserve
+from genco.serving.config import kserve_properties
 from tests.test_handler import tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,9 +64,7 @@ def test_manifest_runs_torchserve_on_the_published_layout():
     container = runtime["spec"]["containers"][0]
     assert container["command"] == ["torchserve"]
     args = dict(a.split("=", 1) for a in container["args"] if "=" in a)
-    props = dict(
-        line.split("=", 1) for line in archive.kserve_properties("v1").splitlines() if "=" in line
-    )
+    props = dict(line.split("=", 1) for line in kserve_properties("v1").splitlines() if "=" in line)
     # KServe mounts storageUri at /mnt/models: the layout's two folders.
     assert args["--model-store"] == props["model_store"] == "/mnt/models/model-store"
     assert args["--ts-config"] == "/mnt/models/config/config.properties"

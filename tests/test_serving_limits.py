@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from genco.inference.predictor import Predictor
+from genco.serving import limits
 from genco.serving import requests as serving
 from tests.test_handler import AD0, _context
 
@@ -175,7 +176,7 @@ def test_json_content_type_with_parameters_is_json(predictor: Predictor) -> None
 
 def test_features_up_to_the_bound_give_finite_scores(predictor: Predictor) -> None:
     """At +-MAX_FEATURE_ABS every mode still answers with finite scores and recommendations."""
-    bound = serving.MAX_FEATURE_ABS
+    bound = limits.MAX_FEATURE_ABS
     for value in (bound, -bound):
         title = [{"id": "t", "feat_0": value, "feat_3": -value}, "tit_000"]
         for extra in ({"refine": "pairs", "explain": True}, {"mode": "sample", "seed": 1}):
@@ -207,7 +208,7 @@ def test_non_finite_scores_are_never_sent(bundle_dir: str) -> None:
     [(status, body)] = serving.encoded([{"score": math.nan}])
     assert status == 500 and json.loads(body)["error"]["status"] == 500
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
-        serving.encode_json({"score": math.inf})
+        limits.encode_json({"score": math.inf})
 
 
 def test_handler_batch_of_hostile_and_valid_requests(handler: Any, model_dir: Path) -> None:

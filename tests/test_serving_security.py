@@ -15,6 +15,19 @@ import pytest
 import requests
 
 from genco.serving import archive, torchserve
+from genco.serving.config import (
+    JVM_ARGS,
+    KSERVE_MODEL_STORE,
+    TOKEN_EXPIRY_MIN,
+    allowed_urls,
+    check_layout_config,
+    checked_members,
+    kserve_properties,
+    mar_name,
+    parse_properties,
+    properties_text,
+)
+from genco.serving.management import ManagementError
 from tests.test_handler import tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +39,7 @@ SHORT_EXPIRY_MIN = 0.1  # six seconds
 
 
 def _props(text: str) -> dict[str, str]:
-    return archive.parse_properties(text)
+    return parse_properties(text)
 
 
 def _local(tmp_path: Path, **kw: object) -> dict[str, str]:
@@ -41,13 +54,13 @@ def test_every_shipped_config_is_authenticated_and_limited_to_its_store(tmp_path
     image = _props((ROOT / "Dockerfiles" / "serving-config.properties").read_text())
     configs = {
         "local": (_local(tmp_path), str(tmp_path / "model-store")),
-        "kserve": (_props(archive.kserve_properties("v1")), archive.KSERVE_MODEL_STORE),
+        "kserve": (_props(kserve_properties("v1")), KSERVE_MODEL_STORE),
         "image": (image, image["model_store"]),
     }
     for name, (props, store) in configs.items():
         assert props["disable_token_authorization"] == "false", name
-        assert props["allowed_urls"] == archive.allowed_urls(store), name
-        assert float(props["token_expiration_min"]) == archive.TOKEN_EXPIRY_MIN, name
+        assert props["allowed_urls"] == allowed_urls(store), name
+        assert float(props["token_expiration_min"]) == TOKEN_EXPIRY_MIN, name
         assert props["decode_input_request"] == "false", name
         public = {k for k, v in props.items() if k.endswith("address") and "0.0.0.0" in v}
         # Only a container's or pod's inference listener is public, and on purpose.
@@ -59,17 +72,17 @@ def test_every_shipped_config_is_authenticated_and_limited_to_its_store(tmp_path
 
 
 def test_allowed_urls_is_a_java_regex_of_the_store_only() -> None:
-    assert archive.allowed_urls("/a.b/store") == r"file://\Q/a.b/store\E/[^/]+\.mar"
-    text = archive.properties_text({"allowed_urls": archive.allowed_urls("/s")})
+    assert allowed_urls("/a.b/store") == r"file://\Q/a.b/store\E/[^/]+\.mar"
+    text = properties_text({"allowed_urls": allowed_urls("/s")})
     assert text == "allowed_urls=file://\\\\Q/s\\\\E/[^/]+\\\\.mar\n"  # Java unescapes it
-    assert _props(text)["allowed_urls"] == archive.allowed_urls("/s")
+    assert _props(text)["allowed_urls"] == allowed_urls("/s")
     with pytest.raises(ValueError, match="model store '/a,b' must not contain ','"):
-        archive.allowed_urls("/a,b")
+        allowed_urls("/a,b")
 
 
 def test_token_expiry_must_be_positive_and_bounded(tmp_path: Path) -> None:
     assert _local(tmp_path, token_expiry_min=30)["token_expiration_min"] == "30"
-    for bad in (0, -1, archive.TOKEN_EXPIRY_MIN + 1):
+    for bad in (0, -1, TOKEN_EXPIRY_MIN + 1):
         with pytest.raises(ValueError, match=r"token_expiry_min must be in \(0, 5256000\]"):
             _local(tmp_path, token_expiry_min=bad)
 
@@ -90,10 +103,10 @@ def test_a_version_switch_keeps_the_layouts_token_setting(
 
 # ----------------------------------------------------------------------- layout checks
 
-V1 = archive.kserve_properties("v1")
+V1 = kserve_properties("v1")
 BAD_LAYOUTS: list[tuple[str, str]] = [
     (
-        V1.replace(archive.JVM_ARGS, "-javaagent:/tmp/evil.jar"),
+        V1.replace(JVM_ARGS, "-javaagent:/tmp/evil.jar"),
         "vmargs='-javaagent:/tmp/evil.jar' is not allowed (expected exactly genco's JVM_ARGS",
     ),
     (V1 + "load_models=all\n", "key 'load_models' is not one genco writes"),
@@ -130,13 +143,13 @@ BAD_LAYOUTS: list[tuple[str, str]] = [
 @pytest.mark.parametrize(("text", "message"), BAD_LAYOUTS)
 def test_layout_configs_are_validated(text: str, message: str) -> None:
     with pytest.raises(ValueError) as exc:
-        archive.check_layout_config(text, "STORE/config/config.properties")
+        check_layout_config(text, "STORE/config/config.properties")
     assert str(exc.value).startswith("STORE/config/config.properties: ")
     assert message in str(exc.value)
 
 
 def test_layouts_genco_writes_pass() -> None:
-    props, version = archive.check_layout_config(archive.kserve_properties("v7", token_auth=False))
+    props, version = check_layout_config(kserve_properties("v7", token_auth=False))
     assert version == "v7" and props["disable_token_authorization"] == "true"
 
 
@@ -165,7 +178,7 @@ def test_archives_are_checked_before_unpacking(
     tmp_path: Path, members: dict[str, bytes], link: str | None, message: str
 ) -> None:
     with _zip(tmp_path / "x.mar", members, link) as z, pytest.raises(ValueError) as exc:
-        archive.checked_members(z, "STORE/model-store/x.mar", max_bytes=4096)
+        checked_members(z, "STORE/model-store/x.mar", max_bytes=4096)
     assert str(exc.value).startswith("STORE/model-store/x.mar: ") and message in str(exc.value)
     assert list(tmp_path.iterdir()) == [tmp_path / "x.mar"]  # nothing was unpacked
 
@@ -179,13 +192,13 @@ def test_serve_layout_refuses_a_tampered_store_before_running_it(
     archive.publish(bundle, str(root), "v1")
     config = root / "config" / "config.properties"
     good = config.read_text()
-    config.write_text(good.replace(archive.JVM_ARGS, "-javaagent:/tmp/evil.jar"))
+    config.write_text(good.replace(JVM_ARGS, "-javaagent:/tmp/evil.jar"))
     with pytest.raises(ValueError, match="vmargs='-javaagent:/tmp/evil.jar' is not allowed"):
         torchserve.serve_layout(str(root), workdir=str(tmp_path / "w1"))
     assert not (tmp_path / "w1").exists()  # refused before any directory or process
 
     config.write_text(good)
-    mar = root / "model-store" / archive.mar_name("v1")
+    mar = root / "model-store" / mar_name("v1")
     with zipfile.ZipFile(mar, "a") as z:
         z.writestr("../../escaped.py", "print('pwned')")
     with pytest.raises(ValueError, match="member '../../escaped.py' would unpack outside"):
@@ -247,7 +260,7 @@ def test_models_register_only_from_the_servers_own_store(
         "http://127.0.0.1:1/genco-v9.mar",
         f"file://{h.workdir}/elsewhere/genco-v9.mar",
     ):
-        with pytest.raises(archive.ManagementError) as exc:
+        with pytest.raises(ManagementError) as exc:
             mgmt.register(url)
         assert "does not match any allowed URL" in str(exc.value), url
     assert mgmt.versions() == ["v1"]
@@ -256,7 +269,7 @@ def test_models_register_only_from_the_servers_own_store(
 def test_image_keeps_genco_jvm_and_rotating_log_config() -> None:
     props = _props((ROOT / "Dockerfiles" / "serving-config.properties").read_text())
     assert props["vmargs"] == (
-        archive.JVM_ARGS + " -Dlog4j.configurationFile=file:///home/model-server/log4j2.xml"
+        JVM_ARGS + " -Dlog4j.configurationFile=file:///home/model-server/log4j2.xml"
     )
     log4j = (ROOT / "serving" / "log4j2.xml").read_text()
     assert log4j.count("<SizeBasedTriggeringPolicy") == log4j.count("<RollingFile ") == 2

@@ -28,7 +28,8 @@ from genco.inference.predictor import Predictor
 from genco.models.checkpoint import CONSTRAINTS, MANIFEST, REWARD_META, REWARD_WEIGHTS
 from genco.models.generator import GeneratorConfig
 from genco.models.reward import RewardModelConfig
-from genco.serving.archive import KSERVE_DIR, make_on_promote, mar_name, serving_hook
+from genco.serving.archive import KSERVE_DIR, make_on_promote, serving_hook
+from genco.serving.config import mar_name
 from genco.store import (
     LOCK,
     POINTER,

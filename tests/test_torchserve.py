@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from genco.serving import archive, management, torchserve
+from genco.serving.config import MAX_REQUEST_BYTES, mar_name
 from tests.test_handler import tiny_bundle
 
 pytestmark = pytest.mark.skipif(
@@ -144,7 +145,7 @@ def test_bad_requests_get_4xx_naming_the_field(
 def test_oversized_beyond_torchserve_limit_is_still_4xx(
     server: torchserve.ServeHandle, http: requests.Session
 ) -> None:
-    resp = _post(server, http, b"x" * (archive.MAX_REQUEST_BYTES + 10))
+    resp = _post(server, http, b"x" * (MAX_REQUEST_BYTES + 10))
     assert resp.status_code == 413  # Netty's own answer above max_request_size
 
 
@@ -188,7 +189,7 @@ def test_promote_switch_and_rollback(
     assert "genco-v2.mar" in config.read_text()
 
     archive.build_mar(bundle_dir, server.model_store, "v3")
-    deployment = management.deploy_to_torchserve(mgmt, archive.mar_name("v3"), "v3")
+    deployment = management.deploy_to_torchserve(mgmt, mar_name("v3"), "v3")
     assert deployment == management.Deployment("v3", "v2", retired=("v1",))
     assert sorted(mgmt.versions()) == ["v2", "v3"]
     assert answered_by() == "v3"
@@ -208,7 +209,7 @@ def test_promote_switch_and_rollback(
 
     archive.build_mar(bundle_dir, server.model_store, "v4")
     with pytest.raises(RuntimeError, match="v4 looks wrong"):
-        management.deploy_to_torchserve(mgmt, archive.mar_name("v4"), "v4", check=failing)
+        management.deploy_to_torchserve(mgmt, mar_name("v4"), "v4", check=failing)
     assert mgmt.default_version() == "v2"
     assert sorted(mgmt.versions()) == ["v2", "v3"]  # the refused one was unregistered
 
@@ -218,7 +219,7 @@ def test_promote_switch_and_rollback(
 
     # A store rollback to v1 (retired above) runs the same hook: its published archive is
     # reused, registered again and made the default, and the layout switched back.
-    v1_mar = store / archive.KSERVE_DIR / "model-store" / archive.mar_name("v1")
+    v1_mar = store / archive.KSERVE_DIR / "model-store" / mar_name("v1")
     built = v1_mar.stat().st_mtime_ns
     on_promote(bundle_dir, "v1")
     assert v1_mar.stat().st_mtime_ns == built

@@ -46,7 +46,7 @@ def _expiry(handle: ServeHandle) -> str | None:
 def _renew(handle: ServeHandle) -> None:
     """Renew keys a minute before they expire, so "serving" stays true for key-file readers
     (with the default expiry this never happens while the server runs)."""
-    from genco.serving.archive import ManagementError
+    from genco.serving.management import ManagementError
 
     if handle.key_file is None:
         return
@@ -168,7 +168,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="minutes the inference and management keys last (TorchServe's "
-        "token_expiration_min; default genco.serving.archive.TOKEN_EXPIRY_MIN, ten years: "
+        "token_expiration_min; default genco.serving.config.TOKEN_EXPIRY_MIN, ten years: "
         "as long as "
         "the server runs). Shorter keys are renewed a minute before they expire, in the key "
         "file",

@@ -7,22 +7,19 @@ benchmark run exactly what the handler runs: ``parse_request`` validates one JSO
 request, so a bad request never fails its batch-mates), ``load_predictor`` loads and warms a
 bundle for a worker.
 
-Bodies are bounded before anything recursive touches them: the content type (JSON only), the
-size, the nesting depth (scanned without recursion before ``json.loads``) and every number
-(finite, integers below 2^63; inline features and context within ``MAX_FEATURE_ABS``). A
-malformed request gets its own 4xx, an unexpected exception a 500 for that request only, and
-a response with a non-finite number is never sent (it becomes that request's 500).
+Bodies are bounded before anything recursive touches them (``genco.serving.limits``: the
+content type, the size, the nesting depth and every number). A malformed request gets its own
+4xx, an unexpected exception a 500 for that request only, and a response with a non-finite
+number is never sent (it becomes that request's 500).
 
-Archives, the KServe layout and TorchServe's management API are in ``genco.serving.archive``; a
-local TorchServe process in ``genco.serving.torchserve``.
+Archives and the KServe layout are in ``genco.serving.archive``, the TorchServe configs they
+write in ``genco.serving.config``, TorchServe's management API in ``genco.serving.management``;
+a local TorchServe process in ``genco.serving.torchserve``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from http import HTTPStatus
@@ -34,24 +31,19 @@ from genco.data.contract import AD, ANY_AD, CONSTRAINT_COLUMNS, CONTEXT_PREFIX, 
 from genco.errors import RequestError
 from genco.inference.predictor import MAX_TOP_K, MODES, Predictor, inline_catalog
 from genco.models.tables import REFINES
+from genco.serving.limits import (
+    check_response,
+    decode_body,
+    encode_json,
+    feature_value,
+    is_number,
+    json_type,
+    request_body,
+)
 
-# Requests are a few hundred bytes; 64 KiB leaves room for inline candidate sets while a
-# runaway client gets a 413 that names the limit (TorchServe's own, larger limit is
-# genco.serving.archive.MAX_REQUEST_BYTES, so that our message, not Netty's bare 413, is what
-# clients see).
-MAX_BODY_BYTES = 64 * 1024
 MAX_CANDIDATES = 256  # per component of an inline candidate set
 MAX_CONSTRAINTS = 256
-# A valid request nests 4 deep ({"candidates": {"title": [{"id": ...}]}}); 32 leaves room
-# while keeping json.loads and every walk over the body far from Python's recursion limit.
-MAX_DEPTH = 32
-# Inline features and context values are standardized in the catalogs we train on (|x| < 10);
-# far beyond that the float32 reward model overflows (inf - inf = NaN scores). 1e6 is absurd
-# for a feature yet still decodes to finite scores.
-MAX_FEATURE_ABS = 1e6
-MAX_INT = 2**63  # integers beyond int64 are refused wherever they appear
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3  # float32 logits / temperature stay finite
-JSON_CONTENT_TYPE = "application/json"
 INLINE_AD = "__inline__"
 _LOG_CHARS = 300  # one log line per client error, whatever the client sent
 logger = logging.getLogger(__name__)
@@ -112,164 +104,9 @@ class RecommendRequest:
     seed: int | None = None
 
 
-def _json_type(value: object) -> str:
-    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
-    return "null" if value is None else names.get(type(value), "object")
-
-
-def _is_number(value: object) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
-
-
-class _BadNumber:
-    """A number literal json.loads must not turn into a float: kept as its text so the
-    error can name the field and quote the value."""
-
-    def __init__(self, literal: str) -> None:
-        self.literal = literal if len(literal) <= 40 else literal[:37] + "..."
-
-
-def _parse_int(literal: str) -> int | _BadNumber:
-    # 20 characters hold any int64; longer literals never reach int() (whose 4,300-digit
-    # limit raises a ValueError of its own) nor float() (OverflowError).
-    if len(literal) > 20 or not -MAX_INT < (value := int(literal)) < MAX_INT:
-        return _BadNumber(literal)
-    return value
-
-
-def _parse_float(literal: str) -> float | _BadNumber:
-    value = float(literal)
-    return value if math.isfinite(value) else _BadNumber(literal)
-
-
-# Outside strings, only brackets matter for depth; a string is skipped whole (escapes
-# included) by one anchored, backtracking-free match.
-_STRUCTURE = re.compile(r'["\[\]{}]')
-_STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-
-
-def _check_depth(text: str) -> None:
-    """Refuse JSON text nested deeper than ``MAX_DEPTH``, in one pass and no recursion."""
-    depth = pos = 0
-    while (m := _STRUCTURE.search(text, pos)) is not None:
-        char = m.group()
-        if char == '"':
-            end = _STRING_REST.match(text, m.end())
-            if end is None:  # unterminated string: json.loads names the position
-                return
-            pos = end.end()
-            continue
-        if char in "[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise RequestError(
-                    "body", f"nested deeper than {MAX_DEPTH} levels (at character {m.start()})"
-                )
-        else:
-            depth -= 1
-        pos = m.end()
-
-
-def _check_tree(body: object) -> None:
-    """Depth and numbers of a parsed body, walked without recursion: nesting within
-    ``MAX_DEPTH``, every number finite and every integer within int64."""
-    stack: list[tuple[object, str, int]] = [(body, "body", 1)]
-    while stack:
-        value, path, depth = stack.pop()
-        if isinstance(value, (dict, list)):
-            if depth > MAX_DEPTH:
-                raise RequestError(path, f"nested deeper than {MAX_DEPTH} levels")
-            if isinstance(value, dict):
-                top = path == "body"
-                items = [(v, str(k) if top else f"{path}.{k}") for k, v in value.items()]
-            else:
-                items = [(v, f"{path}[{i}]") for i, v in enumerate(value)]
-            stack.extend((v, p, depth + 1) for v, p in reversed(items))
-        elif isinstance(value, _BadNumber):
-            raise RequestError(path, f"{value.literal} is out of range {_NUMBER_RANGE}")
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise RequestError(path, f"{value} is out of range {_NUMBER_RANGE}")
-        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= MAX_INT:
-            bits = value.bit_length()
-            shown = str(value) if bits < 128 else f"an integer of {bits} bits"
-            raise RequestError(path, f"{shown} is out of range {_NUMBER_RANGE}")
-
-
-_NUMBER_RANGE = "(numbers must be finite, integers within +-2^63)"
-
-
-def _content_type_ok(content_type: str | None) -> None:
-    if content_type is None:  # not given (an in-process call, or a client that sent none)
-        return
-    mime = content_type.split(";", 1)[0].strip().lower()
-    if mime != JSON_CONTENT_TYPE:
-        shown = content_type[:60]
-        raise RequestError(
-            "body",
-            f"content type '{shown}' is not supported; send JSON with "
-            f"Content-Type: {JSON_CONTENT_TYPE}",
-            415,
-        )
-
-
-def _decode(body: object) -> dict[str, Any]:
-    """The request as a dict, bounded: TorchServe hands over raw bytes (the worker is told
-    not to decode them: ``TS_DECODE_INPUT_REQUEST=false``), an envelope parsed JSON."""
-    if body is None:
-        raise RequestError("body", "empty; send a JSON object")
-    if isinstance(body, (bytes, bytearray, str)):
-        raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
-        if len(raw) > MAX_BODY_BYTES:
-            raise RequestError(
-                "body", f"{len(raw)} bytes is over the limit of {MAX_BODY_BYTES}", 413
-            )
-        if not raw.strip():
-            raise RequestError("body", "empty; send a JSON object")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RequestError("body", f"not valid JSON ({exc})") from None
-        _check_depth(text)
-        try:
-            body = json.loads(
-                text,
-                parse_int=_parse_int,
-                parse_float=_parse_float,
-                parse_constant=_BadNumber,  # NaN, Infinity, -Infinity
-            )
-        except json.JSONDecodeError as exc:
-            raise RequestError("body", f"not valid JSON ({exc})") from None
-        _check_tree(body)
-    else:
-        _check_tree(body)  # before json.dumps, which recurses
-        if isinstance(body, dict):
-            size = len(json.dumps(body, separators=(",", ":")))
-            if size > MAX_BODY_BYTES:
-                raise RequestError(
-                    "body", f"{size} bytes is over the limit of {MAX_BODY_BYTES}", 413
-                )
-    if not isinstance(body, dict):
-        raise RequestError("body", f"must be a JSON object, got {_json_type(body)}")
-    return body
-
-
-def _magnitude(value: object, name: str) -> float:
-    """A feature or context value: a finite number within ``MAX_FEATURE_ABS``."""
-    if not _is_number(value):
-        raise RequestError(name, f"must be a finite number, got {_json_type(value)}")
-    number = float(value)  # type: ignore[arg-type]
-    if abs(number) > MAX_FEATURE_ABS:
-        raise RequestError(name, f"{number:g} is out of range (|value| <= {MAX_FEATURE_ABS:g})")
-    return number
-
-
 def _string(value: object, name: str) -> str:
     if not isinstance(value, str):
-        raise RequestError(name, f"must be a string, got {_json_type(value)}")
+        raise RequestError(name, f"must be a string, got {json_type(value)}")
     if not value.strip():
         raise RequestError(name, "must not be empty")
     return value
@@ -281,7 +118,7 @@ def _elements(
     """One component's inline candidates, each as ``{"id", feat_*...}`` with all features."""
     field_ = f"candidates.{name}"
     if not isinstance(raw, list):
-        raise RequestError(field_, f"must be an array of element ids, got {_json_type(raw)}")
+        raise RequestError(field_, f"must be an array of element ids, got {json_type(raw)}")
     if not raw:
         raise RequestError(field_, "must not be empty: every component needs a candidate")
     if len(raw) > MAX_CANDIDATES:
@@ -302,7 +139,7 @@ def _elements(
                     raise RequestError(
                         f"{where}.{key}", f"unknown feature (the model's features: {allowed})"
                     )
-                given[key] = _magnitude(value, f"{where}.{key}")
+                given[key] = feature_value(value, f"{where}.{key}")
         else:
             eid = _string(e, where)
         if eid in seen:
@@ -319,7 +156,7 @@ def _elements(
 
 def _candidates(raw: object, predictor: Predictor) -> dict[str, list[dict[str, Any]]]:
     if not isinstance(raw, dict):
-        raise RequestError("candidates", f"must be an object, got {_json_type(raw)}")
+        raise RequestError("candidates", f"must be an object, got {json_type(raw)}")
     comps = predictor.catalog.components
     for name in raw:
         if name not in comps:
@@ -338,7 +175,7 @@ def _constraints(
 ) -> tuple[dict[str, str], ...]:
     """Forbidden pairs for this request; every element must be one of its candidates."""
     if not isinstance(raw, list):
-        raise RequestError("constraints", f"must be an array, got {_json_type(raw)}")
+        raise RequestError("constraints", f"must be an array, got {json_type(raw)}")
     if len(raw) > MAX_CONSTRAINTS:
         raise RequestError("constraints", f"{len(raw)} pairs, at most {MAX_CONSTRAINTS}", 413)
     catalog = predictor.catalog
@@ -356,7 +193,7 @@ def _constraints(
     for i, pair in enumerate(raw):
         where = f"constraints[{i}]"
         if not isinstance(pair, dict):
-            raise RequestError(where, f"must be an object, got {_json_type(pair)}")
+            raise RequestError(where, f"must be an object, got {json_type(pair)}")
         for key in pair:
             if key not in keys:
                 raise RequestError(f"{where}.{key}", f"unknown field (allowed: {', '.join(keys)})")
@@ -388,7 +225,7 @@ def _context(body: dict[str, Any], predictor: Predictor) -> dict[str, float] | N
     for col in cols:
         if col not in given:
             raise RequestError(col, "missing: the model needs every context column")
-    return {c: _magnitude(given[c], c) for c in cols} if cols else None
+    return {c: feature_value(given[c], c) for c in cols} if cols else None
 
 
 def parse_request(body: object, predictor: Predictor) -> RecommendRequest:
@@ -397,7 +234,7 @@ def parse_request(body: object, predictor: Predictor) -> RecommendRequest:
     The body may be a parsed JSON object, or the raw bytes/text TorchServe forwards when the
     client's JSON was malformed or sent without a JSON content type.
     """
-    data = _decode(body)
+    data = decode_body(body)
     for key in data:
         if key not in _FIELDS and not key.startswith(CONTEXT_PREFIX):
             raise RequestError(key, f"unknown field (allowed: {', '.join(_FIELDS)}, ctx_*)")
@@ -425,9 +262,9 @@ def parse_request(body: object, predictor: Predictor) -> RecommendRequest:
         raise RequestError("refine", f"must be one of {', '.join(REFINES)}, got {refine!r}")
     explain = data.get("explain", False)
     if not isinstance(explain, bool):
-        raise RequestError("explain", f"must be true or false, got {_json_type(explain)}")
+        raise RequestError("explain", f"must be true or false, got {json_type(explain)}")
     temperature = data.get("temperature", 1.0)
-    if not _is_number(temperature) or not temperature > 0:
+    if not is_number(temperature) or not temperature > 0:
         raise RequestError("temperature", f"must be a number > 0, got {temperature!r}")
     if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
         raise RequestError(
@@ -521,19 +358,6 @@ def _log_line(text: str) -> str:
     return line if len(line) <= _LOG_CHARS else line[: _LOG_CHARS - 3] + "..."
 
 
-def _check_response(body: object) -> None:
-    """Every number of a response is finite: ``NaN`` is not JSON, and a NaN score is a bug."""
-    stack = [body]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"non-finite number {value} in the response")
-
-
 def answer(predictor: Predictor, body: object, explain: bool = False) -> Result:
     """The response body for one request, or its error; never raises.
 
@@ -546,7 +370,7 @@ def answer(predictor: Predictor, body: object, explain: bool = False) -> Result:
         if explain:
             req = replace(req, explain=True)
         out = predict(predictor, req)
-        _check_response(out)
+        check_response(out)
         return out
     except RequestError as exc:
         logger.info("genco request refused: %d %s", exc.status, _log_line(str(exc)))
@@ -590,46 +414,6 @@ def handle_rows(
             continue
         out.append(answer(predictor, body, explain[i]))
     return out
-
-
-def _form_row(row: object) -> bool:
-    """TorchServe's row for a form or multipart post: one bytes value per field."""
-    return (
-        isinstance(row, dict)
-        and bool(row)
-        and all(isinstance(v, (bytes, bytearray)) for v in row.values())
-    )
-
-
-def request_body(row: object, content_type: str | None = None) -> object:
-    """The client's JSON payload from a TorchServe batch row (a 415 ``RequestError`` for
-    anything but JSON).
-
-    TorchServe wraps a request's body as ``{"body": ...}`` (plus any query parameters), and
-    a form post as one entry per field; behind KServe's envelope the handler receives the
-    ``instances`` themselves. content_type: the request's Content-Type header, if any.
-    """
-    _content_type_ok(content_type)
-    if isinstance(row, dict) and "body" in row:
-        return row["body"]
-    if _form_row(row):
-        fields = ", ".join(sorted(str(k)[:40] for k in row)[:5])
-        raise RequestError(
-            "body", f"form fields ({fields}) are not supported; send a JSON body", 415
-        )
-    return row
-
-
-def enveloped(rows: Sequence[object]) -> bool:
-    """True when a request envelope (KServe's) unwrapped the rows into bare instances."""
-    return any(not (isinstance(r, dict) and "body" in r) and not _form_row(r) for r in rows)
-
-
-def encode_json(body: dict[str, Any]) -> bytes:
-    """Compact JSON bytes; a non-finite number raises ValueError (``NaN`` is not JSON).
-    Handed a dict, TorchServe pretty-prints it with ``indent=2``, which forces Python's
-    pure-Python encoder: ~0.5 ms per response, a third of a request."""
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def respond(results: Sequence[Result]) -> list[tuple[int, dict[str, Any]]]:

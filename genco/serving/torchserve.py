@@ -26,14 +26,13 @@ import requests
 from genco.data import storage
 from genco.inference.predictor import Predictor
 from genco.models.checkpoint import bundle_version, check_version
-from genco.serving.archive import (
+from genco.serving.archive import LOG_CONFIG, build_mar
+from genco.serving.config import (
     JVM_ARGS,
-    LOG_CONFIG,
     MAX_ARCHIVE_BYTES,
     MAX_REQUEST_BYTES,
     TOKEN_EXPIRY_MIN,
     allowed_urls,
-    build_mar,
     check_layout_config,
     checked_members,
     mar_name,
@@ -303,7 +302,7 @@ def serve_layout(
     token setting) over its ``model-store/``, with only the listening addresses moved to free
     loopback ports (``TS_*`` variables, which the layout's config allows) and
     ``allowed_urls`` to the local model store. The config is validated first
-    (``genco.serving.archive.check_layout_config``: genco's keys only, no foreign JVM arguments) and
+    (``genco.serving.config.check_layout_config``: genco's keys only, no foreign JVM arguments) and
     the archive's members and sizes before anything is unpacked. Serves the version the
     layout points at; returns once a real prediction succeeded."""
     _java()  # no Java, no TorchServe: say so before any work
