@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from genco.data.contract import Catalog
+from genco.errors import ContractError
 from genco.models.reward import BoundModel, RewardModel, RewardModelConfig
 from genco.models.vocab import Encoded, Vocab, encode, fit_scalers
 from genco.training.residuals import fit_residuals, merge_impressions
@@ -61,7 +62,7 @@ def train_reward_model(
     enc = impressions if isinstance(impressions, Encoded) else encode(impressions, catalog)
     _check_learnable(enc)
     if config.propensity_weighting and enc.propensity is None:
-        raise ValueError("propensity_weighting needs a 'propensity' column")
+        raise ContractError("propensity_weighting needs a 'propensity' column")
     torch.manual_seed(config.seed)
     model = RewardModel(Vocab.from_catalog(catalog, enc.context_columns), config)
     if init is not None:
@@ -123,11 +124,11 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
 
 def _check_learnable(enc: Encoded) -> None:
     if len(enc) == 0:
-        raise ValueError("impressions: no rows to learn from")
+        raise ContractError("impressions: no rows to learn from")
     if enc.click.sum() == 0:
-        raise ValueError("impressions: no clicks at all; a click model cannot be learned")
+        raise ContractError("impressions: no clicks at all; a click model cannot be learned")
     if enc.click.sum() == len(enc):
-        raise ValueError(
+        raise ContractError(
             "impressions: every impression was clicked; a click model cannot be learned"
         )
 

@@ -34,6 +34,7 @@ from genco.data.contract import (
     code_maps,
 )
 from genco.data.space import legal_combinations as space_legal_combinations
+from genco.errors import ContractError
 from genco.worlds.simulate import T0
 
 ENV_AES_CSV = "GENCO_AES_CSV"
@@ -86,7 +87,7 @@ class TableTruth:
         self._dense = np.full(int(np.prod(sizes)), np.nan)
         keys = self.combos @ self._strides
         if len(np.unique(keys)) != len(keys):
-            raise ValueError("the truth table lists a combination twice")
+            raise ContractError("the truth table lists a combination twice")
         order = np.argsort(keys)
         self.combos, self.ctrs = self.combos[order], self.ctrs[order]
         self._dense[keys[order]] = self.ctrs
@@ -96,7 +97,7 @@ class TableTruth:
         """Build from a table with one column per component (element ids) and ``ctr``."""
         missing = [c for c in (*catalog.components, CTR) if c not in df.columns]
         if missing:
-            raise ValueError(f"{path}: missing column '{missing[0]}'")
+            raise ContractError(f"{path}: missing column '{missing[0]}'")
         # Values are read as text; one row of the published table has trailing blanks.
         ctr = pd.to_numeric(df[CTR].astype("string").str.strip(), errors="coerce").to_numpy(
             dtype=np.float64, na_value=np.nan
@@ -104,13 +105,15 @@ class TableTruth:
         bad = ~((ctr > 0) & (ctr < 1))
         if bad.any():
             row = int(np.flatnonzero(bad)[0]) + 1
-            raise ValueError(f"{path}: row {row}: ctr '{df[CTR].iloc[row - 1]}' is not in (0, 1)")
+            raise ContractError(
+                f"{path}: row {row}: ctr '{df[CTR].iloc[row - 1]}' is not in (0, 1)"
+            )
         combos = np.zeros((len(df), catalog.n_components), dtype=np.int64)
         for k, comp in enumerate(catalog.components):
             ids = df[comp].astype("string").str.strip()
             for i, v in enumerate(ids):
                 if pd.isna(v) or not catalog.has_element(k, v):
-                    raise ValueError(f"{path}: row {i + 1}: {comp} '{v}' is not in the catalog")
+                    raise ContractError(f"{path}: row {i + 1}: {comp} '{v}' is not in the catalog")
                 combos[i, k] = catalog.element_code(k, v)
         return TableTruth(catalog.ads, catalog.components, catalog.elements, combos, ctr)
 
@@ -134,7 +137,7 @@ class TableTruth:
         ads = np.asarray(ads, dtype=np.int64)
         combos = np.asarray(combos, dtype=np.int64)
         if combos.ndim != 2 or combos.shape != (len(ads), len(self.components)):
-            raise ValueError(
+            raise ContractError(
                 f"expected combos of shape ({len(ads)}, {len(self.components)}), got {combos.shape}"
             )
         wrong_ad = (ads < 0) | (ads >= len(self.ads))
@@ -147,7 +150,7 @@ class TableTruth:
         illegal = np.isnan(out)
         if illegal.any():
             i = int(np.flatnonzero(illegal)[0])
-            raise ValueError(
+            raise ContractError(
                 f"combination ({self.describe(combos[i])}) is not in the AES table: it is "
                 f"illegal ({int(illegal.sum())} of {len(ads)} asked combinations are)"
             )
@@ -162,7 +165,7 @@ class TableTruth:
 
     def _check_ad(self, ad: int) -> None:
         if not 0 <= ad < len(self.ads):
-            raise ValueError(f"ad code {ad} is not in this world (it has {len(self.ads)} ad)")
+            raise ContractError(f"ad code {ad} is not in this world (it has {len(self.ads)} ad)")
 
     def legal_combinations(self, ad: int = 0) -> np.ndarray:
         """The table's combinations (n_legal, K) in catalog codes: legal is what was measured."""
@@ -209,17 +212,17 @@ def _read_table(path: str) -> pd.DataFrame:
     df = storage.read_table(path, dtype={c: "str" for c in (TEMPLATE, *COMPONENTS, CTR)})
     missing = [c for c in (TEMPLATE, *COMPONENTS, CTR) if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing column '{missing[0]}'")
+        raise ContractError(f"{path}: missing column '{missing[0]}'")
     for c in (TEMPLATE, *COMPONENTS):
         df[c] = df[c].astype("string").str.strip()
         empty = df[c].isna() | (df[c] == "")
         if empty.any():
-            raise ValueError(f"{path}: row {int(np.flatnonzero(empty)[0]) + 1}: '{c}' is empty")
+            raise ContractError(f"{path}: row {int(np.flatnonzero(empty)[0]) + 1}: '{c}' is empty")
     # One template only, so it is no choice at all: as a component it would be a constant
     # column that every model must learn to ignore. Refuse a table where it would matter.
     templates = df[TEMPLATE].unique()
     if len(templates) != 1:
-        raise ValueError(
+        raise ContractError(
             f"{path}: column '{TEMPLATE}' has {len(templates)} values "
             f"({', '.join(map(str, templates))}); this world supports exactly one"
         )
@@ -269,7 +272,7 @@ def load_aes_world(path: str = DEFAULT_AES_PATH) -> AesWorld:
     legal = space_legal_combinations(catalog, constraints, 0)
     unmeasured = ~np.isin(truth.keys(legal), truth.keys(truth.combos))
     if unmeasured.any() or len(legal) != len(truth.combos):
-        raise ValueError(
+        raise ContractError(
             f"{path}: the derived constraints allow {len(legal)} combinations but the table has "
             f"{len(truth.combos)}"
             + (
@@ -289,7 +292,7 @@ def log_uniform(world: AesWorld, n: int, seed: int) -> pd.DataFrame:
     match ``genco.worlds.simulate.log_impressions``.
     """
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise ContractError(f"n must be >= 1, got {n}")
     rng = np.random.default_rng([seed, 7])
     cat, truth = world.catalog, world.truth
     combos = truth.combos[rng.integers(world.n_legal, size=n)]
@@ -324,7 +327,7 @@ def write_aes_world(
     here the table is the whole truth and a person can read it.
     """
     if impressions_format not in ("csv", "parquet"):
-        raise ValueError(
+        raise ContractError(
             f"impressions_format must be 'csv' or 'parquet', got '{impressions_format}'"
         )
     world = load_aes_world(path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from genco.errors import ConfigError
+
 COMPONENT_NAMES = ("title", "image", "highlight", "badge", "color", "layout", "cta", "font")
 
 
@@ -67,21 +69,21 @@ class WorldConfig:
     def __post_init__(self) -> None:
         for name in ("n_ads", "n_components", "n_candidates", "pool_size", "n_features"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pool_size < self.n_candidates and not self.per_product:
-            raise ValueError(
+            raise ConfigError(
                 f"pool_size ({self.pool_size}) must be >= n_candidates ({self.n_candidates})"
             )
         if self.n_components > len(COMPONENT_NAMES):
-            raise ValueError(f"n_components must be <= {len(COMPONENT_NAMES)}")
+            raise ConfigError(f"n_components must be <= {len(COMPONENT_NAMES)}")
         if not 0.0 <= self.epsilon <= 1.0:
-            raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon}")
+            raise ConfigError(f"epsilon must be in [0, 1], got {self.epsilon}")
         if self.greedy not in ("random", "confounded"):
-            raise ValueError(f"greedy must be 'random' or 'confounded', got '{self.greedy}'")
+            raise ConfigError(f"greedy must be 'random' or 'confounded', got '{self.greedy}'")
         if not 0.0 <= self.cold_start_share < 1.0:
-            raise ValueError(f"cold_start_share must be in [0, 1), got {self.cold_start_share}")
+            raise ConfigError(f"cold_start_share must be in [0, 1), got {self.cold_start_share}")
         if self.three_way_scale and self.n_components < 3:
-            raise ValueError("three_way_scale needs n_components >= 3")
+            raise ConfigError("three_way_scale needs n_components >= 3")
 
     @property
     def contextual(self) -> bool:
@@ -234,5 +236,5 @@ WORLDS: dict[str, WorldConfig] = {
 def world_config(name: str, **overrides) -> WorldConfig:
     """A preset by name, with field overrides; errors list the presets."""
     if name not in WORLDS:
-        raise ValueError(f"unknown world '{name}'; choose one of: {', '.join(WORLDS)}")
+        raise ConfigError(f"unknown world '{name}'; choose one of: {', '.join(WORLDS)}")
     return replace(WORLDS[name], **overrides)

@@ -26,6 +26,7 @@ from genco.data.contract import (
     Constraints,
 )
 from genco.data.space import count_legal, legal_combinations, touched_by_constraints
+from genco.errors import ConfigError
 from genco.worlds.config import COMPONENT_NAMES, WORLDS, WorldConfig, world_config
 from genco.worlds.truth import GroundTruth
 
@@ -90,7 +91,7 @@ def make_world(config: WorldConfig, seed: int) -> World:
         [count_legal(catalog, constraints, a, warm[a]) for a in range(config.n_ads)]
     )
     if np.any(n_legal_warm == 0):
-        raise ValueError(f"world '{config.name}': an ad has no legal loggable combination")
+        raise ConfigError(f"world '{config.name}': an ad has no legal loggable combination")
     greedy = _greedy_combinations(config, catalog, constraints, truth, warm, rng)
     ranks = np.argsort(np.argsort(-appeal))  # most appealing ads are the most shown
     pop = 1.0 / (1.0 + ranks) ** config.popularity_skew
@@ -250,7 +251,7 @@ def _constraints(config: WorldConfig, catalog: Catalog, truth: GroundTruth, rng)
     # A world whose constraints leave an ad nothing to show is a broken preset.
     for a in range(catalog.n_ads):
         if touched_by_constraints(cons, a) and count_legal(catalog, cons, a) == 0:
-            raise ValueError(f"world '{config.name}': constraints leave ad {a} no combination")
+            raise ConfigError(f"world '{config.name}': constraints leave ad {a} no combination")
     return cons
 
 
@@ -342,12 +343,12 @@ def simulate(
     """Write a world's catalog, constraints, impressions, contexts and ground truth to out_dir."""
     config = world_config(world) if isinstance(world, str) else world
     if impressions_format not in ("csv", "parquet"):
-        raise ValueError(
+        raise ConfigError(
             f"impressions_format must be 'csv' or 'parquet', got '{impressions_format}'"
         )
     n = config.n_impressions if n_impressions is None else n_impressions
     if n < 1:
-        raise ValueError(f"n_impressions must be >= 1, got {n}")
+        raise ConfigError(f"n_impressions must be >= 1, got {n}")
     w = make_world(config, seed)
     j = storage.join
     out = SimulationOutputs(
