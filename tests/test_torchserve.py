@@ -181,11 +181,13 @@ def test_promote_switch_and_rollback(
         inference_url=server.inference_url,
         inference_token=server.token("inference"),
     )
-    on_promote(bundle_dir, "v2")
+    switch = on_promote(bundle_dir, "v2")
     assert mgmt.default_version() == "v2"
     assert answered_by() == "v2"
     assert answered_by("v1") == "v1"  # the previous one still answers by version
     config = store / archive.KSERVE_DIR / "config" / "config.properties"
+    assert not config.exists()  # the layout switches only once the store's pointer moved
+    switch()
     assert "genco-v2.mar" in config.read_text()
 
     archive.build_mar(bundle_dir, server.model_store, "v3")
@@ -221,7 +223,7 @@ def test_promote_switch_and_rollback(
     # reused, registered again and made the default, and the layout switched back.
     v1_mar = store / archive.KSERVE_DIR / "model-store" / mar_name("v1")
     built = v1_mar.stat().st_mtime_ns
-    on_promote(bundle_dir, "v1")
+    on_promote(bundle_dir, "v1")()  # the store runs the switch once its pointer moved
     assert v1_mar.stat().st_mtime_ns == built
     assert mgmt.default_version() == "v1"
     assert answered_by() == "v1"
