@@ -309,8 +309,10 @@ BAD_REQUESTS: list[tuple[object, int, str]] = [
         {"ad": AD0},
         400,
         "ad: unknown field (allowed: ad_id, candidates, constraints, top_k, "
-        "mode, refine, explain, temperature, seed, ctx_*)",
+        "mode, refine, explain, temperature, explore, seed, ctx_*)",
     ),
+    ({"ad_id": AD0, "explore": 1.5}, 400, "explore: must be a number in [0, 1], got 1.5"),
+    ({"ad_id": AD0, "explore": "all"}, 400, "explore: must be a number in [0, 1], got 'all'"),
     ({"ad_id": AD0, "top_k": 0}, 400, "top_k: must be an integer in [1, 100], got 0"),
     ({"ad_id": AD0, "top_k": 101}, 400, "top_k: must be an integer in [1, 100], got 101"),
     ({"ad_id": AD0, "top_k": "5"}, 400, "top_k: must be an integer in [1, 100], got '5'"),
@@ -500,6 +502,14 @@ def test_sample_gives_propensities_and_is_seeded(predictor: Predictor) -> None:
     assert props and all(0.0 < p <= 1.0 for p in props)
     beam = rest.predict(predictor, rest.parse_request({"ad_id": AD0}, predictor))
     assert all("propensity" not in r for r in beam["recommendations"])
+    # explore = 1: every draw is the exploration draw, uniform over the ad's combinations
+    # (no forbidden pair touches this ad's candidates here, else forward-checked uniform).
+    n_combos = predictor.catalog.n_combinations(predictor.catalog.ad_code(AD0))
+    wide = rest.predict(predictor, rest.parse_request({**req, "explore": 1.0}, predictor))
+    uniform = [r["propensity"] for r in wide["recommendations"]]
+    if not len(predictor.constraints):
+        assert uniform == pytest.approx([1.0 / n_combos] * len(uniform))
+    assert all(p >= 1.0 / n_combos - 1e-12 for p in uniform)
 
 
 def test_refine_levels_rank_by_the_reward_model(predictor: Predictor) -> None:

@@ -56,6 +56,7 @@ _FIELDS = (
     "refine",
     "explain",
     "temperature",
+    "explore",
     "seed",
 )
 
@@ -101,6 +102,7 @@ class RecommendRequest:
     refine: str | None = None  # None: the predictor's default
     explain: bool = False
     temperature: float = 1.0
+    explore: float | None = None  # None: the model's GeneratorConfig.explore
     seed: int | None = None
 
 
@@ -271,6 +273,9 @@ def parse_request(body: object, predictor: Predictor) -> RecommendRequest:
             "temperature",
             f"must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature!r}",
         )
+    explore = data.get("explore")
+    if explore is not None and (not is_number(explore) or not 0.0 <= explore <= 1.0):
+        raise RequestError("explore", f"must be a number in [0, 1], got {explore!r}")
     seed = data.get("seed")
     if seed is not None and (
         not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63
@@ -286,6 +291,7 @@ def parse_request(body: object, predictor: Predictor) -> RecommendRequest:
         refine=refine,
         explain=explain,
         temperature=float(temperature),
+        explore=None if explore is None else float(explore),
         seed=seed,
     )
 
@@ -339,6 +345,7 @@ def predict(predictor: Predictor, req: RecommendRequest) -> dict[str, Any]:
             temperature=req.temperature,
             seed=req.seed,
             refine=req.refine,
+            explore=req.explore,
         )
     except ValueError as exc:
         if not scoped:  # the bundle's own catalog always has a legal completion: a bug
