@@ -16,6 +16,26 @@ from genco.data.contract import Catalog, Constraints
 from genco.models.policy_tables import AdMasks
 
 
+class SlotIndex:
+    """Slot of (ad, element) pairs of one component, -1 where the element is not one of the
+    ad's candidates: sorted keys ``ad * n_elements + element``, one per catalog row, so memory
+    grows with the catalog's rows, never with ads x elements."""
+
+    def __init__(self, catalog: Catalog, k: int) -> None:
+        self.n = len(catalog.elements[k])
+        per_ad = [catalog.candidates[a][k] for a in range(catalog.n_ads)]
+        keys = np.concatenate([a * self.n + np.asarray(c, np.int64) for a, c in enumerate(per_ad)])
+        slots = np.concatenate([np.arange(len(c)) for c in per_ad])
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.slots = keys[order], slots[order]
+
+    def lookup(self, ads: np.ndarray, elements: np.ndarray) -> np.ndarray:
+        """(B,) slots of elements (B,) for ads (B,); -1 where absent."""
+        q = np.asarray(ads, np.int64) * self.n + np.asarray(elements, np.int64)
+        at = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)
+        return np.where(self.keys[at] == q, self.slots[at], -1)
+
+
 class LegalMasks:
     def __init__(self, catalog: Catalog, constraints: Constraints) -> None:
         K = catalog.n_components
@@ -25,31 +45,27 @@ class LegalMasks:
         # slots[k]: (n_ads, M_k) catalog element code in each slot, -1 for padding
         self.slots: list[torch.Tensor] = []
         self.valid: list[torch.Tensor] = []
-        slot_of: list[np.ndarray] = []  # (n_ads, n_elements_k) slot of element, -1 if absent
         for k in range(K):
             s = np.full((catalog.n_ads, self.M[k]), -1, dtype=np.int64)
-            so = np.full((catalog.n_ads, len(catalog.elements[k])), -1, dtype=np.int64)
             for a in range(catalog.n_ads):
                 c = catalog.candidates[a][k]
                 s[a, : len(c)] = c
-                so[a, c] = np.arange(len(c))
             self.slots.append(torch.as_tensor(s))
             self.valid.append(torch.as_tensor(s >= 0))
-            slot_of.append(so)
-        self.slot_of = [torch.as_tensor(so) for so in slot_of]
+        self.slot_of = [SlotIndex(catalog, k) for k in range(K)]
         self.forbid: dict[tuple[int, int], torch.Tensor] = {}
+        all_ads = np.arange(catalog.n_ads)
         for i in range(len(constraints)):
             j, k = int(constraints.comp_a[i]), int(constraints.comp_b[i])
-            ads = range(catalog.n_ads) if constraints.ad[i] < 0 else [int(constraints.ad[i])]
+            ads = all_ads if constraints.ad[i] < 0 else np.array([int(constraints.ad[i])])
             if (j, k) not in self.forbid:
                 self.forbid[(j, k)] = torch.zeros(
                     catalog.n_ads, self.M[j], self.M[k], dtype=torch.bool
                 )
-            for a in ads:
-                sj = slot_of[j][a, constraints.elem_a[i]]
-                sk = slot_of[k][a, constraints.elem_b[i]]
-                if sj >= 0 and sk >= 0:
-                    self.forbid[(j, k)][a, sj, sk] = True
+            sj = self.slot_of[j].lookup(ads, np.full(len(ads), constraints.elem_a[i]))
+            sk = self.slot_of[k].lookup(ads, np.full(len(ads), constraints.elem_b[i]))
+            hit = (sj >= 0) & (sk >= 0)
+            self.forbid[(j, k)][ads[hit], sj[hit], sk[hit]] = True
         self.later = {
             k: [(l_, f) for (j, l_), f in self.forbid.items() if j == k] for k in range(K)
         }
@@ -75,9 +91,9 @@ class LegalMasks:
 
     def to_slots(self, ads: np.ndarray, combos: np.ndarray) -> torch.Tensor:
         """(B, K) catalog element codes -> (B, K) slots; ValueError if not a candidate."""
-        a = torch.as_tensor(ads)
-        cols = [self.slot_of[k][a, torch.as_tensor(combos[:, k])] for k in range(self.K)]
-        out = torch.stack(cols, 1)
+        a = np.asarray(ads)
+        cols = [self.slot_of[k].lookup(a, combos[:, k]) for k in range(self.K)]
+        out = torch.as_tensor(np.stack(cols, 1))
         if (out < 0).any():
             raise ValueError("combination holds an element that is not a candidate of its ad")
         return out
