@@ -1,14 +1,24 @@
-"""One I/O layer for local paths and ``gs://bucket/path`` URLs.
+"""One I/O layer for local paths, ``gs://bucket/path`` and ``s3://bucket/path`` URLs.
 
-The pipeline runs the same code on a laptop (local directories) and on Vertex /
-Kubeflow (Cloud Storage), so every reader and writer goes through here instead of
-branching on the path scheme at each call site.
+The pipeline runs the same code on a laptop (local directories), on Vertex (Cloud Storage)
+and on Kubeflow installs whose artifact store is MinIO (S3), so every reader and writer goes
+through here instead of branching on the path scheme at each call site. Object stores are
+reached through fsspec (``gcsfs``, ``s3fs``), so both behave alike: a missing object, prefix
+or bucket is a ``NotFoundError`` naming the path, a prefix with objects under it "exists"
+like a directory, and listings are never served from a cache (another process may have
+written since).
 
-Writes are atomic on both backends because pipeline steps get preempted: a reader
-must see either the old file or the complete new one, never a truncated one.
-Locally that is a temp file in the destination directory plus ``os.replace``;
-on GCS an upload only becomes visible once it is finalised, so a plain upload of a
-complete local file is already atomic.
+Writes are atomic on every backend because pipeline steps get preempted: a reader must see
+either the old file or the complete new one, never a truncated one. Locally that is a temp
+file in the destination directory plus ``os.replace``; on GCS an upload only becomes visible
+once it is finalised, and on S3 a single PUT or a multipart upload only once it completes, so
+one upload of complete content is already atomic.
+
+Settings come from the environment, as for the clouds' own tools: ``STORAGE_EMULATOR_HOST``
+(a GCS emulator, anonymous), ``GOOGLE_CLOUD_PROJECT``, and ``S3_ENDPOINT_URL`` (or
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``) for MinIO or another S3-compatible server.
+Functions take ``client=``: an fsspec filesystem, or a ``google.cloud.storage.Client`` whose
+project, credentials and endpoint are reused; by default one shared filesystem per scheme.
 """
 
 from __future__ import annotations
@@ -16,29 +26,37 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from google.api_core import exceptions as gexc
-from google.api_core.retry import Retry
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
-from google.cloud.storage.retry import DEFAULT_RETRY
+from fsspec import AbstractFileSystem
 
-from genco.errors import ContractError
+from genco.errors import ConfigError, ContractError, NotFoundError
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from google.cloud import storage
+
+    # What ``client=`` accepts: a filesystem, or a GCS client to take settings from.
+    Client: TypeAlias = AbstractFileSystem | storage.Client
 
 __all__ = [
     "atomic_local_path",
     "download_dir",
     "exists",
+    "filesystem",
     "gcs_client",
     "is_gcs",
+    "is_remote",
+    "is_s3",
     "join",
     "listdir",
     "makedirs",
@@ -56,15 +74,9 @@ __all__ = [
     "write_text",
 ]
 
-_SCHEME = "gs://"
+_SCHEMES = ("gs", "s3")
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _EMULATOR_PROJECT = "genco-local"
-
-# The library does not retry uploads without a generation precondition, because a
-# blind retry could overwrite a newer object from another writer. Our objects have
-# a single writer and each upload carries the whole content, so a retried upload
-# can only rewrite the same bytes; retrying is what keeps a transient 503 from
-# failing a multi-hour training step.
-_UPLOAD_RETRY: Retry = DEFAULT_RETRY
 
 
 def _read_umask() -> int:
@@ -81,18 +93,45 @@ _FILE_MODE = 0o666 & ~_read_umask()
 # --------------------------------------------------------------------------- paths
 
 
+def _scheme(path: str) -> str | None:
+    """``"gs"``/``"s3"`` for object-store URLs, None for local paths.
+
+    Any other ``scheme://`` is refused rather than taken for a local relative path, which
+    would silently create a directory called ``s3a:`` in the working directory.
+    """
+    match = _URL.match(path)
+    if match is None:
+        return None
+    scheme = match.group(1).lower()
+    if scheme not in _SCHEMES:
+        raise ContractError(
+            f"{path}: unsupported URL scheme '{scheme}://'; use a local path, gs:// or s3://"
+        )
+    return scheme
+
+
 def is_gcs(path: str) -> bool:
-    """True for ``gs://`` URLs, which must never be handed to ``open()``."""
-    return path.startswith(_SCHEME)
+    """True for ``gs://`` URLs."""
+    return path.startswith("gs://")
+
+
+def is_s3(path: str) -> bool:
+    """True for ``s3://`` URLs."""
+    return path.startswith("s3://")
+
+
+def is_remote(path: str) -> bool:
+    """True for object-store URLs (``gs://``, ``s3://``), which must never reach ``open()``."""
+    return _scheme(path) is not None
 
 
 def join(base: str, *parts: str) -> str:
-    """Join path parts; gs URLs always use ``/`` whatever the host OS is.
+    """Join path parts; URLs always use ``/`` whatever the host OS is.
 
-    Leading/trailing slashes on gs parts are dropped so that ``join(url, "/x")``
-    cannot silently escape to the bucket root the way ``posixpath.join`` would.
+    Leading/trailing slashes on URL parts are dropped so that ``join(url, "/x")`` cannot
+    silently escape to the bucket root the way ``posixpath.join`` would.
     """
-    if not is_gcs(base):
+    if not is_remote(base):
         return os.path.join(base, *parts)
     pieces = [base.rstrip("/")]
     pieces.extend(p.strip("/") for p in parts if p.strip("/"))
@@ -101,150 +140,273 @@ def join(base: str, *parts: str) -> str:
 
 def _split(path: str, *, need_object: bool = True) -> tuple[str, str]:
     """Split ``gs://bucket/name`` into ``(bucket, name)`` with errors naming the path."""
-    rest = path[len(_SCHEME) :]
+    scheme = cast(str, _scheme(path))
+    rest = path[len(scheme) + 3 :]
     bucket, _, name = rest.partition("/")
+    expected = f"expected {scheme}://bucket/object"
     if not bucket:
-        raise ContractError(f"{path}: gs URL has no bucket name (expected gs://bucket/object)")
+        raise ContractError(f"{path}: {scheme} URL has no bucket name ({expected})")
     if need_object and (not name.strip("/") or name.endswith("/")):
-        raise ContractError(f"{path}: gs URL has no object name (expected gs://bucket/object)")
-    return bucket, name
+        raise ContractError(f"{path}: {scheme} URL has no object name ({expected})")
+    return bucket, name.strip("/")
 
 
-def _dir_prefix(name: str) -> str:
-    """Object-name prefix for a gs "directory": empty for the bucket root."""
-    name = name.strip("/")
-    return f"{name}/" if name else ""
+def _key(bucket: str, name: str) -> str:
+    """fsspec's path for an object or prefix: ``bucket/name`` without the scheme."""
+    return f"{bucket}/{name}" if name else bucket
 
 
-# -------------------------------------------------------------------------- client
+# ---------------------------------------------------------------------- filesystems
 
-_clients: dict[tuple[int, str | None, str | None], storage.Client] = {}
-_clients_lock = threading.Lock()
+_filesystems: dict[tuple[Any, ...], AbstractFileSystem] = {}
+_filesystems_lock = threading.Lock()
+_gcs_clients: dict[tuple[int, str | None, str | None], storage.Client] = {}
+
+
+def _emulator_host() -> str | None:
+    host = os.environ.get("STORAGE_EMULATOR_HOST") or None
+    if host and not host.startswith(("http://", "https://")):
+        host = f"http://{host}"
+    return host
+
+
+def _s3_endpoint() -> str | None:
+    for name in ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def _cached(key: tuple[Any, ...], build: Any) -> Any:
+    # Building a filesystem costs an auth round trip and a connection pool, so it is
+    # shared. The key includes the pid, because a client inherited across ``fork`` shares
+    # sockets with the parent, and the settings read from the environment, because tests
+    # switch an emulator on after other code may have built a client for the real cloud.
+    with _filesystems_lock:
+        fs = _filesystems.get(key)
+        if fs is None:
+            fs = _filesystems[key] = build()
+        return fs
+
+
+def _gcsfs(project: str | None, token: Any, endpoint: str | None) -> AbstractFileSystem:
+    # gcsfs' experimental hierarchical-namespace layer probes bucket APIs that emulators
+    # do not implement; it is chosen at import time, so say no before the first import.
+    # The plain GCSFileSystem is used either way: genco needs no HNS-only operation.
+    if endpoint:
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    from gcsfs.core import GCSFileSystem
+
+    return cast(
+        AbstractFileSystem,
+        GCSFileSystem(
+            project=project or "",
+            token=token,
+            endpoint_url=endpoint,
+            use_listings_cache=False,
+            skip_instance_cache=True,
+        ),
+    )
+
+
+def _gcs_filesystem() -> AbstractFileSystem:
+    emulator = _emulator_host()
+    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or None
+    if emulator:
+        # The emulator has no auth; looking for credentials would fail on a dev machine.
+        return cast(
+            AbstractFileSystem,
+            _cached(
+                ("gs", os.getpid(), emulator, project),
+                lambda: _gcsfs(project or _EMULATOR_PROJECT, "anon", emulator),
+            ),
+        )
+    # "google_default" (ADC), not gcsfs' default chain, which ends in anonymous access:
+    # without credentials a private bucket would answer a confusing 401 per object
+    # instead of one DefaultCredentialsError up front.
+    return cast(
+        AbstractFileSystem,
+        _cached(
+            ("gs", os.getpid(), None, project),
+            lambda: _gcsfs(project, "google_default", None),
+        ),
+    )
+
+
+def _s3_filesystem() -> AbstractFileSystem:
+    endpoint = _s3_endpoint()
+
+    def build() -> AbstractFileSystem:
+        from s3fs import S3FileSystem
+
+        kwargs: dict[str, Any] = {}
+        if endpoint:
+            # MinIO and other S3-compatible servers address buckets by path, not by
+            # virtual host (which needs wildcard DNS).
+            kwargs = {
+                "endpoint_url": endpoint,
+                "config_kwargs": {"s3": {"addressing_style": "path"}},
+            }
+        return cast(
+            AbstractFileSystem,
+            S3FileSystem(use_listings_cache=False, skip_instance_cache=True, **kwargs),
+        )
+
+    return cast(AbstractFileSystem, _cached(("s3", os.getpid(), endpoint), build))
+
+
+def _from_gcs_client(client: storage.Client) -> AbstractFileSystem:
+    """A gcsfs filesystem with the project, credentials and endpoint of ``client``."""
+    endpoint = client._connection.API_BASE_URL
+    default = "https://storage.googleapis.com"
+    return cast(
+        AbstractFileSystem,
+        _cached(
+            ("gs-client", os.getpid(), id(client)),
+            lambda: _gcsfs(
+                client.project, client._credentials, None if endpoint == default else endpoint
+            ),
+        ),
+    )
+
+
+def filesystem(path: str, client: Client | None = None) -> AbstractFileSystem:
+    """The fsspec filesystem that serves the object-store URL ``path``.
+
+    ``client``: an fsspec filesystem (used as is), a ``google.cloud.storage.Client`` (its
+    project, credentials and endpoint), or None for the shared default of the scheme.
+    """
+    scheme = _scheme(path)
+    if scheme is None:
+        raise ConfigError(f"{path}: a local path has no object-store filesystem")
+    if isinstance(client, AbstractFileSystem):
+        return client
+    if client is not None:
+        from google.cloud import storage as gcs
+
+        if not isinstance(client, gcs.Client):
+            raise ConfigError(
+                f"client: expected an fsspec filesystem or a google.cloud.storage.Client, "
+                f"got {type(client).__name__}"
+            )
+        if scheme != "gs":
+            raise ConfigError(f"{path}: a google.cloud.storage.Client cannot reach {scheme}://")
+        return _from_gcs_client(client)
+    return _gcs_filesystem() if scheme == "gs" else _s3_filesystem()
 
 
 def gcs_client() -> storage.Client:
-    """Process-wide default client.
+    """Process-wide ``google.cloud.storage.Client`` for what fsspec does not do (creating
+    buckets in tests, admin scripts); anonymous on an emulator. Cached like the filesystems."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage as gcs
 
-    Building a client costs an auth round trip and a connection pool, so it is
-    shared. The cache key includes the pid, because a client inherited across
-    ``fork`` shares sockets with the parent, and the emulator settings, because
-    tests switch ``STORAGE_EMULATOR_HOST`` on after other code may have built a
-    client for real GCS.
-    """
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST") or None
+    emulator = _emulator_host()
     project = os.environ.get("GOOGLE_CLOUD_PROJECT") or None
     key = (os.getpid(), emulator, project)
-    with _clients_lock:
-        client = _clients.get(key)
+    with _filesystems_lock:
+        client = _gcs_clients.get(key)
         if client is None:
             if emulator:
-                # The emulator has no auth; without anonymous credentials the
-                # library would go looking for ADC and fail on a dev machine.
-                client = storage.Client(
+                client = gcs.Client(
                     project=project or _EMULATOR_PROJECT,
                     credentials=AnonymousCredentials(),
                     client_options={"api_endpoint": emulator},
                 )
             else:
-                client = storage.Client(project=project)
-            _clients[key] = client
+                client = gcs.Client(project=project)
+            _gcs_clients[key] = client
         return client
 
 
-def _resolve(client: storage.Client | None) -> storage.Client:
-    return gcs_client() if client is None else client
+def _not_found(path: str, fs: AbstractFileSystem, what: str = "no such object") -> NotFoundError:
+    """NotFoundError that says whether the object or the whole bucket is missing.
 
-
-def _not_found(path: str, bucket: storage.Bucket) -> FileNotFoundError:
-    """FileNotFoundError that says whether the object or the whole bucket is missing.
-
-    GCS answers 404 for both; a typo in the bucket name is the more common cause in
-    a fresh deployment and deserves its own message. The extra lookup only runs on
-    the error path, and a failing lookup (no buckets.get permission) falls back to
-    the plain message.
+    Both stores answer 404 for both; a typo in the bucket name is the more common cause in
+    a fresh deployment and deserves its own message. The extra lookup only runs on the
+    error path, and a failing lookup (no permission to read the bucket) falls back to the
+    plain message.
     """
+    bucket, _ = _split(path, need_object=False)
     try:
-        bucket_missing = not bucket.exists()
-    except gexc.GoogleAPICallError:
+        bucket_missing = not fs.exists(bucket)
+    except OSError:
         bucket_missing = False
     if bucket_missing:
-        return FileNotFoundError(f"{path}: bucket {bucket.name!r} does not exist")
-    return FileNotFoundError(f"{path}: no such object")
+        return NotFoundError(f"{path}: bucket '{bucket}' does not exist")
+    return NotFoundError(f"{path}: {what}")
+
+
+@contextlib.contextmanager
+def _naming(path: str, fs: AbstractFileSystem, what: str = "no such object") -> Iterator[None]:
+    """Turn the store's FileNotFoundError (which names a request URL) into one naming ``path``."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise _not_found(path, fs, what) from None
 
 
 # --------------------------------------------------------------- existence / listing
 
 
-def exists(path: str, client: storage.Client | None = None) -> bool:
-    """True if the file/object exists, or if it is a non-empty gs "directory".
+def exists(path: str, client: Client | None = None) -> bool:
+    """True if the file/object exists, or if it is a non-empty object-store "directory".
 
-    GCS has no directories; treating a prefix with objects under it as existing
-    keeps ``exists(run_dir)`` meaning the same thing on both backends.
+    Object stores have no directories; treating a prefix with objects under it as existing
+    keeps ``exists(run_dir)`` meaning the same thing on every backend.
     """
-    if not is_gcs(path):
+    if not is_remote(path):
         return os.path.exists(path)
-    bucket_name, name = _split(path, need_object=False)
-    c = _resolve(client)
-    bucket = c.bucket(bucket_name)
-    if not name.strip("/"):
-        return bool(bucket.exists())
-    if not name.endswith("/") and bucket.blob(name).exists():
-        return True
-    try:
-        blobs = c.list_blobs(bucket_name, prefix=_dir_prefix(name), max_results=1)
-        return any(True for _ in blobs)
-    except gexc.NotFound:
-        return False
+    bucket, name = _split(path, need_object=False)
+    return bool(filesystem(path, client).exists(_key(bucket, name)))
 
 
-def listdir(path: str, client: storage.Client | None = None) -> list[str]:
+def listdir(path: str, client: Client | None = None) -> list[str]:
     """Sorted names of direct children.
 
-    A gs prefix with nothing under it raises FileNotFoundError, like a missing
-    local directory, so callers get the same failure on both backends instead of
-    an empty list that hides a wrong path.
+    A missing directory, an object-store prefix with nothing under it, and a missing bucket
+    raise ``NotFoundError`` naming the path, so callers get the same failure on every
+    backend instead of an empty list that hides a wrong path.
     """
-    if not is_gcs(path):
+    if not is_remote(path):
+        if not os.path.isdir(path):
+            if os.path.exists(path):
+                raise NotADirectoryError(f"{path}: not a directory")
+            raise NotFoundError(f"{path}: no such directory")
         return sorted(os.listdir(path))
-    bucket_name, name = _split(path, need_object=False)
-    c = _resolve(client)
-    prefix = _dir_prefix(name)
+    bucket, name = _split(path, need_object=False)
+    fs = filesystem(path, client)
+    key = _key(bucket, name)
+    with _naming(path, fs, "no such directory (no objects under this prefix)"):
+        entries = fs.ls(key, detail=True)
     names: set[str] = set()
-    placeholder = False
-    try:
-        pages = c.list_blobs(bucket_name, prefix=prefix, delimiter="/")
-        for blob in pages:
-            child = blob.name[len(prefix) :]
-            if child:
-                names.add(child)
-            else:
-                # A zero-byte "folder" object made by the console or gsutil.
-                placeholder = True
-        # ``prefixes`` is only complete after the iterator has been exhausted.
-        names.update(p[len(prefix) :].rstrip("/") for p in pages.prefixes)
-    except gexc.NotFound:
-        raise _not_found(path, c.bucket(bucket_name)) from None
-    if not names and not placeholder and prefix:
-        raise FileNotFoundError(f"{path}: no such directory (no objects under this prefix)")
+    for entry in entries:
+        full = str(entry["name"]).rstrip("/")
+        if full == key:
+            if entry.get("type") == "file":
+                raise NotADirectoryError(f"{path}: not a directory (an object)")
+            continue  # a zero-byte "folder" object made by a console or gsutil
+        names.add(full[len(key) + 1 :] if name else full[len(bucket) + 1 :])
     return sorted(names)
 
 
-def remove(path: str, client: storage.Client | None = None) -> None:
+def remove(path: str, client: Client | None = None) -> None:
     """Delete one file/object; a missing one is an error so typos do not pass silently."""
-    if not is_gcs(path):
+    if not is_remote(path):
         os.remove(path)
         return
-    bucket_name, name = _split(path)
-    bucket = _resolve(client).bucket(bucket_name)
-    try:
-        bucket.blob(name).delete()
-    except gexc.NotFound:
-        raise _not_found(path, bucket) from None
+    bucket, name = _split(path)
+    fs = filesystem(path, client)
+    # S3 deletes a missing key without complaint, so ask first.
+    if not fs.isfile(_key(bucket, name)):
+        raise _not_found(path, fs)
+    with _naming(path, fs):
+        fs.rm_file(_key(bucket, name))
 
 
 def makedirs(path: str) -> None:
-    """Create a local directory tree; GCS needs none because prefixes are implicit."""
-    if not is_gcs(path):
+    """Create a local directory tree; object stores need none because prefixes are implicit."""
+    if not is_remote(path):
         os.makedirs(path, exist_ok=True)
 
 
@@ -252,51 +414,43 @@ def makedirs(path: str) -> None:
 
 
 @contextlib.contextmanager
-def open_read(path: str, client: storage.Client | None = None) -> Iterator[BinaryIO]:
+def open_read(path: str, client: Client | None = None) -> Iterator[BinaryIO]:
     """Stream a file/object without holding all of it in memory.
 
-    The gs object's metadata is fetched up front for two reasons: a missing object
-    then fails here with FileNotFoundError rather than on the first ``read()``,
-    and the generation it returns pins every chunked range read to the same
-    version even if a writer replaces the object mid-stream.
+    Objects are read in ranged requests of the filesystem's block size; a missing object
+    fails here, on open, with NotFoundError rather than on the first ``read()``.
     """
-    if not is_gcs(path):
+    if not is_remote(path):
         with open(path, "rb") as f:
             yield f
         return
-    bucket_name, name = _split(path)
-    bucket = _resolve(client).bucket(bucket_name)
-    blob = bucket.blob(name)
-    try:
-        blob.reload()
-    except gexc.NotFound:
-        raise _not_found(path, bucket) from None
-    with blob.open("rb") as reader:
+    bucket, name = _split(path)
+    fs = filesystem(path, client)
+    with _naming(path, fs):
+        reader = fs.open(_key(bucket, name), "rb")
+    with reader:
         yield cast(BinaryIO, reader)
 
 
-def read_bytes(path: str, client: storage.Client | None = None) -> bytes:
-    """Whole file/object as bytes."""
-    if not is_gcs(path):
+def read_bytes(path: str, client: Client | None = None) -> bytes:
+    """Whole file/object as bytes (one request: a concurrent overwrite cannot mix versions)."""
+    if not is_remote(path):
         with open(path, "rb") as f:
             return f.read()
-    bucket_name, name = _split(path)
-    bucket = _resolve(client).bucket(bucket_name)
-    try:
-        return bytes(bucket.blob(name).download_as_bytes())
-    except gexc.NotFound:
-        raise _not_found(path, bucket) from None
+    bucket, name = _split(path)
+    fs = filesystem(path, client)
+    with _naming(path, fs):
+        return bytes(fs.cat_file(_key(bucket, name)))
 
 
-def _upload_file(local: str, path: str, client: storage.Client | None) -> None:
-    bucket_name, name = _split(path)
-    bucket = _resolve(client).bucket(bucket_name)
-    try:
-        # One finalised upload (multipart below 8 MiB, resumable above): the object
-        # is not visible until the last byte is committed, which is the atomic step.
-        bucket.blob(name).upload_from_filename(local, retry=_UPLOAD_RETRY)
-    except gexc.NotFound:
-        raise FileNotFoundError(f"{path}: bucket {bucket_name!r} does not exist") from None
+def _upload_file(local: str, path: str, client: Any) -> None:
+    bucket, name = _split(path)
+    fs = filesystem(path, client)
+    # One upload: GCS finalises it (single or resumable) and S3 completes it (PUT or
+    # multipart) in one step, and nothing is visible before; that is the atomic step.
+    # Both filesystems retry transient failures; a retried upload rewrites the same bytes.
+    with _naming(path, fs):
+        fs.put_file(local, _key(bucket, name))
 
 
 def _fsync_dir(directory: str) -> None:
@@ -314,9 +468,7 @@ def _fsync_dir(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_local_path(
-    path: str, client: storage.Client | None = None, suffix: str = ""
-) -> Iterator[str]:
+def atomic_local_path(path: str, client: Client | None = None, suffix: str = "") -> Iterator[str]:
     """Yield a local temp path to write; publish it to ``path`` only on success.
 
     Exists for writers that insist on a real filename (pyarrow's ParquetWriter,
@@ -326,10 +478,11 @@ def atomic_local_path(
     Local: the temp file lives in the destination directory so ``os.replace`` is
     a same-filesystem rename, i.e. atomic; it is fsynced first, otherwise a crash
     right after the rename can leave a zero-length file on ext4/xfs.
-    GCS: the finished temp file is uploaded in one go. On an exception the temp
+    Object stores: the finished temp file is uploaded in one go. On an exception the temp
     file is deleted and the destination is left exactly as it was.
     """
-    if is_gcs(path):
+    remote = is_remote(path)
+    if remote:
         _split(path)  # fail before the caller spends time producing the data
         fd, tmp = tempfile.mkstemp(prefix="genco-", suffix=suffix)
     else:
@@ -341,7 +494,7 @@ def atomic_local_path(
     os.close(fd)
     try:
         yield tmp
-        if is_gcs(path):
+        if remote:
             _upload_file(tmp, path, client)
         else:
             os.chmod(tmp, _FILE_MODE)
@@ -357,38 +510,36 @@ def atomic_local_path(
             os.remove(tmp)
 
 
-def write_bytes(path: str, data: bytes, client: storage.Client | None = None) -> None:
+def write_bytes(path: str, data: bytes, client: Client | None = None) -> None:
     """Atomically replace ``path`` with ``data``."""
-    if is_gcs(path):
-        bucket_name, name = _split(path)
-        bucket = _resolve(client).bucket(bucket_name)
-        try:
-            # Straight from memory: a single upload is already atomic on GCS, so a
-            # temp file would only add a disk round trip.
-            bucket.blob(name).upload_from_string(data, retry=_UPLOAD_RETRY)
-        except gexc.NotFound:
-            raise FileNotFoundError(f"{path}: bucket {bucket_name!r} does not exist") from None
+    if is_remote(path):
+        bucket, name = _split(path)
+        fs = filesystem(path, client)
+        # Straight from memory: one upload is already atomic on both stores, so a temp
+        # file would only add a disk round trip.
+        with _naming(path, fs):
+            fs.pipe_file(_key(bucket, name), data)
         return
     with atomic_local_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
 
 
-def read_text(path: str, client: storage.Client | None = None) -> str:
+def read_text(path: str, client: Client | None = None) -> str:
     """UTF-8 text; fixed encoding so results don't depend on the container locale."""
     return read_bytes(path, client).decode("utf-8")
 
 
-def write_text(path: str, text: str, client: storage.Client | None = None) -> None:
+def write_text(path: str, text: str, client: Client | None = None) -> None:
     """Atomically write UTF-8 text."""
     write_bytes(path, text.encode("utf-8"), client)
 
 
-def read_json(path: str, client: storage.Client | None = None) -> Any:
+def read_json(path: str, client: Client | None = None) -> Any:
     """Parse a JSON file/object."""
     return json.loads(read_bytes(path, client))
 
 
-def write_json(path: str, obj: Any, client: storage.Client | None = None) -> None:
+def write_json(path: str, obj: Any, client: Client | None = None) -> None:
     """Atomically write human-diffable JSON (indented, key order kept, final newline).
 
     ``ensure_ascii=False`` keeps non-ASCII creative text (e.g. Japanese headlines)
@@ -406,7 +557,7 @@ def _local_files(local_dir: str) -> Iterator[tuple[str, str]]:
     if not os.path.isdir(local_dir):
         if os.path.exists(local_dir):
             raise NotADirectoryError(f"{local_dir}: not a directory")
-        raise FileNotFoundError(f"{local_dir}: no such directory")
+        raise NotFoundError(f"{local_dir}: no such directory")
     for root, _dirs, files in os.walk(local_dir):
         for fname in sorted(files):
             full = os.path.join(root, fname)
@@ -430,26 +581,24 @@ def _copy_local_tree(src: str, dest: str) -> None:
             shutil.copyfile(full, tmp)
 
 
-def upload_dir(local_dir: str, dest: str, client: storage.Client | None = None) -> None:
-    """Copy a local directory tree to a local or gs destination, file by file.
+def upload_dir(local_dir: str, dest: str, client: Client | None = None) -> None:
+    """Copy a local directory tree to a local or object-store destination, file by file.
 
     Each file is published atomically; the tree as a whole is not, so write a
     marker file last if readers need to know the copy is complete.
     """
-    if not is_gcs(dest):
+    if not is_remote(dest):
         _copy_local_tree(local_dir, dest)
         return
-    bucket_name, name = _split(dest, need_object=False)
-    prefix = _dir_prefix(name)
-    c = _resolve(client)
+    _split(dest, need_object=False)
     for full, rel in _local_files(local_dir):
-        _upload_file(full, f"{_SCHEME}{bucket_name}/{prefix}{rel}", c)
+        _upload_file(full, join(dest, rel), client)
 
 
 def _safe_local_path(local_dir: str, rel: str, url: str) -> str:
     """Local path for object-relative name ``rel``; refuses names that escape ``local_dir``.
 
-    Object names are untrusted input: ``a/../../x`` is a valid GCS name.
+    Object names are untrusted input: ``a/../../x`` is a valid GCS and S3 name.
     """
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
@@ -457,34 +606,32 @@ def _safe_local_path(local_dir: str, rel: str, url: str) -> str:
     return os.path.join(local_dir, *parts)
 
 
-def download_dir(src: str, local_dir: str, client: storage.Client | None = None) -> None:
-    """Copy a local or gs directory tree into ``local_dir``, each file atomically."""
-    if not is_gcs(src):
+def download_dir(src: str, local_dir: str, client: Client | None = None) -> None:
+    """Copy a local or object-store directory tree into ``local_dir``, each file atomically."""
+    if not is_remote(src):
         _copy_local_tree(src, local_dir)
         return
-    bucket_name, name = _split(src, need_object=False)
-    prefix = _dir_prefix(name)
-    c = _resolve(client)
-    try:
-        blobs = [b for b in c.list_blobs(bucket_name, prefix=prefix) if not b.name.endswith("/")]
-    except gexc.NotFound:
-        raise _not_found(src, c.bucket(bucket_name)) from None
-    if not blobs:
-        raise FileNotFoundError(f"{src}: no such directory (no objects under this prefix)")
+    scheme = cast(str, _scheme(src))
+    bucket, name = _split(src, need_object=False)
+    fs = filesystem(src, client)
+    key = _key(bucket, name)
+    missing = "no such directory (no objects under this prefix)"
+    with _naming(src, fs, missing):
+        found = [k for k in fs.find(key) if not k.endswith("/")]
+    # ``find`` on an object returns the object itself; a directory needs objects *under* it.
+    found = [k for k in found if k.startswith(key + "/")]
+    if not found:
+        raise _not_found(src, fs, missing)
     # Validate every name before writing anything, so a bad name cannot leave a
     # half-populated directory behind.
-    targets: list[tuple[storage.Blob, str, str]] = []
-    for blob in blobs:
-        url = f"{_SCHEME}{bucket_name}/{blob.name}"
-        targets.append((blob, url, _safe_local_path(local_dir, blob.name[len(prefix) :], url)))
+    targets = []
+    for k in found:
+        url = f"{scheme}://{k}"
+        targets.append((k, url, _safe_local_path(local_dir, k[len(key) + 1 :], url)))
     os.makedirs(local_dir, exist_ok=True)
-    for blob, url, local in targets:
-        with atomic_local_path(local) as tmp:
-            try:
-                blob.download_to_filename(tmp)
-            except gexc.NotFound:
-                # Deleted between listing and download.
-                raise FileNotFoundError(f"{url}: no such object") from None
+    for k, url, local in targets:
+        with atomic_local_path(local) as tmp, _naming(url, fs):  # deleted since the listing
+            fs.get_file(k, tmp)
 
 
 # ------------------------------------------------------------------------ tables
@@ -505,7 +652,7 @@ def table_format(path: str) -> str:
 
 def read_table(
     path: str,
-    client: storage.Client | None = None,
+    client: Client | None = None,
     dtype: dict[str, str] | None = None,
 ) -> pd.DataFrame:
     """Read a csv / csv.gz / parquet table.
@@ -526,7 +673,7 @@ def read_table(
                 na_values=[""],
                 dtype=dtype,
             )
-    if is_gcs(path):
+    if is_remote(path):
         # Parquet needs random access (footer first); one download beats many
         # small ranged reads through a streaming reader.
         table = pq.read_table(pa.BufferReader(read_bytes(path, client)))
@@ -536,11 +683,11 @@ def read_table(
     return df.astype(dtype) if dtype else df
 
 
-def write_table(df: pd.DataFrame, path: str, client: storage.Client | None = None) -> None:
+def write_table(df: pd.DataFrame, path: str, client: Client | None = None) -> None:
     """Atomically write a table in the format its extension names."""
     fmt = table_format(path)
     # Through a temp file rather than bytes in memory: click-log tables can be
-    # large, and a file lets GCS use a resumable upload for them.
+    # large, and a file lets the stores use resumable / multipart uploads for them.
     suffix = ".csv.gz" if path.lower().endswith(".gz") else f".{fmt}"
     with atomic_local_path(path, client, suffix=suffix) as tmp:
         if fmt == "csv":
