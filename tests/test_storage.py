@@ -206,6 +206,17 @@ def test_listdir_direct_children_sorted(root: str) -> None:
     assert storage.listdir(root + "/") == ["a.txt", "b.txt", "sub", "zdir"]
 
 
+def test_listdir_skips_folder_placeholder_objects(gcs: GcsEmulator) -> None:
+    # The console and gsutil make zero-byte "dir/" objects; they are not children.
+    url = gcs.url("folder")
+    gcs.client.bucket(gcs.bucket).blob(url[len(f"gs://{gcs.bucket}/") :] + "/").upload_from_string(
+        b""
+    )
+    assert storage.listdir(url) == []
+    storage.write_text(storage.join(url, "x.txt"), "x")
+    assert storage.listdir(url) == ["x.txt"]
+
+
 def test_listdir_missing_dir_raises(root: str) -> None:
     missing = storage.join(root, "nope")
     with pytest.raises(NotFoundError, match=rf"^{re.escape(missing)}: no such directory"):

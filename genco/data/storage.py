@@ -30,6 +30,7 @@ import re
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
@@ -161,6 +162,9 @@ def _key(bucket: str, name: str) -> str:
 _filesystems: dict[tuple[Any, ...], AbstractFileSystem] = {}
 _filesystems_lock = threading.Lock()
 _gcs_clients: dict[tuple[int, str | None, str | None], storage.Client] = {}
+_client_filesystems: weakref.WeakKeyDictionary[storage.Client, AbstractFileSystem] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _emulator_host() -> str | None:
@@ -256,18 +260,20 @@ def _s3_filesystem() -> AbstractFileSystem:
 
 
 def _from_gcs_client(client: storage.Client) -> AbstractFileSystem:
-    """A gcsfs filesystem with the project, credentials and endpoint of ``client``."""
-    endpoint = client._connection.API_BASE_URL
-    default = "https://storage.googleapis.com"
-    return cast(
-        AbstractFileSystem,
-        _cached(
-            ("gs-client", os.getpid(), id(client)),
-            lambda: _gcsfs(
-                client.project, client._credentials, None if endpoint == default else endpoint
-            ),
-        ),
-    )
+    """A gcsfs filesystem with the project, credentials and endpoint of ``client``, one per
+    client for as long as the client lives (weakly keyed: an id could be reused)."""
+    with _filesystems_lock:
+        fs = _client_filesystems.get(client)
+    if fs is None:
+        endpoint = client.api_endpoint
+        fs = _gcsfs(
+            client.project,
+            client._credentials,  # no public accessor; the client's own auth is the point
+            None if endpoint == "https://storage.googleapis.com" else endpoint,
+        )
+        with _filesystems_lock:
+            fs = _client_filesystems.setdefault(client, fs)
+    return fs
 
 
 def filesystem(path: str, client: Client | None = None) -> AbstractFileSystem:
@@ -381,11 +387,12 @@ def listdir(path: str, client: Client | None = None) -> list[str]:
         entries = fs.ls(key, detail=True)
     names: set[str] = set()
     for entry in entries:
-        full = str(entry["name"]).rstrip("/")
+        raw = str(entry["name"])
+        full = raw.rstrip("/")
         if full == key:
-            if entry.get("type") == "file":
+            if entry.get("type") == "file" and not raw.endswith("/") and len(entries) == 1:
                 raise NotADirectoryError(f"{path}: not a directory (an object)")
-            continue  # a zero-byte "folder" object made by a console or gsutil
+            continue  # the prefix itself, or a zero-byte "folder" object made by a console
         names.add(full[len(key) + 1 :] if name else full[len(bucket) + 1 :])
     return sorted(names)
 
