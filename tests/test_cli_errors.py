@@ -178,27 +178,7 @@ def test_gs_emulator_unreachable_through_aiohttp(bare_env) -> None:
 
 def test_unreachable_kfp_host(bare_env, tmp_path: Path) -> None:
     url = _closed_url()
-    package = tmp_path / "retraining.yaml"
-    package.write_text("{}\n")
-    line = genco_fails(
-        bare_env,
-        "pipeline",
-        "schedule",
-        "--host",
-        url,
-        "--cron",
-        "0 3 * * *",
-        "--store",
-        "gs://b/store",
-        "--catalog",
-        "gs://b/catalog.csv",
-        "--impressions",
-        "gs://b/impressions.parquet",
-        "--pipeline-yaml",
-        str(package),
-        "--image",
-        "genco:test",
-    )
+    line = _schedule(bare_env, url, tmp_path / "retraining.yaml")
     assert line.startswith(f"genco pipeline: error: cannot connect to {url} (")
     assert "Connection refused" in line and "--host" in line
 
@@ -206,16 +186,13 @@ def test_unreachable_kfp_host(bare_env, tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------- HTTP
 
 
-@pytest.fixture
-def refusing_server() -> Iterator[str]:
-    """A real HTTP server on 127.0.0.1 that answers every request with the status in its
-    path (``/405/...``) and a TorchServe-style JSON error body."""
+def _serve(answer) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1; ``answer(path)`` gives (status, JSON body)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self) -> None:
-            status = int(self.path.strip("/").split("/")[0].split("?")[0])
-            body = json.dumps({"code": status, "type": "Test", "message": "refused by test"})
-            data = body.encode()
+            status, body = answer(self.path)
+            data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -235,6 +212,68 @@ def refusing_server() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def refusing_server() -> Iterator[str]:
+    """Answers every request with the status in its path (``/405/...``) and a
+    TorchServe-style JSON error body."""
+
+    def answer(path: str) -> tuple[int, dict]:
+        status = int(path.strip("/").split("/")[0].split("?")[0])
+        return status, {"code": status, "type": "Test", "message": "refused by test"}
+
+    yield from _serve(answer)
+
+
+@pytest.fixture
+def kfp_forbidding() -> Iterator[str]:
+    """A KFP API that is healthy but refuses every other call with 403."""
+
+    def answer(path: str) -> tuple[int, dict]:
+        if path.startswith("/apis/v2beta1/healthz"):
+            return 200, {"multi_user": False}
+        return 403, {"error": "forbidden by test", "code": 7}
+
+    yield from _serve(answer)
+
+
+def _schedule(env: dict[str, str], host: str, package: Path) -> str:
+    package.write_text("{}\n")
+    return genco_fails(
+        env,
+        "pipeline",
+        "schedule",
+        "--host",
+        host,
+        "--cron",
+        "0 3 * * *",
+        "--store",
+        "gs://b/store",
+        "--catalog",
+        "gs://b/catalog.csv",
+        "--impressions",
+        "gs://b/impressions.parquet",
+        "--pipeline-yaml",
+        str(package),
+        "--image",
+        "genco:test",
+    )
+
+
+def test_kfp_http_error(bare_env, kfp_forbidding: str, tmp_path: Path) -> None:
+    line = _schedule(bare_env, kfp_forbidding, tmp_path / "retraining.yaml")
+    assert line == (
+        "genco pipeline: error: the Kubeflow Pipelines API answered 403 Forbidden; check the "
+        "credentials (token, --key-file) and their permissions"
+    )
+
+
+def test_kfp_unhealthy_host(bare_env, refusing_server: str, tmp_path: Path) -> None:
+    # kfp.Client checks /healthz 5 times, 5 s apart, logging a traceback each time on the
+    # root logger; only the final one-line error may reach the user.
+    line = _schedule(bare_env, f"{refusing_server}/503", tmp_path / "retraining.yaml")
+    assert line.startswith("genco pipeline: error: cannot connect: Failed getting healthz")
 
 
 def _raised(call) -> BaseException:
