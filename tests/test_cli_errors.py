@@ -173,6 +173,28 @@ def test_gs_emulator_unreachable_through_aiohttp(bare_env) -> None:
     assert "check the URL or endpoint setting (STORAGE_EMULATOR_HOST" in line
 
 
+@pytest.fixture
+def forbidding_store() -> Iterator[str]:
+    """An object store that refuses everything with 403, in GCS's JSON and S3's XML."""
+
+    def answer(path: str) -> tuple[int, dict | bytes]:
+        if path.startswith(("/storage/", "/download/", "/upload/")):
+            return 403, {"error": {"code": 403, "message": "no storage.objects.get (test)"}}
+        return 403, b"<Error><Code>AccessDenied</Code><Message>denied (test)</Message></Error>"
+
+    yield from _serve(answer)
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_store_refusing_access(bare_env, forbidding_store: str, scheme: str) -> None:
+    env = {**_s3_env(bare_env, forbidding_store), "STORAGE_EMULATOR_HOST": forbidding_store}
+    line = genco_fails(env, "versions", "--store", f"{scheme}://genco-bucket/store")
+    assert line.startswith(f"genco versions: error: {scheme}://genco-bucket/store: access denied (")
+    assert line.endswith("); check that the credentials may use this bucket")
+    if scheme == "gs":
+        assert "no storage.objects.get (test)" in line
+
+
 # ------------------------------------------------------------------------------- KFP
 
 
@@ -187,19 +209,21 @@ def test_unreachable_kfp_host(bare_env, tmp_path: Path) -> None:
 
 
 def _serve(answer) -> Iterator[str]:
-    """A real HTTP server on 127.0.0.1; ``answer(path)`` gives (status, JSON body)."""
+    """A real HTTP server on 127.0.0.1; ``answer(path)`` gives (status, JSON body or XML)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self) -> None:
             status, body = answer(self.path)
-            data = json.dumps(body).encode()
+            xml = isinstance(body, bytes)
+            data = body if xml else json.dumps(body).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "application/xml" if xml else "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
 
-        do_GET = do_POST = do_PUT = do_DELETE = _answer
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _answer
 
         def log_message(self, *args: object) -> None:
             pass

@@ -345,11 +345,26 @@ def _not_found(path: str, fs: AbstractFileSystem, what: str = "no such object") 
 
 @contextlib.contextmanager
 def _naming(path: str, fs: AbstractFileSystem, what: str = "no such object") -> Iterator[None]:
-    """Turn the store's FileNotFoundError (which names a request URL) into one naming ``path``."""
+    """Errors that name ``path`` rather than a request URL: a missing object or bucket is a
+    NotFoundError, a refusal (HTTP 403) a PermissionError on both stores."""
     try:
         yield
     except FileNotFoundError:
         raise _not_found(path, fs, what) from None
+    except PermissionError as exc:  # s3fs: AccessDenied and friends
+        raise _denied(path, exc) from None
+    except OSError as exc:
+        # gcsfs raises a bare OSError("Forbidden: <url>\n<message>") for a 403.
+        if not str(exc).startswith("Forbidden"):
+            raise
+        raise _denied(path, exc) from None
+
+
+def _denied(path: str, exc: OSError) -> PermissionError:
+    reason = " ".join(str(exc).split("\n")[-1].split()) or "forbidden"
+    return PermissionError(
+        f"{path}: access denied ({reason}); check that the credentials may use this bucket"
+    )
 
 
 # --------------------------------------------------------------- existence / listing
@@ -364,7 +379,9 @@ def exists(path: str, client: Client | None = None) -> bool:
     if not is_remote(path):
         return os.path.exists(path)
     bucket, name = _split(path, need_object=False)
-    return bool(filesystem(path, client).exists(_key(bucket, name)))
+    fs = filesystem(path, client)
+    with _naming(path, fs):
+        return bool(fs.exists(_key(bucket, name)))
 
 
 def listdir(path: str, client: Client | None = None) -> list[str]:
