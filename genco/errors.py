@@ -52,3 +52,11 @@ class RequestError(GencoError, ValueError):
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"status": self.status, "field": self.field, "message": str(self)}}
+
+
+class NotFoundError(GencoError, FileNotFoundError):
+    """A file, object, directory or bucket that does not exist; the message names the path.
+
+    A ``FileNotFoundError`` rather than a ``ValueError``: it is the same failure as a missing
+    local file, and callers that catch ``FileNotFoundError`` keep working on every backend.
+    """

@@ -253,11 +253,23 @@ def run_deploy(
     return promote(bundle_dir, store, version, gate, on_promote, client)
 
 
+def _check_pointer_backend(path: str) -> None:
+    """The pointer's compare-and-swap exists locally (a lock) and on GCS (generation
+    preconditions); an s3:// store can be read but not promoted into yet."""
+    if storage.is_s3(path):
+        raise StoreError(
+            f"{path}: deploy and rollback on an s3:// model store are not supported yet (no "
+            "compare-and-swap for the pointer); use a local or gs:// store"
+        )
+
+
 def clean_leftovers(store: str, before: float, client: Client | None = None) -> tuple[str, ...]:
     """Remove what runs that died left behind, if last written before ``before`` (epoch
     seconds; a deploy passes its start, so a run still writing is left alone): version
     directories without a manifest and atomic writes' hidden ``.tmp`` files. Returns the
     removed paths."""
+    if storage.is_s3(store):
+        return ()
     if storage.is_gcs(store):
         return _clean_gcs(store, before, client)
     removed: list[str] = []
@@ -296,6 +308,7 @@ class _Seen:
 
 def _read_seen(store: str, client: Client | None) -> _Seen:
     path = storage.join(store, POINTER)
+    _check_pointer_backend(path)
     if storage.is_gcs(path):
         blob = _gcs_bucket(path, client).get_blob(_gcs_name(path))
         if blob is None:

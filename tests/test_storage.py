@@ -1,4 +1,5 @@
-"""genco.data.storage against the local filesystem and a real in-process GCS emulator."""
+"""genco.data.storage against the local filesystem and a real in-process GCS emulator
+(the same behaviour on a real S3 server: tests/test_storage_s3.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from google.cloud.storage.fileio import BlobReader
+from fsspec.spec import AbstractBufferedFile
 
-from genco.data import storage, trees
+from genco.data import fs, storage, trees
+from genco.errors import NotFoundError
 
 if TYPE_CHECKING:
     from tests.conftest import GcsEmulator
@@ -41,6 +43,15 @@ def test_is_gcs() -> None:
     assert storage.is_gcs("gs://b/x")
     assert not storage.is_gcs("/tmp/gs://x")
     assert not storage.is_gcs("relative/path")
+    assert not storage.is_gcs("s3://b/x")
+
+
+def test_is_remote() -> None:
+    assert storage.is_remote("gs://b/x")
+    assert storage.is_remote("s3://b/x")
+    assert storage.is_s3("s3://b/x")
+    assert not storage.is_remote("/tmp/s3://x")
+    assert not storage.is_remote("relative/s3/path")
 
 
 def test_join_gs_uses_forward_slashes_and_never_escapes_to_root() -> None:
@@ -96,7 +107,35 @@ def test_local_paths_never_build_a_client(tmp_path: Path, monkeypatch: pytest.Mo
     storage.write_table(pd.DataFrame({"a": [1]}), str(tmp_path / "t.csv"))
     with storage.atomic_local_path(str(tmp_path / "y.bin")) as tmp:
         Path(tmp).write_bytes(b"y")
-    assert not any(key[1] == "http://127.0.0.1:1" for key in storage._clients)
+    assert not any("http://127.0.0.1:1" in key for key in fs._filesystems)
+    assert not any("http://127.0.0.1:1" in key for key in fs._gcs_clients)
+
+
+def test_filesystem_follows_the_emulator_and_is_cached(gcs: GcsEmulator) -> None:
+    fs = storage.filesystem("gs://b/x")
+    assert fs is storage.filesystem("gs://other/y")
+    assert fs.project == "genco-local"
+    assert str(fs._location) == gcs.host
+
+
+def test_a_passed_gcs_client_is_used_for_its_endpoint(gcs: GcsEmulator) -> None:
+    path = gcs.url("via-client.txt")
+    storage.write_text(path, "x", client=gcs.client)
+    assert storage.read_text(path, client=gcs.client) == "x"
+    assert storage.filesystem(path, gcs.client)._location == gcs.host
+
+
+def test_a_gcs_client_cannot_reach_s3(gcs: GcsEmulator) -> None:
+    with pytest.raises(ValueError, match=r"^s3://b/x: a google\.cloud\.storage\.Client cannot"):
+        storage.read_bytes("s3://b/x", client=gcs.client)
+
+
+@pytest.mark.parametrize("path", ["s3a://b/x", "http://host/x.csv", "file:///tmp/x"])
+def test_unknown_url_scheme_is_refused_not_taken_for_a_local_path(path: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}: unsupported URL scheme"):
+        storage.write_bytes(path, b"x")
+    with pytest.raises(ValueError, match="unsupported URL scheme"):
+        storage.exists(path)
 
 
 # --------------------------------------------------------------- round trips
@@ -167,10 +206,28 @@ def test_listdir_direct_children_sorted(root: str) -> None:
     assert storage.listdir(root + "/") == ["a.txt", "b.txt", "sub", "zdir"]
 
 
+def test_listdir_skips_folder_placeholder_objects(gcs: GcsEmulator) -> None:
+    # The console and gsutil make zero-byte "dir/" objects; they are not children.
+    url = gcs.url("folder")
+    gcs.client.bucket(gcs.bucket).blob(url[len(f"gs://{gcs.bucket}/") :] + "/").upload_from_string(
+        b""
+    )
+    assert storage.listdir(url) == []
+    storage.write_text(storage.join(url, "x.txt"), "x")
+    assert storage.listdir(url) == ["x.txt"]
+
+
 def test_listdir_missing_dir_raises(root: str) -> None:
     missing = storage.join(root, "nope")
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(NotFoundError, match=rf"^{re.escape(missing)}: no such directory"):
         storage.listdir(missing)
+
+
+def test_listdir_of_a_file_is_not_a_directory(root: str) -> None:
+    path = storage.join(root, "f.txt")
+    storage.write_text(path, "x")
+    with pytest.raises(NotADirectoryError, match=rf"^{re.escape(path)}: not a directory"):
+        storage.listdir(path)
 
 
 def test_remove(root: str) -> None:
@@ -368,11 +425,11 @@ def test_open_read_streams_in_chunks(root: str) -> None:
 
 
 def test_open_read_gs_is_a_chunked_reader(gcs: GcsEmulator) -> None:
-    # BlobReader issues ranged GETs of chunk_size bytes, i.e. no whole-object download.
+    # fsspec's buffered file issues ranged GETs of blocksize bytes: no whole-object download.
     path = gcs.url("r.bin")
     storage.write_bytes(path, b"abc")
     with storage.open_read(path) as f:
-        assert isinstance(f, BlobReader)
+        assert isinstance(f, AbstractBufferedFile)
         assert f.read() == b"abc"
 
 

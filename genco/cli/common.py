@@ -1,11 +1,13 @@
-"""What the CLI modules share: JSON output, and flags generated from the config dataclasses."""
+"""What the CLI modules share: JSON output, flags generated from the config dataclasses, and
+the error policy (which failures are one line on stderr with exit status 2)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from genco.errors import ConfigError
@@ -62,3 +64,157 @@ def config_from_args(
         return config(**values, **fixed)
     except ValueError as exc:  # __post_init__ names the field and value: a bad flag
         raise ConfigError(str(exc)) from exc
+
+
+# ------------------------------------------------------------------------- error policy
+#
+# Every expected failure is one line on stderr that says what to do, exit status 2; anything
+# else is a bug and keeps its traceback. Expected means genco's own typed errors, a path that
+# does not exist, and the outside world refusing: credentials, the network, a server's HTTP
+# answer. Those arrive as other libraries' types, listed here by module so that none of them
+# is imported to build the list: a type whose module was never loaded cannot have been raised.
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _http_hint(status: int | None) -> str:
+    if status in (401, 403):
+        return "check the credentials (token, --key-file) and their permissions"
+    if status == 404:
+        return "check the URL and the names in it"
+    if status == 405:
+        return "the server does not allow this call (for TorchServe: is its management API on?)"
+    if status is not None and status >= 500:
+        return "the server failed; see its logs and retry"
+    return "check the request"
+
+
+def _gcs_credentials(exc: BaseException) -> str:
+    return (
+        "no Google Cloud credentials for gs://: run 'gcloud auth application-default login' "
+        "or set GOOGLE_APPLICATION_CREDENTIALS (STORAGE_EMULATOR_HOST for an emulator)"
+    )
+
+
+def _gcs_refused(exc: BaseException) -> str:
+    return (
+        f"Google Cloud refused the credentials ({_one_line(exc)}): renew them with "
+        "'gcloud auth application-default login'"
+    )
+
+
+def _s3_credentials(exc: BaseException) -> str:
+    return (
+        "no S3 credentials for s3://: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+        "AWS_PROFILE), and S3_ENDPOINT_URL for MinIO"
+    )
+
+
+def _s3_unreachable(exc: BaseException) -> str:
+    return (
+        f"{_one_line(exc)}: check S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) and that the server is up"
+    )
+
+
+def _gcs_http(exc: BaseException) -> str:
+    status = getattr(exc, "code", None)
+    return f"Cloud Storage answered {status}: {_one_line(exc)}; {_http_hint(status)}"
+
+
+def _aiohttp_status(exc: BaseException) -> str:
+    status = getattr(exc, "status", None)
+    url = getattr(getattr(exc, "request_info", None), "real_url", "")
+    return f"HTTP {status} from {url}: {_one_line(exc)}; {_http_hint(status)}"
+
+
+def _unreachable(exc: BaseException) -> str:
+    hint = "check the URL or endpoint setting (STORAGE_EMULATOR_HOST, --host, --management-url)"
+    return f"cannot connect: {_one_line(exc)}; {hint} and that the server is up"
+
+
+def _torchserve(exc: BaseException) -> str:
+    return f"{_one_line(exc)}; {_http_hint(getattr(exc, 'status', None))}"
+
+
+def _kfp_api(exc: BaseException) -> str:
+    status = getattr(exc, "status", None)
+    reason = getattr(exc, "reason", "")
+    return f"the Kubeflow Pipelines API answered {status} {reason}; {_http_hint(status)}"
+
+
+def _requests_http(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    url = getattr(response, "url", "")
+    body = _one_line(getattr(response, "text", ""), 200)
+    detail = f": {body}" if body else ""
+    return f"HTTP {status} from {url}{detail}; {_http_hint(status)}"
+
+
+def _urllib3_unreachable(exc: BaseException) -> str:
+    pool = getattr(exc, "pool", None)
+    where = f"{pool.scheme}://{pool.host}:{pool.port}" if pool is not None else "the server"
+    reason = getattr(exc, "reason", None) or exc
+    return (
+        f"cannot connect to {where} ({_one_line(reason, 200)}); check the URL (--host, "
+        "--management-url) and that the server is up"
+    )
+
+
+def _as_is(exc: BaseException) -> str:
+    return _one_line(exc, 1000)
+
+
+def _os_error(exc: BaseException) -> str:
+    # A bare OSError from the standard library reads "[Errno 2] No such file ...: 'x'".
+    return _one_line(exc, 1000)
+
+
+# (module, class, message): the first entry whose type matches wins, so subclasses come first.
+_EXPECTED: tuple[tuple[str, str, Callable[[BaseException], str]], ...] = (
+    ("genco.errors", "GencoError", _as_is),
+    ("google.auth.exceptions", "DefaultCredentialsError", _gcs_credentials),
+    ("google.auth.exceptions", "RefreshError", _gcs_refused),
+    ("botocore.exceptions", "NoCredentialsError", _s3_credentials),
+    ("botocore.exceptions", "EndpointConnectionError", _s3_unreachable),
+    ("gcsfs.retry", "HttpError", _gcs_http),
+    ("aiohttp.client_exceptions", "ClientResponseError", _aiohttp_status),
+    ("aiohttp.client_exceptions", "ClientConnectionError", _unreachable),
+    ("genco.serving.archive", "ManagementError", _torchserve),
+    ("kfp_server_api.exceptions", "ApiException", _kfp_api),
+    ("requests.exceptions", "HTTPError", _requests_http),
+    ("requests.exceptions", "ConnectionError", _unreachable),
+    ("requests.exceptions", "Timeout", _unreachable),
+    ("urllib3.exceptions", "MaxRetryError", _urllib3_unreachable),
+    ("urllib3.exceptions", "NewConnectionError", _unreachable),
+    ("builtins", "FileNotFoundError", _os_error),
+    ("builtins", "NotADirectoryError", _os_error),
+    ("builtins", "IsADirectoryError", _os_error),
+    ("builtins", "PermissionError", _os_error),
+    ("builtins", "ConnectionError", _unreachable),
+    ("builtins", "TimeoutError", _unreachable),
+)
+
+
+def _loaded() -> Iterator[tuple[type[BaseException], Callable[[BaseException], str]]]:
+    for module_name, class_name, message in _EXPECTED:
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            yield cls, message
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The exception types the CLI reports as one line (evaluated when one is raised)."""
+    return tuple(cls for cls, _ in _loaded())
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for an expected error: what failed, and what to do about it."""
+    for cls, message in _loaded():
+        if isinstance(exc, cls):
+            return message(exc)
+    raise TypeError(f"{type(exc).__name__} is not an expected error") from exc

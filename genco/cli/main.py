@@ -1,24 +1,23 @@
 """The ``genco`` command line: a thin shell over the library.
 
-User mistakes (bad files, bad flags, failed validation) print one clear line to stderr and
-exit with status 2; only bugs produce tracebacks.
+Expected failures (bad files, bad flags, failed validation, missing credentials, an unreachable
+or refusing server) print one clear line to stderr and exit with status 2; only bugs produce
+tracebacks. ``genco.cli.common.expected_errors`` lists them.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from genco import __version__
-from genco.cli.common import add_config_args, config_from_args
+from genco.cli.common import add_config_args, config_from_args, error_message, expected_errors
 from genco.cli.common import print_json as _print_json
-from genco.errors import ConfigError, GencoError
+from genco.errors import ConfigError
 from genco.models.tables import REFINES
-
-# Expected mistakes: genco's own typed errors and a path that does not exist. Anything else
-# (a ValueError from deep inside numpy, a KeyError) is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (GencoError, FileNotFoundError)
 
 # Config fields each command exposes as flags (names, types, defaults and help from the
 # dataclass; see add_config_args). --seed seeds both models of `genco train`.
@@ -267,14 +266,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _no_kfp_healthz_retries(record: logging.LogRecord) -> bool:
+    # kfp.Client logs each failed health check with a traceback on the root logger, then
+    # raises TimeoutError, which is reported as one line.
+    return not str(record.msg).startswith("Failed to get healthz info")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
+    # Noise that would bury the one line below: gcsfs logs a traceback when it gives up
+    # retrying (the error itself is reported), kfp.Client warns about server versions.
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", "This client only works with Kubeflow", FutureWarning)
+    logging.getLogger().addFilter(_no_kfp_healthz_retries)
     try:
         func(args)
-    except USER_ERRORS as exc:
-        print(f"genco {args.command}: error: {exc}", file=sys.stderr)
+    # Typed: genco's errors, missing paths, credentials, network and HTTP failures. Anything
+    # else (a ValueError from deep inside numpy, a KeyError) is a bug and keeps its traceback.
+    except expected_errors() as exc:
+        print(f"genco {args.command}: error: {error_message(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from genco.cli.common import add_config_args
 from genco.cli.common import print_json as _print_json
-from genco.errors import ConfigError, StoreError
+from genco.errors import ConfigError, NotFoundError, StoreError
 
 
 def _pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -123,8 +123,12 @@ def _add_serving_flags(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def cmd_versions(args: argparse.Namespace) -> None:
+    from genco.data import storage
     from genco.store import list_versions
 
+    # A store that never had a version lists as []; a path with nothing at all is a typo.
+    if not storage.exists(args.store):
+        raise NotFoundError(f"{args.store}: no model store here (no such directory); check --store")
     _print_json(list_versions(args.store))
 
 

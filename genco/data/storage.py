@@ -1,14 +1,24 @@
-"""One I/O layer for local paths and ``gs://bucket/path`` URLs.
+"""One I/O layer for local paths, ``gs://bucket/path`` and ``s3://bucket/path`` URLs.
 
-The pipeline runs the same code on a laptop (local directories) and on Vertex /
-Kubeflow (Cloud Storage), so every reader and writer goes through here instead of
-branching on the path scheme at each call site.
+The pipeline runs the same code on a laptop (local directories), on Vertex (Cloud Storage)
+and on Kubeflow installs whose artifact store is MinIO (S3), so every reader and writer goes
+through here instead of branching on the path scheme at each call site. Object stores are
+reached through fsspec (``gcsfs``, ``s3fs``), so both behave alike: a missing object, prefix
+or bucket is a ``NotFoundError`` naming the path, a prefix with objects under it "exists"
+like a directory, and listings are never served from a cache (another process may have
+written since).
 
-Writes are atomic on both backends because pipeline steps get preempted: a reader
-must see either the old file or the complete new one, never a truncated one.
-Locally that is a temp file in the destination directory plus ``os.replace``;
-on GCS an upload only becomes visible once it is finalised, so a plain upload of a
-complete local file is already atomic.
+Writes are atomic on every backend because pipeline steps get preempted: a reader must see
+either the old file or the complete new one, never a truncated one. Locally that is a temp
+file in the destination directory plus ``os.replace``; on GCS an upload only becomes visible
+once it is finalised, and on S3 a single PUT or a multipart upload only once it completes, so
+one upload of complete content is already atomic.
+
+Settings come from the environment, as for the clouds' own tools: ``STORAGE_EMULATOR_HOST``
+(a GCS emulator, anonymous), ``GOOGLE_CLOUD_PROJECT``, and ``S3_ENDPOINT_URL`` (or
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``) for MinIO or another S3-compatible server.
+Functions take ``client=``: an fsspec filesystem, or a ``google.cloud.storage.Client`` whose
+project, credentials and endpoint are reused; by default one shared filesystem per scheme.
 """
 
 from __future__ import annotations
@@ -17,26 +27,44 @@ import contextlib
 import json
 import os
 import tempfile
-import threading
 from collections.abc import Iterator
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from google.api_core import exceptions as gexc
-from google.api_core.retry import Retry
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
-from google.cloud.storage.retry import DEFAULT_RETRY
+from fsspec import AbstractFileSystem
 
-from genco.errors import ContractError
+from genco.data.fs import (
+    filesystem,
+    gcs_client,
+    is_gcs,
+    is_remote,
+    is_s3,
+    join,
+    naming,
+    not_found,
+    object_key,
+    split_url,
+)
+from genco.errors import ContractError, NotFoundError
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from google.cloud import storage
+
+    # What ``client=`` accepts: a filesystem, or a GCS client to take settings from.
+    Client: TypeAlias = AbstractFileSystem | storage.Client
 
 __all__ = [
     "atomic_local_path",
     "exists",
+    "filesystem",
     "gcs_client",
     "is_gcs",
+    "is_remote",
+    "is_s3",
     "join",
     "listdir",
     "makedirs",
@@ -53,16 +81,6 @@ __all__ = [
     "write_text",
 ]
 
-_SCHEME = "gs://"
-_EMULATOR_PROJECT = "genco-local"
-
-# The library does not retry uploads without a generation precondition, because a
-# blind retry could overwrite a newer object from another writer. Our objects have
-# a single writer and each upload carries the whole content, so a retried upload
-# can only rewrite the same bytes; retrying is what keeps a transient 503 from
-# failing a multi-hour training step.
-_UPLOAD_RETRY: Retry = DEFAULT_RETRY
-
 
 def _read_umask() -> int:
     # mkstemp creates 0600 files; without restoring the usual mode, artefacts written
@@ -75,173 +93,70 @@ def _read_umask() -> int:
 
 _FILE_MODE = 0o666 & ~_read_umask()
 
-# --------------------------------------------------------------------------- paths
-
-
-def is_gcs(path: str) -> bool:
-    """True for ``gs://`` URLs, which must never be handed to ``open()``."""
-    return path.startswith(_SCHEME)
-
-
-def join(base: str, *parts: str) -> str:
-    """Join path parts; gs URLs always use ``/`` whatever the host OS is.
-
-    Leading/trailing slashes on gs parts are dropped so that ``join(url, "/x")``
-    cannot silently escape to the bucket root the way ``posixpath.join`` would.
-    """
-    if not is_gcs(base):
-        return os.path.join(base, *parts)
-    pieces = [base.rstrip("/")]
-    pieces.extend(p.strip("/") for p in parts if p.strip("/"))
-    return "/".join(pieces)
-
-
-def _split(path: str, *, need_object: bool = True) -> tuple[str, str]:
-    """Split ``gs://bucket/name`` into ``(bucket, name)`` with errors naming the path."""
-    rest = path[len(_SCHEME) :]
-    bucket, _, name = rest.partition("/")
-    if not bucket:
-        raise ContractError(f"{path}: gs URL has no bucket name (expected gs://bucket/object)")
-    if need_object and (not name.strip("/") or name.endswith("/")):
-        raise ContractError(f"{path}: gs URL has no object name (expected gs://bucket/object)")
-    return bucket, name
-
-
-def _dir_prefix(name: str) -> str:
-    """Object-name prefix for a gs "directory": empty for the bucket root."""
-    name = name.strip("/")
-    return f"{name}/" if name else ""
-
-
-# -------------------------------------------------------------------------- client
-
-_clients: dict[tuple[int, str | None, str | None], storage.Client] = {}
-_clients_lock = threading.Lock()
-
-
-def gcs_client() -> storage.Client:
-    """Process-wide default client.
-
-    Building a client costs an auth round trip and a connection pool, so it is
-    shared. The cache key includes the pid, because a client inherited across
-    ``fork`` shares sockets with the parent, and the emulator settings, because
-    tests switch ``STORAGE_EMULATOR_HOST`` on after other code may have built a
-    client for real GCS.
-    """
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST") or None
-    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or None
-    key = (os.getpid(), emulator, project)
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            if emulator:
-                # The emulator has no auth; without anonymous credentials the
-                # library would go looking for ADC and fail on a dev machine.
-                client = storage.Client(
-                    project=project or _EMULATOR_PROJECT,
-                    credentials=AnonymousCredentials(),
-                    client_options={"api_endpoint": emulator},
-                )
-            else:
-                client = storage.Client(project=project)
-            _clients[key] = client
-        return client
-
-
-def _resolve(client: storage.Client | None) -> storage.Client:
-    return gcs_client() if client is None else client
-
-
-def _not_found(path: str, bucket: storage.Bucket) -> FileNotFoundError:
-    """FileNotFoundError that says whether the object or the whole bucket is missing.
-
-    GCS answers 404 for both; a typo in the bucket name is the more common cause in
-    a fresh deployment and deserves its own message. The extra lookup only runs on
-    the error path, and a failing lookup (no buckets.get permission) falls back to
-    the plain message.
-    """
-    try:
-        bucket_missing = not bucket.exists()
-    except gexc.GoogleAPICallError:
-        bucket_missing = False
-    if bucket_missing:
-        return FileNotFoundError(f"{path}: bucket {bucket.name!r} does not exist")
-    return FileNotFoundError(f"{path}: no such object")
-
-
 # --------------------------------------------------------------- existence / listing
 
 
-def exists(path: str, client: storage.Client | None = None) -> bool:
-    """True if the file/object exists, or if it is a non-empty gs "directory".
+def exists(path: str, client: Client | None = None) -> bool:
+    """True if the file/object exists, or if it is a non-empty object-store "directory".
 
-    GCS has no directories; treating a prefix with objects under it as existing
-    keeps ``exists(run_dir)`` meaning the same thing on both backends.
+    Object stores have no directories; treating a prefix with objects under it as existing
+    keeps ``exists(run_dir)`` meaning the same thing on every backend.
     """
-    if not is_gcs(path):
+    if not is_remote(path):
         return os.path.exists(path)
-    bucket_name, name = _split(path, need_object=False)
-    c = _resolve(client)
-    bucket = c.bucket(bucket_name)
-    if not name.strip("/"):
-        return bool(bucket.exists())
-    if not name.endswith("/") and bucket.blob(name).exists():
-        return True
-    try:
-        blobs = c.list_blobs(bucket_name, prefix=_dir_prefix(name), max_results=1)
-        return any(True for _ in blobs)
-    except gexc.NotFound:
-        return False
+    bucket, name = split_url(path, need_object=False)
+    fs = filesystem(path, client)
+    with naming(path, fs):
+        return bool(fs.exists(object_key(bucket, name)))
 
 
-def listdir(path: str, client: storage.Client | None = None) -> list[str]:
+def listdir(path: str, client: Client | None = None) -> list[str]:
     """Sorted names of direct children.
 
-    A gs prefix with nothing under it raises FileNotFoundError, like a missing
-    local directory, so callers get the same failure on both backends instead of
-    an empty list that hides a wrong path.
+    A missing directory, an object-store prefix with nothing under it, and a missing bucket
+    raise ``NotFoundError`` naming the path, so callers get the same failure on every
+    backend instead of an empty list that hides a wrong path.
     """
-    if not is_gcs(path):
+    if not is_remote(path):
+        if not os.path.isdir(path):
+            if os.path.exists(path):
+                raise NotADirectoryError(f"{path}: not a directory")
+            raise NotFoundError(f"{path}: no such directory")
         return sorted(os.listdir(path))
-    bucket_name, name = _split(path, need_object=False)
-    c = _resolve(client)
-    prefix = _dir_prefix(name)
+    bucket, name = split_url(path, need_object=False)
+    fs = filesystem(path, client)
+    key = object_key(bucket, name)
+    with naming(path, fs, "no such directory (no objects under this prefix)"):
+        entries = fs.ls(key, detail=True)
     names: set[str] = set()
-    placeholder = False
-    try:
-        pages = c.list_blobs(bucket_name, prefix=prefix, delimiter="/")
-        for blob in pages:
-            child = blob.name[len(prefix) :]
-            if child:
-                names.add(child)
-            else:
-                # A zero-byte "folder" object made by the console or gsutil.
-                placeholder = True
-        # ``prefixes`` is only complete after the iterator has been exhausted.
-        names.update(p[len(prefix) :].rstrip("/") for p in pages.prefixes)
-    except gexc.NotFound:
-        raise _not_found(path, c.bucket(bucket_name)) from None
-    if not names and not placeholder and prefix:
-        raise FileNotFoundError(f"{path}: no such directory (no objects under this prefix)")
+    for entry in entries:
+        raw = str(entry["name"])
+        full = raw.rstrip("/")
+        if full == key:
+            if entry.get("type") == "file" and not raw.endswith("/") and len(entries) == 1:
+                raise NotADirectoryError(f"{path}: not a directory (an object)")
+            continue  # the prefix itself, or a zero-byte "folder" object made by a console
+        names.add(full[len(key) + 1 :] if name else full[len(bucket) + 1 :])
     return sorted(names)
 
 
-def remove(path: str, client: storage.Client | None = None) -> None:
+def remove(path: str, client: Client | None = None) -> None:
     """Delete one file/object; a missing one is an error so typos do not pass silently."""
-    if not is_gcs(path):
+    if not is_remote(path):
         os.remove(path)
         return
-    bucket_name, name = _split(path)
-    bucket = _resolve(client).bucket(bucket_name)
-    try:
-        bucket.blob(name).delete()
-    except gexc.NotFound:
-        raise _not_found(path, bucket) from None
+    bucket, name = split_url(path)
+    fs = filesystem(path, client)
+    # S3 deletes a missing key without complaint, so ask first.
+    if not fs.isfile(object_key(bucket, name)):
+        raise not_found(path, fs)
+    with naming(path, fs):
+        fs.rm_file(object_key(bucket, name))
 
 
 def makedirs(path: str) -> None:
-    """Create a local directory tree; GCS needs none because prefixes are implicit."""
-    if not is_gcs(path):
+    """Create a local directory tree; object stores need none because prefixes are implicit."""
+    if not is_remote(path):
         os.makedirs(path, exist_ok=True)
 
 
@@ -249,51 +164,43 @@ def makedirs(path: str) -> None:
 
 
 @contextlib.contextmanager
-def open_read(path: str, client: storage.Client | None = None) -> Iterator[BinaryIO]:
+def open_read(path: str, client: Client | None = None) -> Iterator[BinaryIO]:
     """Stream a file/object without holding all of it in memory.
 
-    The gs object's metadata is fetched up front for two reasons: a missing object
-    then fails here with FileNotFoundError rather than on the first ``read()``,
-    and the generation it returns pins every chunked range read to the same
-    version even if a writer replaces the object mid-stream.
+    Objects are read in ranged requests of the filesystem's block size; a missing object
+    fails here, on open, with NotFoundError rather than on the first ``read()``.
     """
-    if not is_gcs(path):
+    if not is_remote(path):
         with open(path, "rb") as f:
             yield f
         return
-    bucket_name, name = _split(path)
-    bucket = _resolve(client).bucket(bucket_name)
-    blob = bucket.blob(name)
-    try:
-        blob.reload()
-    except gexc.NotFound:
-        raise _not_found(path, bucket) from None
-    with blob.open("rb") as reader:
+    bucket, name = split_url(path)
+    fs = filesystem(path, client)
+    with naming(path, fs):
+        reader = fs.open(object_key(bucket, name), "rb")
+    with reader:
         yield cast(BinaryIO, reader)
 
 
-def read_bytes(path: str, client: storage.Client | None = None) -> bytes:
-    """Whole file/object as bytes."""
-    if not is_gcs(path):
+def read_bytes(path: str, client: Client | None = None) -> bytes:
+    """Whole file/object as bytes (one request: a concurrent overwrite cannot mix versions)."""
+    if not is_remote(path):
         with open(path, "rb") as f:
             return f.read()
-    bucket_name, name = _split(path)
-    bucket = _resolve(client).bucket(bucket_name)
-    try:
-        return bytes(bucket.blob(name).download_as_bytes())
-    except gexc.NotFound:
-        raise _not_found(path, bucket) from None
+    bucket, name = split_url(path)
+    fs = filesystem(path, client)
+    with naming(path, fs):
+        return bytes(fs.cat_file(object_key(bucket, name)))
 
 
-def _upload_file(local: str, path: str, client: storage.Client | None) -> None:
-    bucket_name, name = _split(path)
-    bucket = _resolve(client).bucket(bucket_name)
-    try:
-        # One finalised upload (multipart below 8 MiB, resumable above): the object
-        # is not visible until the last byte is committed, which is the atomic step.
-        bucket.blob(name).upload_from_filename(local, retry=_UPLOAD_RETRY)
-    except gexc.NotFound:
-        raise FileNotFoundError(f"{path}: bucket {bucket_name!r} does not exist") from None
+def upload_file(local: str, path: str, client: Any) -> None:
+    bucket, name = split_url(path)
+    fs = filesystem(path, client)
+    # One upload: GCS finalises it (single or resumable) and S3 completes it (PUT or
+    # multipart) in one step, and nothing is visible before; that is the atomic step.
+    # Both filesystems retry transient failures; a retried upload rewrites the same bytes.
+    with naming(path, fs):
+        fs.put_file(local, object_key(bucket, name))
 
 
 def _fsync_dir(directory: str) -> None:
@@ -311,9 +218,7 @@ def _fsync_dir(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_local_path(
-    path: str, client: storage.Client | None = None, suffix: str = ""
-) -> Iterator[str]:
+def atomic_local_path(path: str, client: Client | None = None, suffix: str = "") -> Iterator[str]:
     """Yield a local temp path to write; publish it to ``path`` only on success.
 
     Exists for writers that insist on a real filename (pyarrow's ParquetWriter,
@@ -323,11 +228,12 @@ def atomic_local_path(
     Local: the temp file lives in the destination directory so ``os.replace`` is
     a same-filesystem rename, i.e. atomic; it is fsynced first, otherwise a crash
     right after the rename can leave a zero-length file on ext4/xfs.
-    GCS: the finished temp file is uploaded in one go. On an exception the temp
+    Object stores: the finished temp file is uploaded in one go. On an exception the temp
     file is deleted and the destination is left exactly as it was.
     """
-    if is_gcs(path):
-        _split(path)  # fail before the caller spends time producing the data
+    remote = is_remote(path)
+    if remote:
+        split_url(path)  # fail before the caller spends time producing the data
         fd, tmp = tempfile.mkstemp(prefix="genco-", suffix=suffix)
     else:
         directory = os.path.dirname(os.path.abspath(path))
@@ -338,8 +244,8 @@ def atomic_local_path(
     os.close(fd)
     try:
         yield tmp
-        if is_gcs(path):
-            _upload_file(tmp, path, client)
+        if remote:
+            upload_file(tmp, path, client)
         else:
             os.chmod(tmp, _FILE_MODE)
             sync_fd = os.open(tmp, os.O_RDONLY)
@@ -354,38 +260,36 @@ def atomic_local_path(
             os.remove(tmp)
 
 
-def write_bytes(path: str, data: bytes, client: storage.Client | None = None) -> None:
+def write_bytes(path: str, data: bytes, client: Client | None = None) -> None:
     """Atomically replace ``path`` with ``data``."""
-    if is_gcs(path):
-        bucket_name, name = _split(path)
-        bucket = _resolve(client).bucket(bucket_name)
-        try:
-            # Straight from memory: a single upload is already atomic on GCS, so a
-            # temp file would only add a disk round trip.
-            bucket.blob(name).upload_from_string(data, retry=_UPLOAD_RETRY)
-        except gexc.NotFound:
-            raise FileNotFoundError(f"{path}: bucket {bucket_name!r} does not exist") from None
+    if is_remote(path):
+        bucket, name = split_url(path)
+        fs = filesystem(path, client)
+        # Straight from memory: one upload is already atomic on both stores, so a temp
+        # file would only add a disk round trip.
+        with naming(path, fs):
+            fs.pipe_file(object_key(bucket, name), data)
         return
     with atomic_local_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
 
 
-def read_text(path: str, client: storage.Client | None = None) -> str:
+def read_text(path: str, client: Client | None = None) -> str:
     """UTF-8 text; fixed encoding so results don't depend on the container locale."""
     return read_bytes(path, client).decode("utf-8")
 
 
-def write_text(path: str, text: str, client: storage.Client | None = None) -> None:
+def write_text(path: str, text: str, client: Client | None = None) -> None:
     """Atomically write UTF-8 text."""
     write_bytes(path, text.encode("utf-8"), client)
 
 
-def read_json(path: str, client: storage.Client | None = None) -> Any:
+def read_json(path: str, client: Client | None = None) -> Any:
     """Parse a JSON file/object."""
     return json.loads(read_bytes(path, client))
 
 
-def write_json(path: str, obj: Any, client: storage.Client | None = None) -> None:
+def write_json(path: str, obj: Any, client: Client | None = None) -> None:
     """Atomically write human-diffable JSON (indented, key order kept, final newline).
 
     ``ensure_ascii=False`` keeps non-ASCII creative text (e.g. Japanese headlines)
@@ -413,7 +317,7 @@ def table_format(path: str) -> str:
 
 def read_table(
     path: str,
-    client: storage.Client | None = None,
+    client: Client | None = None,
     dtype: dict[str, str] | None = None,
 ) -> pd.DataFrame:
     """Read a csv / csv.gz / parquet table.
@@ -434,7 +338,7 @@ def read_table(
                 na_values=[""],
                 dtype=dtype,
             )
-    if is_gcs(path):
+    if is_remote(path):
         # Parquet needs random access (footer first); one download beats many
         # small ranged reads through a streaming reader.
         table = pq.read_table(pa.BufferReader(read_bytes(path, client)))
@@ -444,11 +348,11 @@ def read_table(
     return df.astype(dtype) if dtype else df
 
 
-def write_table(df: pd.DataFrame, path: str, client: storage.Client | None = None) -> None:
+def write_table(df: pd.DataFrame, path: str, client: Client | None = None) -> None:
     """Atomically write a table in the format its extension names."""
     fmt = table_format(path)
     # Through a temp file rather than bytes in memory: click-log tables can be
-    # large, and a file lets GCS use a resumable upload for them.
+    # large, and a file lets the stores use resumable / multipart uploads for them.
     suffix = ".csv.gz" if path.lower().endswith(".gz") else f".{fmt}"
     with atomic_local_path(path, client, suffix=suffix) as tmp:
         if fmt == "csv":

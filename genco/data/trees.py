@@ -1,4 +1,4 @@
-"""Copying whole directory trees between local disk and ``gs://``, file by file.
+"""Copying whole directory trees between local disk and ``gs://`` or ``s3://``, file by file.
 
 Each file is published atomically (``storage.atomic_local_path`` or one upload); a tree as a
 whole is not, so writers mark completion with a file written last (a bundle's manifest).
@@ -9,12 +9,24 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-
-from google.api_core import exceptions as gexc
-from google.cloud.storage import Blob, Client
+from typing import TYPE_CHECKING, cast
 
 from genco.data import storage
-from genco.errors import ContractError
+from genco.data.fs import (
+    filesystem,
+    is_remote,
+    join,
+    naming,
+    not_found,
+    object_key,
+    split_url,
+    url_scheme,
+)
+from genco.data.storage import atomic_local_path
+from genco.errors import ContractError, NotFoundError
+
+if TYPE_CHECKING:
+    from genco.data.fs import Client
 
 
 def _local_files(local_dir: str) -> Iterator[tuple[str, str]]:
@@ -22,7 +34,7 @@ def _local_files(local_dir: str) -> Iterator[tuple[str, str]]:
     if not os.path.isdir(local_dir):
         if os.path.exists(local_dir):
             raise NotADirectoryError(f"{local_dir}: not a directory")
-        raise FileNotFoundError(f"{local_dir}: no such directory")
+        raise NotFoundError(f"{local_dir}: no such directory")
     for root, _dirs, files in os.walk(local_dir):
         for fname in sorted(files):
             full = os.path.join(root, fname)
@@ -42,34 +54,28 @@ def _copy_local_tree(src: str, dest: str) -> None:
             rel = os.path.relpath(os.path.join(root, d), src)
             os.makedirs(os.path.join(dest, rel), exist_ok=True)
     for full, rel in files:
-        with storage.atomic_local_path(os.path.join(dest, *rel.split("/"))) as tmp:
+        with atomic_local_path(os.path.join(dest, *rel.split("/"))) as tmp:
             shutil.copyfile(full, tmp)
 
 
-def _gcs_dir(url: str, client: Client | None) -> tuple[str, str, Client]:
-    """A gs:// directory URL as (bucket, object prefix ending in "/", client)."""
-    bucket_name, name = storage._split(url, need_object=False)
-    return bucket_name, storage._dir_prefix(name), storage._resolve(client)
-
-
 def upload_dir(local_dir: str, dest: str, client: Client | None = None) -> None:
-    """Copy a local directory tree to a local or gs destination, file by file.
+    """Copy a local directory tree to a local or object-store destination, file by file.
 
     Each file is published atomically; the tree as a whole is not, so write a
     marker file last if readers need to know the copy is complete.
     """
-    if not storage.is_gcs(dest):
+    if not is_remote(dest):
         _copy_local_tree(local_dir, dest)
         return
-    bucket_name, prefix, c = _gcs_dir(dest, client)
+    split_url(dest, need_object=False)
     for full, rel in _local_files(local_dir):
-        storage._upload_file(full, f"{storage._SCHEME}{bucket_name}/{prefix}{rel}", c)
+        storage.upload_file(full, join(dest, rel), client)
 
 
 def _safe_local_path(local_dir: str, rel: str, url: str) -> str:
     """Local path for object-relative name ``rel``; refuses names that escape ``local_dir``.
 
-    Object names are untrusted input: ``a/../../x`` is a valid GCS name.
+    Object names are untrusted input: ``a/../../x`` is a valid GCS and S3 name.
     """
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
@@ -78,28 +84,28 @@ def _safe_local_path(local_dir: str, rel: str, url: str) -> str:
 
 
 def download_dir(src: str, local_dir: str, client: Client | None = None) -> None:
-    """Copy a local or gs directory tree into ``local_dir``, each file atomically."""
-    if not storage.is_gcs(src):
+    """Copy a local or object-store directory tree into ``local_dir``, each file atomically."""
+    if not is_remote(src):
         _copy_local_tree(src, local_dir)
         return
-    bucket_name, prefix, c = _gcs_dir(src, client)
-    try:
-        blobs = [b for b in c.list_blobs(bucket_name, prefix=prefix) if not b.name.endswith("/")]
-    except gexc.NotFound:
-        raise storage._not_found(src, c.bucket(bucket_name)) from None
-    if not blobs:
-        raise FileNotFoundError(f"{src}: no such directory (no objects under this prefix)")
+    scheme = cast(str, url_scheme(src))
+    bucket, name = split_url(src, need_object=False)
+    fs = filesystem(src, client)
+    key = object_key(bucket, name)
+    missing = "no such directory (no objects under this prefix)"
+    with naming(src, fs, missing):
+        found = [k for k in fs.find(key) if not k.endswith("/")]
+    # ``find`` on an object returns the object itself; a directory needs objects *under* it.
+    found = [k for k in found if k.startswith(key + "/")]
+    if not found:
+        raise not_found(src, fs, missing)
     # Validate every name before writing anything, so a bad name cannot leave a
     # half-populated directory behind.
-    targets: list[tuple[Blob, str, str]] = []
-    for blob in blobs:
-        url = f"{storage._SCHEME}{bucket_name}/{blob.name}"
-        targets.append((blob, url, _safe_local_path(local_dir, blob.name[len(prefix) :], url)))
+    targets = []
+    for k in found:
+        url = f"{scheme}://{k}"
+        targets.append((k, url, _safe_local_path(local_dir, k[len(key) + 1 :], url)))
     os.makedirs(local_dir, exist_ok=True)
-    for blob, url, local in targets:
-        with storage.atomic_local_path(local) as tmp:
-            try:
-                blob.download_to_filename(tmp)
-            except gexc.NotFound:
-                # Deleted between listing and download.
-                raise FileNotFoundError(f"{url}: no such object") from None
+    for k, url, local in targets:
+        with atomic_local_path(local) as tmp, naming(url, fs):  # deleted since the listing
+            fs.get_file(k, tmp)

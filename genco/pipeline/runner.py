@@ -85,10 +85,10 @@ def local_demo(out_dir: str, arguments: dict[str, Any] | None = None, seed: int 
     from genco.inference.predictor import Predictor
     from genco.store import current, current_version
 
-    if storage.is_gcs(out_dir):
+    if storage.is_remote(out_dir):
         raise ConfigError(
             f"{out_dir}: the local runner needs a local working directory; put the model "
-            "store on gs:// instead (model_store / --store)"
+            "store on gs:// or s3:// instead (model_store / --store)"
         )
     args = dict(arguments or {})
     if not args.get("catalog"):

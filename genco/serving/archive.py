@@ -134,7 +134,7 @@ def build_mar(
         if done.returncode != 0 or not os.path.isfile(built):
             raise RuntimeError(f"torch-model-archiver failed: {done.stderr.strip()[-2000:]}")
         target = storage.join(out_dir, mar_name(version))
-        if storage.is_gcs(target):
+        if storage.is_remote(target):
             with open(built, "rb") as f:
                 storage.write_bytes(target, f.read(), client=client)
         else:
