@@ -5,6 +5,7 @@ environment, against real servers on 127.0.0.1 or a port nothing listens on."""
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
@@ -327,7 +328,7 @@ def test_http_error_names_status_url_and_what_to_do(refusing_server, status, hin
 
 
 def test_torchserve_management_error(refusing_server) -> None:
-    from genco.serving.archive import ManagementClient
+    from genco.serving.management import ManagementClient
 
     client = ManagementClient(f"{refusing_server}/405", token="t", timeout_s=10)
     exc = _raised(lambda: client._call("POST", "/models", url="genco.mar"))
@@ -360,6 +361,9 @@ def test_a_bug_keeps_its_traceback(bare_env, tmp_path: Path) -> None:
     # one of the expected failures, so the traceback stays.
     (tmp_path / "reward_model.pt").write_bytes(b"x")
     (tmp_path / "reward_model.json").write_text("{not json")
+    names = ("reward_model.pt", "reward_model.json")
+    files = {n: hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in names}
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": files}))  # passes verification
     r = subprocess.run(
         [
             sys.executable,

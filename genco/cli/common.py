@@ -183,7 +183,7 @@ _EXPECTED: tuple[tuple[str, str, Callable[[BaseException], str]], ...] = (
     ("gcsfs.retry", "HttpError", _gcs_http),
     ("aiohttp.client_exceptions", "ClientResponseError", _aiohttp_status),
     ("aiohttp.client_exceptions", "ClientConnectionError", _unreachable),
-    ("genco.serving.archive", "ManagementError", _torchserve),
+    ("genco.serving.management", "ManagementError", _torchserve),
     ("kfp_server_api.exceptions", "ApiException", _kfp_api),
     ("requests.exceptions", "HTTPError", _requests_http),
     ("requests.exceptions", "ConnectionError", _unreachable),
