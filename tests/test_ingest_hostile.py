@@ -21,6 +21,7 @@ import pytest
 
 from genco.data.contract import load_catalog, load_constraints
 from genco.data.ingest import IngestConfig, ingest, spreadsheet_safe
+from genco.errors import ContractError
 from tests.test_contract import CATALOG_CSV, HEADER, write
 
 COLS = "ad_id,title,image,click,propensity,timestamp,ctx_0"
@@ -230,6 +231,36 @@ def test_parquet_timestamps_outside_the_range_are_quarantined(tmp_path, contract
 
 
 # --------------------------------------------------------------- user mistakes: one line
+
+GOOD_LOG = ("\n".join(log(3)) + "\n").encode()
+PARQUET_BYTES = b"PAR1" + b"\0" * 16
+
+# (file name, content, exact message after "PATH: ")
+BAD_FILES = [
+    (
+        "i.csv",
+        gzip.compress(GOOD_LOG),
+        "looks gzip-compressed (it starts with the gzip magic bytes); "
+        "name it .csv.gz or decompress it",
+    ),
+    ("i.csv", PARQUET_BYTES, "looks like a Parquet file; name it .parquet"),
+    ("i.csv.gz", GOOD_LOG, "named .gz but not gzip-compressed; rename it .csv"),
+    ("i.parquet", GOOD_LOG, "not a Parquet file (it does not start with 'PAR1')"),
+    (
+        "i.csv",
+        "ad_id,titl\xe9,image,click\n0,1,a,1\n".encode("latin-1"),
+        "header is not valid UTF-8 (invalid continuation byte)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "message"), BAD_FILES)
+def test_whole_file_mistakes_name_the_file_and_the_cause(tmp_path, contract, name, data, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ContractError) as err:
+        run_ingest(tmp_path, contract, str(path))
+    assert str(err.value) == f"{path}: {message}"
 
 
 def genco_validate(*args: str) -> subprocess.CompletedProcess:

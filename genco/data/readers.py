@@ -10,6 +10,7 @@ timestamps, ids) and a prefetching iterator that overlaps reading with checking.
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
 import io
 import os
@@ -179,11 +180,14 @@ def _parquet_chunks(f, path: str, chunk_rows: int) -> Iterator[Chunk]:
 def _csv_chunks(f, path: str, chunk_rows: int) -> Iterator[Chunk]:
     raw = f
     if path.lower().endswith(".gz"):
+        if f.read(2) != b"\x1f\x8b":
+            raise ContractError(f"{path}: named .gz but not gzip-compressed; rename it .csv")
+        f.seek(0)
         raw = pa.input_stream(f, compression="gzip")
     head = raw.read(1 << 16)
     header = _csv_header(head, path)
     stream = MarkInvalidUtf8(raw, head)
-    found: list[MalformedRow] = []
+    found: collections.deque[MalformedRow] = collections.deque()
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
         if row.number is None:  # only with use_threads=True, which is not used here
@@ -207,7 +211,7 @@ def _csv_chunks(f, path: str, chunk_rows: int) -> Iterator[Chunk]:
     empty = True
     for batch in reader:
         empty = False
-        bad, found[:] = list(found), []
+        bad = [found.popleft() for _ in range(len(found))]  # each pop atomic
         rows = numbers.next(batch.num_rows, [m.row for m in bad])
         t = pa.Table.from_batches([batch])
         for start in range(0, t.num_rows, chunk_rows):
