@@ -254,7 +254,11 @@ BAD_FILES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "data", "message"), BAD_FILES)
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    BAD_FILES,
+    ids=["gzip_in_csv", "parquet_in_csv", "plain_in_csv_gz", "csv_in_parquet", "latin1_header"],
+)
 def test_whole_file_mistakes_name_the_file_and_the_cause(tmp_path, contract, name, data, message):
     path = tmp_path / name
     path.write_bytes(data)
