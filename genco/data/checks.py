@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -24,10 +25,12 @@ from genco.data.contract import (
     Catalog,
     Constraints,
 )
-from genco.data.readers import as_float, as_ids, shown, timestamps
+from genco.data.readers import MARKED, as_float, as_ids, shown, timestamps
 from genco.errors import ContractError
 
 REASONS = (
+    "malformed_row",  # found by the reader (a row that does not parse), never by RowValidator
+    "bad_encoding",
     "missing_value",
     "unknown_ad",
     "unknown_element",
@@ -41,6 +44,11 @@ REASONS = (
     "illegal_combination",
     "duplicate",
 )
+
+# Timestamps before this are a unit or parsing mistake, not an impression (2000-01-01 UTC).
+EARLIEST_TIMESTAMP = 946_684_800.0
+# Allowed clock skew of a logger ahead of this run's clock.
+FUTURE_SLACK_SECONDS = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -132,10 +140,9 @@ def _mix(h: np.ndarray, v: np.ndarray) -> np.ndarray:
 class ChunkCheck:
     """Runs the row checks on one chunk and records the first failure of each row."""
 
-    def __init__(self, n: int, row0: int) -> None:
+    def __init__(self, n: int) -> None:
         self.reason = np.full(n, -1, dtype=np.int16)
         self.message = np.empty(n, dtype=object)
-        self.row0 = row0
 
     def flag(self, reason: str, bad: np.ndarray, fmt: Callable[[np.ndarray], list[str]]) -> None:
         new = np.flatnonzero(bad & (self.reason < 0))
@@ -176,8 +183,14 @@ class RowValidator:
     """Per-run state: catalog lookups built once, duplicate hashes across chunks."""
 
     def __init__(
-        self, catalog: Catalog, constraints: Constraints, layout: Layout, check_dups: bool
+        self,
+        catalog: Catalog,
+        constraints: Constraints,
+        layout: Layout,
+        check_dups: bool,
+        now: float,
     ) -> None:
+        """now: this run's clock, epoch seconds; timestamps after now + 1 day are bad."""
         self.catalog = catalog
         self.constraints = constraints
         self.layout = layout
@@ -185,12 +198,16 @@ class RowValidator:
         self.vocab = [pa.array(v, pa.string()) for v in catalog.elements]
         self.allowed = [_allowed(catalog, c) for c in range(catalog.n_components)]
         self.seen = SeenHashes() if check_dups else None
+        self.latest = now + FUTURE_SLACK_SECONDS
 
-    def check(self, t: pa.Table, row0: int) -> tuple[ChunkCheck, dict[str, np.ndarray]]:
+    def check(self, t: pa.Table, marked: bool = False) -> tuple[ChunkCheck, dict[str, np.ndarray]]:
         """Flag every bad row of one chunk (first failing reason wins, in ``REASONS`` order)
-        and return the parsed numeric columns of the chunk."""
+        and return the parsed numeric columns of the chunk. marked: the reader replaced
+        invalid UTF-8 in or before this chunk, so look for its markers."""
         col = self._columns(t)
-        ck = ChunkCheck(t.num_rows, row0)
+        ck = ChunkCheck(t.num_rows)
+        if marked:
+            self._flag_encoding(ck, col)
         self._flag_missing(ck, col)
         ad = self._flag_unknown_ads(ck, col)
         combos = self._flag_elements(ck, col, ad)
@@ -212,6 +229,20 @@ class RowValidator:
     @staticmethod
     def _raw(col: dict[str, pa.Array], name: str) -> Callable[[np.ndarray], list[str]]:
         return lambda idx: shown(col[name], idx)
+
+    def _flag_encoding(self, ck: ChunkCheck, col: dict[str, pa.Array]) -> None:
+        for name in self.layout.columns:
+            c = col[name]
+            if not pa.types.is_string(c.type):
+                continue
+            hit = pc.fill_null(pc.match_substring_regex(c, MARKED), False)
+            ck.flag(
+                "bad_encoding",
+                hit.to_numpy(zero_copy_only=False),
+                lambda idx, name=name: [
+                    f"{name} '{v}' is not valid UTF-8" for v in shown(col[name], idx)
+                ],
+            )
 
     def _flag_missing(self, ck: ChunkCheck, col: dict[str, pa.Array]) -> None:
         for name in (AD, *self.layout.components, CLICK):
@@ -308,6 +339,13 @@ class RowValidator:
             ts = timestamps(col[TIMESTAMP])
             why = "is neither epoch seconds nor ISO-8601"
             self._flag_numbers(ck, col, TIMESTAMP, np.isnan(ts), why)
+            latest = datetime.fromtimestamp(self.latest, UTC)
+            why = (
+                "is outside 2000-01-01 .. now + 1 day "
+                f"({latest.isoformat(timespec='seconds').replace('+00:00', 'Z')})"
+            )
+            out = ~np.isnan(ts) & ((ts < EARLIEST_TIMESTAMP) | (ts > self.latest))
+            self._flag_numbers(ck, col, TIMESTAMP, out, why)
             values[TIMESTAMP] = ts
         if lay.has_revenue:
             r = as_float(col[REVENUE])

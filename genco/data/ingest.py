@@ -1,13 +1,20 @@
 """Streaming validation of impression logs against the catalog and constraints.
 
-Rows that pass go to a Parquet file of valid impressions; rows that fail go to a quarantine
-CSV with their original values, their row number and a reason. Nothing is dropped silently:
-the summary counts every row in, valid, and quarantined by reason.
+Rows that pass go to a Parquet file of valid impressions; rows that fail (including rows that
+do not parse and rows with bytes that are not UTF-8) go to a quarantine CSV with their
+original values, their row number and a reason. Nothing is dropped silently: the summary
+counts every row in, valid, and quarantined by reason. The quarantine is meant to be opened
+in a spreadsheet: a cell that would start a formula is prefixed with ``'``.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -26,7 +33,7 @@ from genco.data.contract import (
     load_catalog,
     load_constraints,
 )
-from genco.data.readers import as_ids, chain, iter_chunks, prefetch
+from genco.data.readers import Chunk, MalformedRow, as_ids, chain, iter_chunks, prefetch, unmark
 from genco.errors import ConfigError, ContractError
 
 VALID_FILE = "impressions.parquet"
@@ -88,13 +95,16 @@ def ingest(
     config: IngestConfig | None = None,
     client=None,
     progress: bool = False,
+    clock: Callable[[], float] = time.time,
 ) -> IngestSummary:
     """Validate an impression log, writing valid rows, quarantine and summary under out_dir.
 
     Raises ContractError for whole-file problems and TooManyBadRows (after writing every
     output, so the quarantine can be inspected) when the bad fraction exceeds the limit.
+    clock: epoch seconds now; timestamps later than a day after it are quarantined.
     """
     config = config or IngestConfig()
+    _check_out_dir(out_dir)
     valid_path = storage.join(out_dir, VALID_FILE)
     quarantine_path = storage.join(out_dir, QUARANTINE_FILE)
     summary = IngestSummary(
@@ -106,12 +116,12 @@ def ingest(
     )
     chunks = iter_chunks(impressions, config.chunk_rows, client)
     first = next(chunks)
-    layout = check_header(first.column_names, catalog, impressions)
+    layout = check_header(first.table.column_names, catalog, impressions)
     summary.context_columns = list(layout.contexts)
     check_dups = (
         layout.has_timestamp if config.check_duplicates is None else config.check_duplicates
     )
-    validator = RowValidator(catalog, constraints, layout, check_dups)
+    validator = RowValidator(catalog, constraints, layout, check_dups, now=clock())
     schema = layout.valid_schema()
     bar = _progress(impressions, progress)
     with (
@@ -120,18 +130,19 @@ def ingest(
         pq.ParquetWriter(vtmp, schema) as vwriter,
         open(qtmp, "w", encoding="utf-8", newline="") as qfile,
     ):
+        # CRLF line ends (RFC 4180): csv quotes a cell holding a CR only when CR ends lines.
         pd.DataFrame(columns=["row", *layout.columns, "reason_code", "reason"]).to_csv(
-            qfile, index=False
+            qfile, index=False, lineterminator="\r\n"
         )
-        row0 = 0
         # Reading/parsing the next chunk and writing the last one release the GIL in Arrow:
         # overlap them with the checks of the current chunk.
         writer = ThreadPoolExecutor(max_workers=1)
         pending: Future | None = None
-        for t in prefetch(chain(first, chunks)):
+        for chunk in prefetch(chain(first, chunks)):
+            t = chunk.table
             if t.column_names != list(layout.columns):
                 raise ContractError(f"{impressions}: columns change within the file")
-            ck, values = validator.check(t, row0)
+            ck, values = validator.check(t, chunk.marked)
             ok = ck.ok
             n_ok = int(ok.sum())
             if n_ok:
@@ -148,19 +159,18 @@ def ingest(
                     vwriter.write_table, pa.Table.from_arrays(arrays, schema=schema)
                 )
             bad = np.flatnonzero(~ok)
-            if len(bad):
-                q = t.take(pa.array(bad)).to_pandas()
-                q.insert(0, "row", row0 + bad + 1)
-                q["reason_code"] = [REASONS[r] for r in ck.reason[bad]]
-                q["reason"] = ck.message[bad]
-                q.to_csv(qfile, index=False, header=False)
+            if len(bad) or chunk.malformed:
+                _quarantine(chunk, bad, ck.reason, ck.message, layout.columns).to_csv(
+                    qfile, index=False, header=False, lineterminator="\r\n"
+                )
                 for r, cnt in zip(*np.unique(ck.reason[bad], return_counts=True)):
                     summary.quarantined_by_reason[REASONS[r]] += int(cnt)
-            summary.rows_in += t.num_rows
+                summary.quarantined_by_reason["malformed_row"] += len(chunk.malformed)
+            n_in = t.num_rows + len(chunk.malformed)
+            summary.rows_in += n_in
             summary.rows_valid += n_ok
-            summary.rows_quarantined += len(bad)
-            row0 += t.num_rows
-            bar.update(t.num_rows)
+            summary.rows_quarantined += n_in - n_ok
+            bar.update(n_in)
         if pending is not None:
             pending.result()
         writer.shutdown()
@@ -178,6 +188,76 @@ def ingest(
             f"{json.dumps(summary.quarantined_by_reason)}; see {quarantine_path}"
         )
     return summary
+
+
+# OWASP CSV injection: a cell starting with one of these is a formula in a spreadsheet.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: str) -> str:
+    """The value, prefixed with ``'`` when a spreadsheet would read it as a formula."""
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+def _texts(col: pa.ChunkedArray | pa.Array, marked: bool) -> list[str]:
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if not pa.types.is_string(col.type):
+        col = pc.cast(col, pa.string())
+    out = ["" if v is None else v for v in col.to_pylist()]
+    return [unmark(v) for v in out] if marked else out
+
+
+def _quarantine(
+    chunk: Chunk,
+    bad: np.ndarray,
+    reason: np.ndarray,
+    message: np.ndarray,
+    columns: tuple[str, ...],
+) -> pd.DataFrame:
+    """Quarantine rows of one chunk (flagged rows and malformed ones), in row order, every
+    text cell spreadsheet-safe."""
+    q = chunk.table.take(pa.array(bad, pa.int64()))
+    cells: dict[str, list] = {"row": chunk.rows[bad].tolist()}
+    for c in columns:
+        cells[c] = _texts(q.column(c), chunk.marked)
+    cells["reason_code"] = [REASONS[r] for r in reason[bad]]
+    cells["reason"] = list(message[bad])
+    for m in chunk.malformed:
+        fields = _malformed_fields(m, len(columns))
+        cells["row"].append(m.row)
+        for c, v in zip(columns, fields):
+            cells[c].append(v)
+        cells["reason_code"].append("malformed_row")
+        text = unmark(m.text)
+        text = text if len(text) <= 200 else text[:200] + "..."
+        cells["reason"].append(f"row has {m.actual} fields, expected {m.expected}: {text}")
+    frame = pd.DataFrame(cells)
+    for c in frame.columns[1:]:
+        frame[c] = [spreadsheet_safe(v) for v in frame[c]]
+    return frame.sort_values("row", kind="stable")
+
+
+def _malformed_fields(m: MalformedRow, n: int) -> list[str]:
+    """The first n fields of a row that did not parse (its raw text is in the reason)."""
+    try:
+        fields = next(csv.reader(io.StringIO(m.text)), [])
+    except csv.Error:
+        fields = m.text.split(",")
+    fields = [unmark(v) for v in fields[:n]]
+    return fields + [""] * (n - len(fields))
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """A local out_dir, or its nearest existing parent, must be a directory."""
+    if storage.is_gcs(out_dir):
+        return
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "exists" if path == os.path.abspath(out_dir) else f"is under {path}, which exists"
+        raise ContractError(f"{out_dir}: {where} and is not a directory; pass an output directory")
 
 
 def validated_inputs(
@@ -215,5 +295,6 @@ __all__ = [
     "IngestSummary",
     "TooManyBadRows",
     "ingest",
+    "spreadsheet_safe",
     "validated_inputs",
 ]

@@ -1,15 +1,24 @@
 """Reading impression logs in chunks: CSV (values as written) or Parquet, local or gs://.
 
-Also the column conversions the checks share (numbers, timestamps, ids) and a prefetching
-iterator that overlaps reading with checking.
+A CSV row that does not parse (a wrong number of fields, a truncated last line) is reported
+with its 1-based data row number and raw text instead of failing the file; bytes that are not
+valid UTF-8 are replaced by markers (``mark_invalid_utf8``) so the checks can quarantine
+exactly the rows that hold them. Also the column conversions the checks share (numbers,
+timestamps, ids) and a prefetching iterator that overlaps reading with checking.
 """
 
 from __future__ import annotations
 
+import codecs
+import collections
 import contextlib
+import io
+import os
 import queue
+import re
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -21,66 +30,234 @@ import pyarrow.parquet as pq
 from genco.data import storage
 from genco.errors import ContractError
 
+# An invalid byte b (0x80..0xFF) is read as the private-use character U+10FF00 + b: valid
+# UTF-8, so Arrow keeps the row, and unmistakable, so the checks find it and the quarantine
+# shows it back as \xNN.
+_MARK0 = 0x10FF00
+MARKED = "[\U0010ff80-\U0010ffff]"
+_MARKED_RE = re.compile(MARKED)
 
-def iter_chunks(path: str, chunk_rows: int, client=None) -> Iterator[pa.Table]:
-    """Stream a CSV or Parquet log in tables of at most chunk_rows rows.
+
+def _mark_bytes(exc: UnicodeError) -> tuple[str, int]:
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    return "".join(chr(_MARK0 + b) for b in exc.object[exc.start : exc.end]), exc.end
+
+
+codecs.register_error("genco-mark-invalid", _mark_bytes)
+
+
+def unmark(text: str) -> str:
+    """Marked invalid bytes back as ``\\xNN`` (for the quarantine and messages)."""
+    return _MARKED_RE.sub(lambda m: f"\\x{ord(m.group()) - _MARK0:02x}", text)
+
+
+class MarkInvalidUtf8(io.RawIOBase):
+    """A binary stream passed through unchanged where it is valid UTF-8 (checked a block at
+    a time, at C speed), with each invalid byte replaced by its marker character."""
+
+    def __init__(self, raw, head: bytes = b"", block: int = 1 << 22) -> None:
+        self._raw = raw
+        self._pending = head
+        self._out = memoryview(b"")
+        self._block = block
+        self._eof = False
+        self.replaced = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not len(self._out) and not self._eof:
+            self._fill()
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _fill(self) -> None:
+        data = self._raw.read(self._block)
+        self._eof = not data
+        data = self._pending + data
+        try:
+            _, used = codecs.utf_8_decode(data, "strict", self._eof)
+            out = data[:used]
+        except UnicodeDecodeError:
+            text, used = codecs.utf_8_decode(data, "genco-mark-invalid", self._eof)
+            out = text.encode("utf-8")
+            self.replaced = True
+        self._pending = data[used:]
+        self._out = memoryview(out)
+
+
+@dataclass(frozen=True)
+class MalformedRow:
+    """A CSV row that does not parse: its 1-based data row number, field counts, raw text."""
+
+    row: int
+    expected: int
+    actual: int
+    text: str
+
+
+@dataclass
+class Chunk:
+    """Up to chunk_rows parsed rows, their 1-based data row numbers, and the malformed rows
+    found while reading them (reported with whichever chunk was read when they were seen)."""
+
+    table: pa.Table
+    rows: np.ndarray  # (n,) int64
+    malformed: list[MalformedRow] = field(default_factory=list)
+    marked: bool = False  # invalid UTF-8 was replaced somewhere up to here
+
+
+_NESTED = (
+    pa.types.is_list,
+    pa.types.is_large_list,
+    pa.types.is_fixed_size_list,
+    pa.types.is_struct,
+    pa.types.is_map,
+    pa.types.is_union,
+)
+
+
+def _check_parquet_schema(schema: pa.Schema, path: str) -> None:
+    for f in schema:
+        t = f.type.value_type if pa.types.is_dictionary(f.type) else f.type
+        if any(is_(t) for is_ in _NESTED):
+            raise ContractError(
+                f"{path}: column '{f.name}' has nested type {t}; a log holds one plain value "
+                "per cell (string, number or timestamp)"
+            )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def iter_chunks(path: str, chunk_rows: int, client=None) -> Iterator[Chunk]:
+    """Stream a CSV or Parquet log in chunks of at most chunk_rows rows.
 
     CSV columns are read as text (values exactly as written); Parquet keeps its types.
     """
+    if not storage.is_gcs(path) and os.path.isdir(path):
+        # Before the extension check: a Spark-style dataset is a directory named x.parquet.
+        raise ContractError(f"{path}: is a directory; pass one .csv, .csv.gz or .parquet file")
     fmt = storage.table_format(path)
     with contextlib.ExitStack() as stack:
         try:
             f = stack.enter_context(storage.open_read(path, client=client))
         except FileNotFoundError as exc:
             raise ContractError(f"{path}: file not found") from exc
+        except OSError as exc:
+            raise ContractError(f"{path}: cannot open: {exc.strerror or exc}") from exc
         try:
             if fmt == "parquet":
-                pf = pq.ParquetFile(f)
-                names = pf.schema_arrow.names
-                if pf.metadata.num_rows == 0:
-                    yield pa.table({n: pa.array([], pa.string()) for n in names})
-                for batch in pf.iter_batches(batch_size=chunk_rows):
-                    yield pa.Table.from_batches([batch])
-                return
-            header = _csv_header(f, path)
-            compression = "gzip" if path.endswith(".gz") else None
-            stream = pa.input_stream(f, compression=compression)
-            reader = pacsv.open_csv(
-                stream,
-                read_options=pacsv.ReadOptions(block_size=1 << 22),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={n: pa.string() for n in header},
-                    strings_can_be_null=False,
-                ),
-            )
-            empty = True
-            for batch in reader:
-                empty = False
-                t = pa.Table.from_batches([batch])
-                for start in range(0, t.num_rows, chunk_rows):
-                    yield t.slice(start, chunk_rows)
-            if empty:
-                yield pa.table({n: pa.array([], pa.string()) for n in header})
+                yield from _parquet_chunks(f, path, chunk_rows)
+            else:
+                yield from _csv_chunks(f, path, chunk_rows)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ContractError(f"{path}: cannot read: {exc}") from exc
+            raise ContractError(f"{path}: cannot read: {_one_line(exc)}") from exc
 
 
-def _csv_header(f, path: str) -> list[str]:
-    """Peek the header without consuming the stream."""
-    pos = f.tell()
-    head = f.read(1 << 16)
-    f.seek(pos)
-    if path.endswith(".gz"):
-        import gzip
+def _parquet_chunks(f, path: str, chunk_rows: int) -> Iterator[Chunk]:
+    head = f.read(4)
+    f.seek(0)
+    if head != b"PAR1":
+        raise ContractError(f"{path}: not a Parquet file (it does not start with 'PAR1')")
+    pf = pq.ParquetFile(f)
+    _check_parquet_schema(pf.schema_arrow, path)
+    names = pf.schema_arrow.names
+    if pf.metadata.num_rows == 0:
+        yield Chunk(pa.table({n: pa.array([], pa.string()) for n in names}), np.zeros(0, np.int64))
+    row0 = 0
+    for batch in pf.iter_batches(batch_size=chunk_rows):
+        n = batch.num_rows
+        yield Chunk(pa.Table.from_batches([batch]), np.arange(row0 + 1, row0 + n + 1))
+        row0 += n
 
-        with contextlib.suppress(EOFError, OSError):
-            head = gzip.decompress(head)
-        if isinstance(head, bytes) and head[:2] == b"\x1f\x8b":
-            # Truncated gzip prefix: read the header through a decompressing stream instead.
-            g = gzip.GzipFile(fileobj=f)
-            head = g.readline()
-            f.seek(pos)
-    line = head.split(b"\n", 1)[0].decode("utf-8-sig").rstrip("\r")
+
+def _csv_chunks(f, path: str, chunk_rows: int) -> Iterator[Chunk]:
+    raw = f
+    if path.lower().endswith(".gz"):
+        if f.read(2) != b"\x1f\x8b":
+            raise ContractError(f"{path}: named .gz but not gzip-compressed; rename it .csv")
+        f.seek(0)
+        raw = pa.input_stream(f, compression="gzip")
+    head = raw.read(1 << 16)
+    header = _csv_header(head, path)
+    stream = MarkInvalidUtf8(raw, head)
+    found: collections.deque[MalformedRow] = collections.deque()
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        if row.number is None:  # only with use_threads=True, which is not used here
+            return "error"
+        found.append(
+            MalformedRow(row.number - 1, row.expected_columns, row.actual_columns, row.text)
+        )
+        return "skip"
+
+    reader = pacsv.open_csv(
+        pa.PythonFile(stream, mode="r"),
+        # Serial parsing: the only mode in which Arrow reports a bad row's number.
+        read_options=pacsv.ReadOptions(block_size=1 << 22, use_threads=False),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in header},
+            strings_can_be_null=False,
+        ),
+    )
+    numbers = _RowNumbers()
+    empty = True
+    for batch in reader:
+        empty = False
+        bad = [found.popleft() for _ in range(len(found))]  # each pop atomic
+        rows = numbers.next(batch.num_rows, [m.row for m in bad])
+        t = pa.Table.from_batches([batch])
+        for start in range(0, t.num_rows, chunk_rows):
+            yield Chunk(
+                t.slice(start, chunk_rows),
+                rows[start : start + chunk_rows],
+                bad if start == 0 else [],
+                stream.replaced,
+            )
+    bad = list(found)
+    if empty or bad:
+        t = pa.table({n: pa.array([], pa.string()) for n in header})
+        yield Chunk(t, np.zeros(0, np.int64), bad, stream.replaced)
+
+
+class _RowNumbers:
+    """1-based data row numbers of parsed rows: consecutive, skipping the malformed rows'
+    numbers (which Arrow may report a block ahead of the rows around them)."""
+
+    def __init__(self) -> None:
+        self.next_row = 1
+        self.skip: np.ndarray = np.zeros(0, np.int64)
+
+    def next(self, n: int, malformed: list[int]) -> np.ndarray:
+        self.skip = np.union1d(self.skip, np.asarray(malformed, np.int64))
+        cand = np.arange(self.next_row, self.next_row + n + len(self.skip), dtype=np.int64)
+        rows = cand[~np.isin(cand, self.skip)][:n]
+        if n:
+            self.next_row = int(rows[-1]) + 1
+        self.skip = self.skip[self.skip >= self.next_row]
+        return rows
+
+
+def _csv_header(head: bytes, path: str) -> list[str]:
+    """The header from the first bytes of the (decompressed) stream."""
+    if head[:2] == b"\x1f\x8b":
+        raise ContractError(
+            f"{path}: looks gzip-compressed (it starts with the gzip magic bytes); "
+            "name it .csv.gz or decompress it"
+        )
+    if head[:4] == b"PAR1":
+        raise ContractError(f"{path}: looks like a Parquet file; name it .parquet")
+    try:
+        line = head.split(b"\n", 1)[0].decode("utf-8-sig").rstrip("\r")
+    except UnicodeDecodeError as exc:
+        raise ContractError(f"{path}: header is not valid UTF-8 ({exc.reason})") from exc
     if not line.strip():
         raise ContractError(f"{path}: file is empty (no header)")
     return [c.strip().strip('"') for c in line.split(",")]
@@ -108,11 +285,17 @@ def as_float(col: pa.Array) -> np.ndarray:
     return x
 
 
+_PER_SECOND = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
+
+
 def timestamps(col: pa.Array) -> np.ndarray:
-    """Epoch seconds, ISO-8601 strings or Arrow timestamps to float64 seconds; NaN when none."""
+    """Epoch seconds, ISO-8601 strings or Arrow timestamps (any unit; naive ones read as UTC)
+    to float64 seconds; NaN when none."""
     if pa.types.is_timestamp(col.type):
-        us = pc.cast(pc.cast(col, pa.timestamp("us", tz="UTC")), pa.int64())
-        return us.to_numpy(zero_copy_only=False).astype(np.float64) / 1e6
+        ticks = pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False)
+        return np.asarray(ticks, dtype=np.float64) / _PER_SECOND[col.type.unit]
+    if pa.types.is_date(col.type):
+        return timestamps(pc.cast(pc.cast(col, pa.date32()), pa.timestamp("s")))
     x = as_float(col)
     todo = np.isnan(x)
     if todo.any() and pa.types.is_string(col.type):
@@ -134,15 +317,15 @@ def as_ids(col: pa.Array) -> pa.Array:
 
 def shown(col: pa.Array, idx: np.ndarray) -> list[str]:
     """Values as the user wrote them, for messages (nulls shown as empty)."""
-    return ["" if v is None else str(v) for v in col.take(pa.array(idx)).to_pylist()]
+    return ["" if v is None else unmark(str(v)) for v in col.take(pa.array(idx)).to_pylist()]
 
 
-def chain(first: pa.Table, rest: Iterator[pa.Table]) -> Iterator[pa.Table]:
+def chain(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
     yield first
     yield from rest
 
 
-def prefetch(it: Iterator[pa.Table], depth: int = 2) -> Iterator[pa.Table]:
+def prefetch(it: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
     """Run an iterator in a background thread, up to depth items ahead; errors re-raised."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
