@@ -280,3 +280,23 @@ def test_component_module_imports_only_stdlib_and_kfp_at_top_level(name):
     func = next(n for n in tree.body if isinstance(n, ast.FunctionDef))
     inner = {n.module.split(".")[0] for n in ast.walk(func) if isinstance(n, ast.ImportFrom)}
     assert inner == {"genco"}
+
+
+def test_warm_start_refuses_a_tampered_production(chain, tmp_path):
+    """The retraining steps trust a production bundle only when it matches its manifest."""
+    from genco.errors import BundleError
+    from genco.store import current
+
+    store = str(tmp_path / "store")
+    gate = dsl.Artifact(uri=str(tmp_path / "gate.json"))
+    digest = bundle_digest(chain["bundle"].path)
+    storage.write_json(
+        gate.path, {"passed": True, "candidate_digest": digest, "production_version": None}
+    )
+    deploy.python_func(bundle=chain["bundle"], gate=gate, model_store=store)
+    (Path(current(store)) / "constraints.csv").write_text("")  # changed after the manifest
+    rewards = dsl.Model(uri=str(tmp_path / "rewards"))
+    with pytest.raises(BundleError, match="constraints.csv"):
+        attribute_rewards.python_func(
+            data=chain["data"], rewards=rewards, epochs=1, model_store=store
+        )

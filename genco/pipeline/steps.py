@@ -45,6 +45,7 @@ from genco.models.checkpoint import (
     REWARD_WEIGHTS,
     load_generator,
     load_reward_model,
+    verify_bundle,
 )
 from genco.models.generator import Generator, GeneratorConfig
 from genco.models.reward import RewardModel, RewardModelConfig
@@ -137,7 +138,10 @@ def _production_bundle(model_store: str | None, client: Client | None) -> str | 
         return None
     from genco.store import current
 
-    return current(model_store, client=client)
+    production = current(model_store, client=client)
+    if production is not None:
+        verify_bundle(production, client=client)  # warm starts trust only a whole bundle
+    return production
 
 
 def _context_columns(frame: pd.DataFrame) -> tuple[str, ...]:
