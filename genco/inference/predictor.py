@@ -171,12 +171,15 @@ class Predictor:
     ) -> Decoded:
         """The best (beam) or sampled combinations of catalog ad ``ad``, best score first.
 
-        beam: the generator's beam, scored by the reward model; unless ``refine`` (default:
-        the predictor's) is "none",
-        the best ``top_k`` of them are then improved by local search on the reward model
-        (``RewardTables.refine``: swaps of one component, and with "pairs" of two, while they
-        help), and the union is ranked again. sample: ``top_k`` draws, duplicates merged,
-        with exact propensities.
+        beam: an ad with at most ``exact_max`` combinations is decoded exactly (every legal
+        one scored by the reward model, residuals included). Otherwise the generator's beam
+        plus the ad's combinations with the largest residuals are scored by the reward model;
+        unless ``refine`` (default: the predictor's) is "none", the best ``top_k`` of them are
+        improved by local search on the model's structure (``RewardTables.refine``: swaps of
+        one component, and with "pairs" of two, while they help), and the union is ranked
+        again. sample: ``top_k`` draws, each from the policy with probability 1 - ``explore``
+        (default: the generator's ``explore``) else from the exploration draw, duplicates
+        merged, with the exact mixture propensities.
         """
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
@@ -214,7 +217,7 @@ class Predictor:
         else:
             eps = self.generator.config.explore if explore is None else explore
             if not 0.0 <= eps <= 1.0:
-                raise ValueError(f"explore must be in [0, 1], got {eps}")
+                raise ConfigError(f"explore must be in [0, 1], got {eps}")
             rng = np.random.default_rng(seed)
             slots, _ = policy.sample(x, top_k, rng, temperature)
             wide = rng.random(top_k) < eps

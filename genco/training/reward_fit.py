@@ -99,11 +99,14 @@ L2_ID_GRID = (1e-3, 1e-2, 1e-1)
 
 def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[list, int, dict]:
     """``_fit_structure`` once with ``config.l2_id``, or (l2_id = 0) once per L2_ID_GRID value
-    from the same start, keeping the one with the best held-out loss."""
-    if config.l2_id > 0 or not len(va):
+    from the same start, keeping the one with the best held-out loss. The rows are merged and
+    turned into tensors once for all of them."""
+    train = _rows(bound, enc, tr, weights)
+    val = _rows(bound, enc, va, np.ones(len(enc))) if len(va) else None
+    if config.l2_id > 0 or val is None:
         l2 = config.l2_id if config.l2_id > 0 else L2_ID_GRID[len(L2_ID_GRID) // 2]
         history, best_epoch = _fit_structure(
-            model, bound, enc, tr, va, weights, replace(config, l2_id=l2), progress
+            model, train, val, len(tr), replace(config, l2_id=l2), progress
         )
         return history, best_epoch, {"l2_id": l2}
     start = copy.deepcopy(model.state_dict())
@@ -112,7 +115,7 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
     for l2 in L2_ID_GRID:
         model.load_state_dict(start)
         history, best_epoch = _fit_structure(
-            model, bound, enc, tr, va, weights, replace(config, l2_id=l2), progress
+            model, train, val, len(tr), replace(config, l2_id=l2), progress
         )
         losses[str(l2)] = min(h["val_loss"] for h in history)
         if best is None or losses[str(l2)] < best[0]:
@@ -176,25 +179,22 @@ def _rows(bound: BoundModel, enc: Encoded, idx: np.ndarray, weights: np.ndarray)
 
 def _fit_structure(
     model: RewardModel,
-    bound: BoundModel,
-    enc: Encoded,
-    tr: np.ndarray,
-    va: np.ndarray,
-    weights: np.ndarray,
+    train: _Rows,
+    val: _Rows | None,
+    n_train: int,
     config: RewardModelConfig,
     progress: bool,
 ) -> tuple[list[dict], int]:
     """Adam on weighted BCE; each plateau of the held-out loss goes back to the best weights
-    with half the step; stops after ``patience`` plateaus. Returns (history, best epoch)."""
-    train = _rows(bound, enc, tr, weights)
-    val = _rows(bound, enc, va, np.ones(len(enc))) if len(va) else None
+    with half the step; stops after ``patience`` plateaus. ``n_train``: training impressions
+    before merging. Returns (history, best epoch)."""
     with torch.no_grad():
         seen = torch.zeros(model.n_elements + 1, dtype=torch.bool)
         seen[train.elem.unique()] = True
         seen[model.n_elements] = False
         model.seen.copy_(seen)
     # As many steps per epoch as unmerged rows would take; merged rows make each step smaller.
-    steps = max(1, math.ceil(len(tr) / config.batch_size))
+    steps = max(1, math.ceil(n_train / config.batch_size))
     per_step = min(config.batch_size, max(64, math.ceil(len(train) / steps)))
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     bce = nn.BCEWithLogitsLoss(reduction="none")
