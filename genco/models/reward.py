@@ -78,8 +78,8 @@ class RewardModelConfig:
     residual_sd: float = field(
         default=0.0,
         metadata={
-            "help": "Prior SD of the residuals on the logit; 0 = chosen on the held-out slice "
-            "from RESIDUAL_SD_GRID."
+            "help": "Scale of the residuals' Student-t prior on the logit; 0 = chosen by "
+            "marginal likelihood from genco.training.residuals.RESIDUAL_SD_GRID."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for init, split and shuffling."})
@@ -225,7 +225,7 @@ class RewardModel(nn.Module):
         return self._residual_index.of_ad(ad_index)
 
 
-def _row_hash(rows: np.ndarray) -> np.ndarray:
+def row_hash(rows: np.ndarray) -> np.ndarray:
     """A 64-bit hash per int64 row (splitmix64 steps over the columns)."""
     h = np.zeros(len(rows), np.uint64)
     with np.errstate(over="ignore"):
@@ -240,7 +240,7 @@ class ResidualIndex:
     collision gives no residual rather than a wrong one."""
 
     def __init__(self, keys: np.ndarray, values: np.ndarray) -> None:
-        h = _row_hash(keys)
+        h = row_hash(keys)
         order = np.argsort(h, kind="stable")
         self.hash, self.keys, self.values = h[order], keys[order], values[order]
 
@@ -254,7 +254,7 @@ class ResidualIndex:
 
     def lookup(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, np.int64)
-        h = _row_hash(rows)
+        h = row_hash(rows)
         at = np.minimum(np.searchsorted(self.hash, h), len(self.hash) - 1)
         hit = (self.hash[at] == h) & np.all(self.keys[at] == rows, axis=1)
         return np.where(hit, self.values[at], 0.0).astype(np.float32)

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from genco.models.reward import BoundModel, RewardModel, _row_hash
+from genco.models.reward import BoundModel, RewardModel, row_hash
 from genco.models.vocab import Encoded
 
 # Merge identical impressions only when that shrinks the rows at least this much.
@@ -23,7 +23,7 @@ def merge_impressions(
     shrinks them by MIN_MERGE_RATIO (or ``force``): (one row index each, summed weight,
     weighted click rate)."""
     keys = np.column_stack([enc.ads[idx], enc.combos[idx], enc.ctx[idx].view(np.int32)])
-    h = _row_hash(keys.astype(np.int64))
+    h = row_hash(keys.astype(np.int64))
     uniq, first, group = np.unique(h, return_index=True, return_inverse=True)
     w, y = weights[idx], enc.click[idx].astype(np.float64)
     if not force and len(uniq) * MIN_MERGE_RATIO > len(idx):
@@ -110,7 +110,8 @@ def fit_residuals(
     """
 
     def merged(idx: np.ndarray, w: np.ndarray):
-        """Rows merged by (ad, combination, context): structural logit, group, y, weight."""
+        """Rows merged by (ad, combination, context): (their residual keys, structural
+        logits, click rates, weights)."""
         idx, w, y = merge_impressions(enc, idx, w, force=True)
         s = np.zeros(len(idx))
         for i in range(0, len(idx), batch):
@@ -124,7 +125,7 @@ def fit_residuals(
 
     everything = np.arange(len(enc))
     rows, s, y, w = merged(everything, weights)
-    keys, group = np.unique(_row_hash(rows), return_inverse=True)
+    keys, group = np.unique(row_hash(rows), return_inverse=True)
     group = group.reshape(-1)
     n_groups = len(keys)
     evidence: dict[str, float] = {}
