@@ -3,7 +3,6 @@ reached the way a Kubeflow install's MinIO is: ``S3_ENDPOINT_URL`` and static ke
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import socket
@@ -11,13 +10,22 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from genco.data import storage, trees
 from genco.errors import NotFoundError
+
+# The backend-independent storage tests, collected here again so they run against this
+# module's ``root``: a fresh prefix on the S3 server.
+from tests.test_storage import (  # noqa: F401
+    _ids_frame,
+    test_bytes_text_json_round_trip,
+    test_open_read_streams_in_chunks,
+    test_table_round_trip_keeps_string_ids,
+    test_upload_download_dir_round_trip,
+)
 
 BUCKET = "genco-s3-test"
 
@@ -62,17 +70,6 @@ def root(s3_endpoint: str) -> str:
     return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
 
 
-def _ids_frame() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "id": ["007", "010", "123"],
-            "text": ["NA", "null", "広告"],
-            "clicks": [1, 0, 5],
-            "ctr": [0.5, 0.0, 0.25],
-        }
-    )
-
-
 # ----------------------------------------------------------------------- settings
 
 
@@ -102,58 +99,6 @@ def test_an_s3_path_is_never_a_local_relative_path(
 
 
 # --------------------------------------------------------------------- round trips
-
-
-def test_bytes_text_json_round_trip(root: str) -> None:
-    storage.write_bytes(storage.join(root, "b.bin"), b"\x00\x01binary")
-    assert storage.read_bytes(storage.join(root, "b.bin")) == b"\x00\x01binary"
-    storage.write_text(storage.join(root, "t.txt"), "広告 creative\n")
-    assert storage.read_text(storage.join(root, "t.txt")) == "広告 creative\n"
-    obj = {"z": 1, "a": [1, 2, {"k": None}], "見出し": "テスト"}
-    path = storage.join(root, "sub", "o.json")
-    storage.write_json(path, obj)
-    assert storage.read_json(path) == obj
-    assert storage.read_text(path).index('"z"') < storage.read_text(path).index('"a"')
-
-
-@pytest.mark.parametrize("ext", [".csv", ".csv.gz", ".parquet"])
-def test_table_round_trip_keeps_string_ids(root: str, ext: str) -> None:
-    path = storage.join(root, "tables", "t" + ext)
-    storage.write_table(_ids_frame(), path)
-    back = storage.read_table(path, dtype={"id": "str"})
-    assert back["id"].tolist() == ["007", "010", "123"]
-    assert back["text"].tolist() == ["NA", "null", "広告"]
-    assert back["clicks"].tolist() == [1, 0, 5]
-    assert back["ctr"].tolist() == [0.5, 0.0, 0.25]
-    if ext == ".csv.gz":
-        assert gzip.decompress(storage.read_bytes(path)).startswith(b"id,text,clicks,ctr\n007,")
-
-
-def test_open_read_streams_in_chunks(root: str) -> None:
-    data = os.urandom(3 * 1024 * 1024 + 17)
-    path = storage.join(root, "big.bin")
-    storage.write_bytes(path, data)
-    got = bytearray()
-    with storage.open_read(path) as f:
-        while chunk := f.read(256 * 1024):
-            assert len(chunk) <= 256 * 1024
-            got += chunk
-    assert bytes(got) == data
-
-
-def test_upload_download_dir_round_trip(root: str, tmp_path: Path) -> None:
-    files = {"model.pt": os.urandom(2000), "sub/vocab.txt": "広告\n".encode(), "sub/d/x": b"x"}
-    for rel, data in files.items():
-        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "src" / rel).write_bytes(data)
-    dest = storage.join(root, "artefacts")
-    trees.upload_dir(str(tmp_path / "src"), dest)
-    assert storage.listdir(dest) == ["model.pt", "sub"]
-    trees.download_dir(dest, str(tmp_path / "out"))
-    out = tmp_path / "out"
-    assert {
-        p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()
-    } == files
 
 
 # ----------------------------------------------------------------------- atomicity
