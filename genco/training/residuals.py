@@ -65,8 +65,12 @@ def _residual_newton(
     return r
 
 
-# Gauss-Hermite nodes for each group's one-dimensional evidence integral.
-QUADRATURE_NODES = 32
+# Each group's one-dimensional evidence integral: trapezoid rule in v over [-V, V] with
+# r = mode + width * sinh(v), which turns the Student-t's polynomial tails into exponential
+# ones; measured error < 1e-7 nats per group against brute-force integration (a 32-node
+# Gauss-Hermite rule was ~7e-4 nats per group low when the prior dominates: 100 nats on a
+# log of 150k combinations, enough to refuse every residual).
+QUADRATURE_V, QUADRATURE_STEP = 6.0, 0.1
 
 
 def _log_prior(r: np.ndarray, sd: float) -> np.ndarray:
@@ -84,10 +88,10 @@ def _log_prior(r: np.ndarray, sd: float) -> np.ndarray:
 def _log_evidence(
     group: np.ndarray, n_groups: int, s: np.ndarray, y: np.ndarray, w: np.ndarray, sd: float
 ) -> float:
-    """log p(clicks | sd): each group's residual integrated out by Gauss-Hermite quadrature
-    centred on its posterior mode, with the Laplace width. (The Laplace approximation alone
-    is biased for a Student-t prior: ~0.17 nats per group too low when the prior dominates,
-    which made any sd > 0 lose to sd = 0 by 0.17 x groups on mid-sized logs.)"""
+    """log p(clicks | sd): each group's residual integrated out numerically around its
+    posterior mode, on the Laplace width's scale (see QUADRATURE_V). (The Laplace
+    approximation alone is ~0.17 nats per group low for a Student-t prior when the prior
+    dominates, which made any sd > 0 lose to sd = 0 on mid-sized logs.)"""
     if sd <= 0:
         return -float(np.sum(w * (np.logaddexp(0.0, s) - y * s)))
     r = _residual_newton(group, n_groups, s, y, w, sd)
@@ -97,17 +101,18 @@ def _log_evidence(
     a = nu * sd**2 + r**2
     curv = h + (nu + 1) * (nu * sd**2 - r**2) / a**2
     width = 1.0 / np.sqrt(np.maximum(curv, 1e-12))
-    nodes, gh_weights = np.polynomial.hermite.hermgauss(QUADRATURE_NODES)
-    # r_gk = mode + sqrt(2) width x_k; integral = sqrt(2) width sum_k w_k e^{x_k^2} f(r_gk)
-    terms = np.empty((QUADRATURE_NODES, n_groups))
-    for k, x in enumerate(nodes):
-        rk = r + math.sqrt(2.0) * width * x
+    vs = np.arange(-QUADRATURE_V, QUADRATURE_V + QUADRATURE_STEP / 2, QUADRATURE_STEP)
+    top = np.full(n_groups, -np.inf)
+    acc = np.zeros(n_groups)  # running log-sum-exp over the nodes, per group
+    for v in vs:
+        rk = r + width * math.sinh(v)
         z = s + rk[group]
-        loglik = -np.bincount(group, w * (np.logaddexp(0.0, z) - y * z), n_groups)
-        terms[k] = loglik + _log_prior(rk, sd) + math.log(gh_weights[k]) + x**2
-    top = terms.max(axis=0)
-    per_group = top + np.log(np.exp(terms - top).sum(axis=0))
-    return float(np.sum(per_group + np.log(math.sqrt(2.0) * width)))
+        term = -np.bincount(group, w * (np.logaddexp(0.0, z) - y * z), n_groups)
+        term += _log_prior(rk, sd) + np.log(width * (math.cosh(v) * QUADRATURE_STEP))
+        new_top = np.maximum(top, term)
+        acc = acc * np.exp(top - new_top) + np.exp(term - new_top)
+        top = new_top
+    return float(np.sum(top + np.log(acc)))
 
 
 @torch.no_grad()
