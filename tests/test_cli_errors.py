@@ -228,6 +228,35 @@ def test_unreachable_kfp_host(bare_env, tmp_path: Path) -> None:
     assert "Connection refused" in line and "--host" in line
 
 
+# ------------------------------------------------------------------ local pipeline
+
+
+def test_failed_local_step_is_one_line_with_its_root_cause_and_is_not_retried(
+    bare_env, tmp_path: Path
+) -> None:
+    """A misspelt catalog path: the real KFP local runner, the ingest step fails on its
+    first attempt (no retry policy, no backoff), and stderr ends in one line naming the
+    step, the error inside it and the log; no traceback, exit 2."""
+    out = tmp_path / "run"
+    catalog = str(tmp_path / "catalgo.csv")
+    r = subprocess.run(
+        [sys.executable, "-m", "genco.cli", "pipeline", "run", "--out", str(out),
+         "--catalog", catalog, "--impressions", str(tmp_path / "impressions.csv")],
+        env=bare_env, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines == [
+        "ingest: running",
+        "ingest: failed",
+        f"genco pipeline: error: step 'ingest' failed: ContractError: {catalog}: file not "
+        f"found; full log: {out / 'pipeline.log'}",
+    ]
+    log = (out / "pipeline.log").read_text()
+    assert log.count("Executing task") == 1 and "Retrying" not in log
+    assert "Traceback (most recent call last)" in log  # the detail stays in the log
+
+
 # -------------------------------------------------------------------------------- HTTP
 
 
