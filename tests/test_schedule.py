@@ -135,6 +135,7 @@ def test_schedule_creates_one_at_a_time_recurring_run(kfp_api, package) -> None:
     assert run["runtime_config"]["parameters"] == PARAMS
     assert set(run["pipeline_spec"]["components"]) >= {f"comp-{n}" for n in COMPONENT_NAMES}
     assert api.experiments["exp-1"]["display_name"] == "genco"
+    assert f"{host}/#/experiments/details/exp-1" in out["links"]  # not on stdout
 
 
 def test_running_twice_is_refused_then_replace_updates_the_one_run(kfp_api, package) -> None:
@@ -212,3 +213,35 @@ def test_schedule_rejects_bad_cron_before_any_request(cron) -> None:
         kfp_cron(cron)
     with pytest.raises(ValueError, match="must have 5 fields"):
         schedule(cron, PARAMS, ScheduleTarget(host="http://127.0.0.1:9"))
+
+
+def test_cli_schedule_twice_refuses_in_one_line_exit_2(kfp_api, package, tmp_path) -> None:
+    """The real CLI in a subprocess against the stand-in API: the second run of the same
+    command refuses, and the recurring run stays the one created first."""
+    import os
+    import subprocess
+    import sys
+
+    host, api = kfp_api
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(root),
+        "KF_PIPELINES_ENDPOINT": host,
+    }
+    argv = [sys.executable, "-m", "genco.cli", "pipeline", "schedule", "--cron", "0 3 * * *",
+            "--store", "gs://b/s", "--catalog", "gs://b/c.csv", "--impressions", "gs://b/i.csv",
+            "--pipeline-yaml", package, "--service-account", "genco-runner"]  # fmt: skip
+    first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd=root)
+    assert first.returncode == 0, first.stderr
+    created = json.loads(first.stdout)
+    assert api.runs[created["recurring_run_id"]]["service_account"] == "genco-runner"
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd=root)
+    assert second.returncode == 2
+    assert second.stderr.splitlines() == [
+        "genco pipeline: error: recurring run 'genco-retraining-daily' already exists in "
+        f"experiment 'genco' (id {created['recurring_run_id']}); pass --replace to update it, "
+        "or choose another --job-name"
+    ]
+    assert list(api.runs) == [created["recurring_run_id"]]

@@ -17,6 +17,8 @@ installs), or IAP (``$KF_PIPELINES_IAP_OAUTH2_CLIENT_ID``, read by kfp itself).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -126,7 +128,10 @@ def schedule(
 
     spec_cron = kfp_cron(cron)
     target = target.from_env()
-    with tempfile.TemporaryDirectory() as tmp:
+    # kfp.Client prints "Experiment details: URL" lines to stdout, where the CLI writes its
+    # JSON: they are kept and returned as links instead.
+    printed = io.StringIO()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(printed):
         # Compile first: a missing image is refused before any request.
         package = pipeline_yaml or compile_pipeline(os.path.join(tmp, "retraining.yaml"), image)
         client = client or kfp_client(target)
@@ -161,4 +166,5 @@ def schedule(
         "namespace": target.namespace,
         "service_account": target.service_account,
         "pipeline_root": target.pipeline_root,
+        "links": [line.split(": ", 1)[-1] for line in printed.getvalue().splitlines() if line],
     }
