@@ -72,7 +72,7 @@ def _step(name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> T:
             with progress_lines():
-                return call_with_retries(fn, *args, what=name, **kwargs)
+                return call_with_retries(fn, *args, what=name, log=say, **kwargs)
 
         return run
 
