@@ -26,10 +26,8 @@ from genco.pipeline.logs import RunLog, failed_step, root_cause
 LOCAL_RL_STEPS = 100
 
 
-def retraining_module(image: str | None = None) -> ModuleType:
-    """The pipeline module, importing the components with ``image`` when given."""
-    if image:
-        os.environ["GENCO_IMAGE"] = image  # read by components.image at import
+def retraining_module() -> ModuleType:
+    """The pipeline module (``compile_pipeline`` sets the image in the YAML it writes)."""
     try:
         import pipelines.retraining as module
     except ModuleNotFoundError as exc:
@@ -58,7 +56,7 @@ def compile_pipeline(out_path: str, image: str | None = None, local: bool = Fals
             "Dockerfiles/component.Dockerfile) or set GENCO_IMAGE; --local compiles against "
             "the placeholder image for the local runner"
         )
-    compiler.Compiler().compile(retraining_module(image).retraining, package_path=out_path)
+    compiler.Compiler().compile(retraining_module().retraining, package_path=out_path)
     if image is not None:
         _set_image(out_path, image)
     return out_path
