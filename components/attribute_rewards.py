@@ -1,5 +1,7 @@
 """``attribute_rewards``: fit the reward model and attribute clicks to elements."""
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
@@ -14,10 +16,14 @@ def attribute_rewards(
     seed: int = 0,
     model_store: str = "",
     warm_start: bool = True,
-) -> float:
+) -> NamedTuple(
+    "RewardFit",
+    [("heldout_auc", float), ("heldout_log_loss", float), ("epochs_run", int), ("warm_start", str)],
+):
     """Train the multi-instance reward model on all but the latest 10% of ``data`` and write
-    it with per-impression and per-element attributions; returns the held-out AUC (NaN when
-    the held-out rows have a single class).
+    it with per-impression and per-element attributions. Outputs, named in the UI: the
+    held-out AUC and log loss (NaN when the held-out rows have a single class), the epochs
+    run (early stopping) and the warm-start source.
 
     Warm-starts from the production bundle of ``model_store`` when its vocabulary matches,
     so a daily retrain refines yesterday's model instead of starting over.
@@ -32,4 +38,10 @@ def attribute_rewards(
         model_store or None,
         warm_start,
     )
-    return float(metrics.get("test", {}).get("auc", float("nan")))
+    test = metrics.get("test", {})
+    return (
+        float(test.get("auc", float("nan"))),
+        float(test.get("log_loss", float("nan"))),
+        len(metrics["train"]["history"]),
+        str(metrics["warm_start"]),
+    )
