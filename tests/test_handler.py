@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from ts.context import Context, RequestProcessor
-from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 
 from genco.errors import RequestError
 from genco.inference.predictor import Predictor
@@ -267,17 +266,6 @@ def test_explanations_endpoint_header_adds_attributions(handler: Any, model_dir:
     _, bodies, _ = _run(handler, model_dir, rows, [{"explain": "True"}, {}])
     assert all("attribution" in r for r in bodies[0]["recommendations"])
     assert all("attribution" not in r for r in bodies[1]["recommendations"])
-
-
-def test_kserve_envelope_instances(handler: Any, model_dir: Path) -> None:
-    ctx = _context(model_dir, [{}])
-    rows = [{"body": {"instances": [{"ad_id": AD0, "top_k": 1}, {"ad_id": "nope"}]}}]
-    out = KServeEnvelope(handler.handle).handle(rows, ctx)
-    assert len(out) == 1
-    predictions = out[0]["predictions"]
-    assert predictions[0]["recommendations"][0]["rank"] == 1
-    assert predictions[1]["error"]["status"] == 404
-    assert ctx.get_response_status(0)[0] == 404  # one HTTP answer for the whole request
 
 
 # ---------------------------------------------------------------- request validation
