@@ -31,6 +31,7 @@ from genco.serving.config import (
     JVM_ARGS,
     MAX_ARCHIVE_BYTES,
     MAX_REQUEST_BYTES,
+    METRICS_PROPERTIES,
     TOKEN_EXPIRY_MIN,
     allowed_urls,
     check_layout_config,
@@ -108,6 +109,7 @@ def local_properties(
             "allowed_urls": allowed_urls(model_store),
             "max_request_size": MAX_REQUEST_BYTES,
             "async_logging": "true",
+            **METRICS_PROPERTIES,
         }
     )
 
