@@ -202,6 +202,29 @@ def test_kserve_v2_open_inference(server: torchserve.ServeHandle, http: requests
     assert bad.status_code == 400 and bad.json()["error"]["field"] == "inputs"
 
 
+def test_grpc_inference_api(server: torchserve.ServeHandle) -> None:
+    """TorchServe's gRPC Predictions, answered by the same handler (REST's JSON and envelopes)."""
+    import grpc
+
+    from genco.errors import RequestError
+    from genco.serving.grpc_client import GrpcClient
+
+    with GrpcClient(server.grpc_target, server.token("inference"), timeout_s=HTTP_S) as client:
+        body = client.predict({"ad_id": AD0, "top_k": 2})
+        assert body["model_version"] == "v1" and len(body["recommendations"]) == 2
+        assert client.predict({"ad_id": AD0}, version="v1")["model_version"] == "v1"
+        with pytest.raises(RequestError) as refused:
+            client.predict({"ad_id": "ad_9999"})
+        assert (refused.value.status, refused.value.field) == (404, "ad_id")
+        envelope = json.dumps({"instances": [{"ad_id": AD0}, {"ad_id": "ad_9999"}]}).encode()
+        good, bad = json.loads(client.predict_bytes(envelope))["predictions"]
+        assert good["recommendations"] and bad["error"]["status"] == 404
+    with GrpcClient(server.grpc_target, None, timeout_s=HTTP_S) as anonymous:
+        with pytest.raises(grpc.RpcError) as denied:
+            anonymous.predict({"ad_id": AD0})
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
 def test_prometheus_metrics_scraped(server: torchserve.ServeHandle, http: requests.Session) -> None:
     """TorchServe's metrics and the handler's own, scraped as Prometheus would."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -140,6 +140,7 @@ class ServeHandle:
     sample_request: dict[str, Any]
     sample_response: dict[str, Any] | None = None
     owns_workdir: bool = True
+    grpc_target: str = ""  # host:port of TorchServe's gRPC inference API
     _stopped: bool = field(default=False, repr=False)
 
     def token(self, api: str = "inference") -> str | None:
@@ -421,6 +422,7 @@ def _launch(
         process=process,
         sample_request=sample_request(predictor),
         owns_workdir=owns,
+        grpc_target=f"127.0.0.1:{ports[3]}",
     )
     atexit.register(handle.stop)
     try:
