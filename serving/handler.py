@@ -23,7 +23,7 @@ from ts.torch_handler.base_handler import BaseHandler
 import genco
 from genco.serving import kserve
 from genco.serving import requests as rest
-from genco.serving.metrics import HandlerMetrics
+from genco.serving.metrics import HandlerMetrics, quiet_worker_log
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,12 @@ class GencoHandler(BaseHandler):
         # The archive's extra files are a complete bundle, unpacked into model_dir.
         self.predictor = rest.load_predictor(context.system_properties["model_dir"])
         self.model_name = context.model_name
-        self.metrics = HandlerMetrics(context.metrics, self.model_name) if context.metrics else None
+        self.metrics = (
+            HandlerMetrics(context.metrics, self.model_name, background=True)
+            if context.metrics
+            else None
+        )
+        quiet_worker_log()
         self.initialized = True
         logger.info("genco %s from %s", self.predictor.version, os.path.dirname(genco.__file__))
 

@@ -144,33 +144,48 @@ def test_protocol_is_told_by_the_body() -> None:
 def test_metrics_go_through_torchserve_metrics_cache(
     handler: Any, model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from genco.serving.metrics import HandlerMetrics
+    """Requests add to counts in memory; a flush writes one line per changed series."""
+    from genco.serving.metrics import BUCKETS_MS, HandlerMetrics
 
     config = Path(ts.__file__).parent / "configs" / "metrics.yaml"
     cache = MetricsCacheYamlImpl(str(config))
     cache.initialize_cache()
-    handler.metrics = HandlerMetrics(cache, "genco")
+    handler.metrics = metrics = HandlerMetrics(cache, "genco", interval_s=3600)
+    rows = [
+        {"body": {"instances": [{"ad_id": AD0}, {"ad_id": "nope", "mode": "sample"}]}},
+        {"body": {"ad_id": AD0, "mode": "sample", "seed": 1}},
+        {"body": b"{"},
+    ]
     try:
-        rows = [
-            {"body": {"instances": [{"ad_id": AD0}, {"ad_id": "nope", "mode": "sample"}]}},
-            {"body": {"ad_id": AD0, "mode": "sample", "seed": 1}},
-            {"body": b"{"},
-        ]
         with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
             _run(handler, model_dir, rows)
+            _run(handler, model_dir, rows[:1])
+            assert not caplog.records  # nothing written per request
+            written = metrics.flush()
+            assert metrics.flush() == 0  # nothing changed since
     finally:
         handler.metrics = None
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
-    requests = sorted(
-        line.split("|")[:2] for line in lines if line.startswith(f"[METRICS]{REQUESTS}")
-    )
-    assert requests == [
-        [f"[METRICS]{REQUESTS}.Count:1", "#ModelName:genco,protocol:rest,mode:invalid,status:400"],
-        [f"[METRICS]{REQUESTS}.Count:1", "#ModelName:genco,protocol:rest,mode:sample,status:200"],
-        [f"[METRICS]{REQUESTS}.Count:1", "#ModelName:genco,protocol:v1,mode:beam,status:200"],
-        [f"[METRICS]{REQUESTS}.Count:1", "#ModelName:genco,protocol:v1,mode:sample,status:404"],
-    ]
-    latencies = [line for line in lines if line.startswith(f"[METRICS]{DECODE_MS}")]
-    assert len(latencies) == 2 and all("#type:HISTOGRAM" in line for line in latencies)
-    hits = [line for line in lines if line.startswith(f"[METRICS]{TABLE_CACHE}")]
-    assert hits == [h for h in hits if "result:hit" in h] and hits  # the ad's tables are warm
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == written and all(line.startswith("[METRICS]") for line in lines)
+
+    def series(name: str) -> dict[str, str]:
+        out = {}
+        for line in lines:
+            metric, dims = line.split("|")[:2]
+            if metric.startswith(f"[METRICS]{name}."):
+                out[dims.removeprefix("#ModelName:genco,")] = metric.split(":", 1)[1]
+        return out
+
+    assert series(REQUESTS) == {
+        "protocol:rest,mode:invalid,status:400": "1",
+        "protocol:rest,mode:sample,status:200": "1",
+        "protocol:v1,mode:beam,status:200": "2",
+        "protocol:v1,mode:sample,status:404": "2",
+    }
+    assert series(f"{DECODE_MS}_count") == {"mode:beam": "2", "mode:sample": "1"}
+    buckets = series(f"{DECODE_MS}_bucket")
+    assert buckets["mode:beam,le:+Inf"] == "2" and buckets["mode:sample,le:+Inf"] == "1"
+    beam = [int(buckets.get(f"mode:beam,le:{le:g}", "0")) for le in BUCKETS_MS]
+    assert beam == sorted(beam)  # cumulative
+    assert float(series(f"{DECODE_MS}_sum")["mode:beam"]) > 0
+    assert set(series(TABLE_CACHE)) == {"result:hit"}  # the ad's tables are warm

@@ -229,6 +229,8 @@ def test_prometheus_metrics_scraped(server: torchserve.ServeHandle, http: reques
     """TorchServe's metrics and the handler's own, scraped as Prometheus would."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    from genco.serving.metrics import FLUSH_S
+
     def scrape() -> dict[str, list[Any]]:
         resp = http.get(f"{server.metrics_url}/metrics", timeout=HTTP_S)
         assert resp.status_code == 200
@@ -241,6 +243,7 @@ def test_prometheus_metrics_scraped(server: torchserve.ServeHandle, http: reques
             if not s.name.endswith("_created") and labels.items() <= s.labels.items()
         )
 
+    time.sleep(2.5 * FLUSH_S)  # earlier tests' counts reach the frontend (a flush a second)
     before = scrape().get("genco_requests", [])
     _post(server, http, {"ad_id": AD0, "mode": "sample", "seed": 1})
     _post(server, http, {"ad_id": "ad_9999", "mode": "sample"})
@@ -262,16 +265,11 @@ def test_prometheus_metrics_scraped(server: torchserve.ServeHandle, http: reques
             break
         time.sleep(0.2)
     assert got == [1, 1, 1]
-    latency = metrics["genco_decode_latency_ms"]
-    assert count_hist(latency, "sample") >= 1
+    assert count(metrics["genco_decode_latency_ms_count"], mode="sample") >= 1
+    buckets = metrics["genco_decode_latency_ms_bucket"]
+    assert count(buckets, mode="sample", le="+Inf") >= 1
     assert count(metrics["genco_table_cache"], result="hit") >= 2
     assert count(metrics["ts_inference_requests"], model_name="genco") >= 3
-
-
-def count_hist(samples: list[Any], mode: str) -> float:
-    return sum(
-        s.value for s in samples if s.name.endswith("_count") and s.labels.get("mode") == mode
-    )
 
 
 def test_promote_switch_and_rollback(

@@ -255,6 +255,7 @@ def serve(
     log_config: str | os.PathLike[str] | None = LOG_CONFIG,
     session: requests.Session | None = None,
     model_store: str | None = None,
+    properties: dict[str, object] | None = None,
 ) -> ServeHandle:
     """Start TorchServe on 127.0.0.1 serving ``model_dir``; return once a real prediction
     succeeded (TorchServe's ``/ping`` says Healthy before the worker has loaded the model).
@@ -269,7 +270,8 @@ def serve(
     enable_model_api: allow registering models (``genco deploy --management-url``); off by
     default. model_store: TorchServe's model store (default ``workdir/model-store``); a
     store's ``STORE/kserve/model-store``, so that ``genco deploy``/``rollback`` with this
-    server's management URL register the archives they publish there.
+    server's management URL register the archives they publish there. properties: more
+    ``config.properties`` entries, over genco's (benchmarks and experiments).
     """
     _java()  # no Java, no TorchServe: say so before any work
     predictor = Predictor.load(model_dir)  # fail on a bad bundle before starting Java
@@ -295,6 +297,7 @@ def serve(
                     batch_size=batch_size,
                     max_batch_delay_ms=max_batch_delay_ms,
                 )
+                + properties_text(properties or {})
             )
         key_file = os.path.join(workdir, "key_file.json") if token_auth else None
         timing = (startup_timeout_s, session)
