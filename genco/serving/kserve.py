@@ -81,7 +81,7 @@ def _timed(
     predictor: Predictor, item: object, explain: bool, protocol: str
 ) -> tuple[Result, Outcome]:
     start = time.perf_counter()
-    result = answer(predictor, item, explain)
+    result = answer(predictor, item, explain, bounded=True)  # items of a decoded body
     ms = (time.perf_counter() - start) * 1e3
     if isinstance(result, dict):
         return result, Outcome(protocol, _mode(item), 200, ms)

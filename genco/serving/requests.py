@@ -230,13 +230,15 @@ def _context(body: dict[str, Any], predictor: Predictor) -> dict[str, float] | N
     return {c: feature_value(given[c], c) for c in cols} if cols else None
 
 
-def parse_request(body: object, predictor: Predictor) -> RecommendRequest:
+def parse_request(body: object, predictor: Predictor, bounded: bool = False) -> RecommendRequest:
     """Validate one request against the model; every mistake is a ``RequestError``.
 
     The body may be a parsed JSON object, or the raw bytes/text TorchServe forwards when the
-    client's JSON was malformed or sent without a JSON content type.
+    client's JSON was malformed or sent without a JSON content type. bounded: a dict body
+    came out of ``decode_body`` already (whole, or as an item of a decoded envelope), so its
+    size, depth and numbers are not checked twice.
     """
-    data = decode_body(body)
+    data = body if bounded and isinstance(body, dict) else decode_body(body)
     for key in data:
         if key not in _FIELDS and not key.startswith(CONTEXT_PREFIX):
             raise RequestError(key, f"unknown field (allowed: {', '.join(_FIELDS)}, ctx_*)")
@@ -365,15 +367,18 @@ def log_line(text: str) -> str:
     return line if len(line) <= _LOG_CHARS else line[: _LOG_CHARS - 3] + "..."
 
 
-def answer(predictor: Predictor, body: object, explain: bool = False) -> Result:
+def answer(
+    predictor: Predictor, body: object, explain: bool = False, bounded: bool = False
+) -> Result:
     """The response body for one request, or its error; never raises.
 
     A client mistake is a ``RequestError`` (its 4xx, one log line); anything else, including
     a response that would carry a non-finite number, an ``InternalError`` (500, traceback
     logged) for this request alone. explain: force attributions (``/explanations``).
+    bounded: as ``parse_request``'s.
     """
     try:
-        req = parse_request(body, predictor)
+        req = parse_request(body, predictor, bounded)
         if explain:
             req = replace(req, explain=True)
         out = predict(predictor, req)
