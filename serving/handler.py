@@ -67,7 +67,10 @@ class GencoHandler(BaseHandler):
         replies = kserve.answer_rows(self.predictor, data, content_types, explain, self.model_name)
         if self.metrics is not None:
             after = self.predictor.cache_counts()
-            self.metrics.record(replies, after[0] - hits, after[1] - misses)
+            try:
+                self.metrics.record(replies, after[0] - hits, after[1] - misses)
+            except Exception:  # metrics must never cost a batch its answers
+                logger.exception("genco metrics not recorded")
         for i, reply in enumerate(replies):
             if reply.status != 200:
                 context.set_response_status(reply.status, rest.reason_phrase(reply.status), i)

@@ -4,6 +4,7 @@ layout's own config.properties (model snapshot), and the manifest that mounts it
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,7 +110,13 @@ def test_the_pod_exports_prometheus_metrics_where_the_manifest_scrapes(
     props = dict(line.split("=", 1) for line in kserve_properties("v1").splitlines() if "=" in line)
     assert notes["serving.kserve.io/enable-prometheus-scraping"] == "true"
     assert props["metrics_address"] == f"http://0.0.0.0:{notes['prometheus.kserve.io/port']}"
-    resp = requests.get(f"{pod.metrics_url}{notes['prometheus.kserve.io/path']}", timeout=60)
+    url = f"{pod.metrics_url}{notes['prometheus.kserve.io/path']}"
+    deadline = time.monotonic() + 30  # the handler flushes its counts once a second
+    while True:
+        resp = requests.get(url, timeout=60)
+        if "genco_requests{" in resp.text or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert resp.status_code == 200
     assert "# TYPE ts_inference_requests_total counter" in resp.text
     assert "genco_requests{" in resp.text  # the handler's own, from the startup probe on
