@@ -110,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 "inference_url": handle.predictions_url(),
                 "management_url": handle.management_url,
                 "metrics_url": handle.metrics_url,
+                "grpc_target": handle.grpc_target,
                 "token_auth": handle.key_file is not None,
                 "key_file": handle.key_file,
                 "token_expires": _expiry(handle),
