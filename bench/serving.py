@@ -1,10 +1,14 @@
-"""Serving latency: the predictor in process, then TorchServe over REST. Prints JSON.
+"""Serving latency: the predictor in process, then TorchServe over REST and gRPC side by
+side, in one run. Prints JSON.
 
 World: 4 components x 10 candidates per ad (the issue's size), trained briefly; requests ask
-for the top 5 by beam search. In process: ``Predictor.recommend`` and the full request path
-(``genco.serving.requests.handle_batch``: parse, validate, predict, response dict). REST: a local
-TorchServe (token auth on, one worker) driven by threads with one ``requests.Session``
-each, at concurrency 1 and 8; latency is client-side wall time per request.
+for the top 5 by beam search. In process: ``Predictor.recommend`` and the handler's whole
+path on a batch row (``genco.serving.kserve.answer_rows``: bytes in, parse, validate, predict,
+JSON bytes out). REST and gRPC: one local TorchServe (token auth on, one worker, metrics on)
+driven by threads with one ``requests.Session`` or one gRPC channel each, at concurrency 1
+and 8, interleaved so both see the same machine; latency is client-side wall time per request.
+``--set key=value`` adds TorchServe properties (e.g. ``number_of_netty_threads=1``) to find
+where the frontend's time goes.
 
     .venv/bin/python bench/serving.py [--calls 2000] [--requests 2000] [--quick]
 
@@ -22,6 +26,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import psutil
@@ -31,8 +36,9 @@ import torch
 from genco.inference.predictor import Predictor
 from genco.models.generator import GeneratorConfig
 from genco.models.reward import RewardModelConfig
-from genco.serving import torchserve
-from genco.serving.requests import handle_batch, load_predictor
+from genco.serving import kserve, torchserve
+from genco.serving.grpc_client import GrpcClient
+from genco.serving.requests import load_predictor
 from genco.training.bundle import run_train
 from genco.worlds.simulate import simulate, world_config
 
@@ -82,45 +88,43 @@ def in_process(predictor: Predictor, calls: int) -> dict:
         out[f"recommend_{name}"] = percentiles(ms)
     ms = []
     for i in range(calls):
-        body = json.dumps({"ad_id": ads[i % len(ads)], "top_k": 5}).encode()
+        row = {"body": json.dumps({"ad_id": ads[i % len(ads)], "top_k": 5}).encode()}
         t = time.perf_counter()
-        handle_batch(predictor, [body])
+        kserve.answer_rows(predictor, [row], ["application/json"], [False])
         ms.append((time.perf_counter() - t) * 1e3)
-    out["handle_batch_1"] = percentiles(ms)
+    out["handler_row_1"] = percentiles(ms)
     return out
 
 
-def group_cpu_s(pgid: int) -> float:
-    """CPU seconds used so far by a process group (TorchServe: Java frontend + workers)."""
-    total = 0.0
+def group_cpu_s(pgid: int) -> dict[str, float]:
+    """CPU seconds used so far by a process group (TorchServe), split into the Java frontend
+    and the Python side (workers, launcher)."""
+    total = {"java": 0.0, "python": 0.0}
     for proc in psutil.process_iter():
         try:
             if os.getpgid(proc.pid) == pgid:
                 t = proc.cpu_times()
-                total += t.user + t.system
+                total["java" if "java" in proc.name() else "python"] += t.user + t.system
         except (psutil.Error, ProcessLookupError):
             continue
     return total
 
 
-def rest(
-    handle: torchserve.ServeHandle, ads: tuple[str, ...], concurrency: int, n: int, warmup: int
+def drive(
+    handle: torchserve.ServeHandle,
+    call: Any,
+    ads: tuple[str, ...],
+    concurrency: int,
+    n: int,
+    warmup: int,
 ) -> dict:
-    url = handle.predictions_url()
-    headers = {**handle.headers(), "Content-Type": "application/json"}
-    local = threading.local()
+    """n calls of ``call(i) -> (ms, error or None)`` from ``concurrency`` threads."""
     errors: list[str] = []
 
     def one(i: int) -> float:
-        session = getattr(local, "session", None)
-        if session is None:
-            session = local.session = requests.Session()
-        body = json.dumps({"ad_id": ads[i % len(ads)], "top_k": 5})
-        t = time.perf_counter()
-        resp = session.post(url, data=body, headers=headers, timeout=30)
-        ms = (time.perf_counter() - t) * 1e3
-        if resp.status_code != 200 or len(resp.json()["recommendations"]) != 5:
-            errors.append(f"{resp.status_code}: {resp.text[:200]}")
+        ms, error = call(i)
+        if error:
+            errors.append(error)
         return ms
 
     me = psutil.Process()
@@ -141,11 +145,64 @@ def rest(
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
         # CPU per request, independent of what else runs on the machine:
-        "server_cpu_ms_per_request": round((server1 - server0) / n * 1e3, 3),
+        "server_cpu_ms_per_request": round(
+            (sum(server1.values()) - sum(server0.values())) / n * 1e3, 3
+        ),
+        "frontend_cpu_ms_per_request": round((server1["java"] - server0["java"]) / n * 1e3, 3),
+        "worker_cpu_ms_per_request": round((server1["python"] - server0["python"]) / n * 1e3, 3),
         "client_cpu_ms_per_request": round(
             (client1.user + client1.system - client0.user - client0.system) / n * 1e3, 3
         ),
     }
+
+
+def rest_call(handle: torchserve.ServeHandle, ads: tuple[str, ...]) -> Any:
+    url = handle.predictions_url()
+    headers = {**handle.headers(), "Content-Type": "application/json"}
+    local = threading.local()
+
+    def call(i: int) -> tuple[float, str | None]:
+        session = getattr(local, "session", None)
+        if session is None:
+            session = local.session = requests.Session()
+        body = json.dumps({"ad_id": ads[i % len(ads)], "top_k": 5})
+        t = time.perf_counter()
+        resp = session.post(url, data=body, headers=headers, timeout=30)
+        ms = (time.perf_counter() - t) * 1e3
+        if resp.status_code != 200 or len(resp.json()["recommendations"]) != 5:
+            return ms, f"{resp.status_code}: {resp.text[:200]}"
+        return ms, None
+
+    return call
+
+
+def grpc_call(handle: torchserve.ServeHandle, ads: tuple[str, ...]) -> Any:
+    local = threading.local()
+    token = handle.token("inference")
+
+    def call(i: int) -> tuple[float, str | None]:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = GrpcClient(handle.grpc_target, token)
+        body = json.dumps({"ad_id": ads[i % len(ads)], "top_k": 5}).encode()
+        t = time.perf_counter()
+        try:
+            out = json.loads(client.predict_bytes(body))
+        except Exception as exc:  # an error is counted, not fatal to the benchmark
+            return (time.perf_counter() - t) * 1e3, repr(exc)[:200]
+        ms = (time.perf_counter() - t) * 1e3
+        if len(out.get("recommendations", [])) != 5:
+            return ms, json.dumps(out)[:200]
+        return ms, None
+
+    return call
+
+
+def _property(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"'{text}' is not key=value")
+    return key, value
 
 
 def main() -> None:
@@ -157,6 +214,15 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="TorchServe workers")
     p.add_argument("--warmup", type=int, default=1000, help="REST warm-up requests")
     p.add_argument("--quick", action="store_true", help="200 calls / requests")
+    p.add_argument(
+        "--set",
+        type=_property,
+        action="append",
+        default=[],
+        help="extra TorchServe property key=value (repeatable)",
+    )
+    p.add_argument("--label", default="", help="a name for this configuration in the JSON")
+    p.add_argument("--bundle", default=None, help="a trained bundle (default: train the world's)")
     args = p.parse_args()
     calls, n = (200, 200) if args.quick else (args.calls, args.requests)
     warmup = 100 if args.quick else args.warmup
@@ -164,7 +230,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="genco-bench-serving-") as tmp:
         torch.set_num_threads(1)  # as a serving worker runs; also keeps training quick
         t = time.perf_counter()
-        bundle = make_bundle(tmp)
+        bundle = args.bundle or make_bundle(tmp)
         train_s = time.perf_counter() - t
         predictor = load_predictor(bundle)
         result: dict = {
@@ -186,20 +252,30 @@ def main() -> None:
             "in_process": in_process(predictor, calls),
         }
         t = time.perf_counter()
+        extra = dict(args.set)
         with torchserve.serve(
             bundle,
             workers=args.workers,
             batch_size=args.batch_size,
             max_batch_delay_ms=args.max_batch_delay_ms,
+            properties=extra,
         ) as handle:
             startup_s = time.perf_counter() - t
-            result["rest"] = {
+            ads = predictor.catalog.ads
+            runs: dict[str, list[dict]] = {"rest": [], "grpc": []}
+            for c in (1, 8):  # interleaved: both protocols see the same machine
+                runs["rest"].append(drive(handle, rest_call(handle, ads), ads, c, n, warmup))
+                runs["grpc"].append(drive(handle, grpc_call(handle, ads), ads, c, n, warmup))
+            result["server"] = {
+                "label": args.label,
                 "startup_seconds": round(startup_s, 1),
                 "workers": args.workers,
                 "batch_size": args.batch_size,
                 "max_batch_delay_ms": args.max_batch_delay_ms,
-                "runs": [rest(handle, predictor.catalog.ads, c, n, warmup) for c in (1, 8)],
+                "properties": extra,
+                "load_average_1m_at_end": round(os.getloadavg()[0], 2),
             }
+            result.update(runs)
     print(json.dumps(result, indent=2))
 
 

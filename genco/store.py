@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 from google.api_core import exceptions as gexc
 
-from genco.data import storage
+from genco.data import storage, trees
 from genco.errors import BundleError, StoreError
 from genco.models.checkpoint import (
     MANIFEST,
@@ -174,6 +174,7 @@ def promote(
             return DeployResult(False, None, None, now, refusal)
 
     target_manifest = storage.join(target, MANIFEST)
+    written: list[str] = []  # a version this call copied: removed again if on_promote fails
     if storage.exists(target_manifest, client=client):
         if storage.read_bytes(target_manifest, client=client) != raw:
             raise StoreError(f"{target}: version '{version}' exists with different content")
@@ -182,8 +183,17 @@ def promote(
         except BundleError:  # a copy damaged since: write it again, manifest last
             _copy(target, files, raw, client)
     else:
+        written = [storage.join(target, name) for name in [*files, MANIFEST]]
+        created = [d for w in written for d in trees.missing_dirs(w)]
         _copy(target, files, raw, client)
-    finish = on_promote(target, version) if on_promote is not None else None
+    try:
+        finish = on_promote(target, version) if on_promote is not None else None
+    except BaseException:
+        # e.g. TorchServe refused the registration: the store stays exactly as it was,
+        # without an orphan version nobody promoted.
+        if written:
+            trees.undo_writes(written, created, client)
+        raise
     previous = [] if pointer is None else [now, *pointer.get("previous", [])]
     _write_pointer(store, seen, version, previous, client, gate=_gate_summary(gate, digest))
     if finish is not None:

@@ -1,23 +1,31 @@
-"""TorchServe handler for genco: adapts TorchServe's batch to ``genco.serving.requests``.
+"""TorchServe handler for genco: adapts TorchServe's batch to ``genco.serving``.
 
-Request parsing, validation, prediction and error bodies live in ``genco.serving.requests`` so the
-CLI, the tests and this handler share them. Bad requests are answered per request with
-TorchServe's own per-request status (``context.set_response_status``): a batch-level
-``PredictionException`` would fail every batch-mate of one bad request, and TorchServe turns
-an exception's 413 into a 507. ``genco.serving`` never raises for one request: a bug costs
-that request a 500, never its batch-mates.
+Each batch row is a REST request, a KServe v1 envelope or an open-inference (v2) request, from
+HTTP or gRPC; ``genco.serving.kserve`` tells them apart by their body and answers every request
+in them on its own (parsing, validation, prediction and error bodies live in
+``genco.serving.requests``, shared with the CLI and the tests). Bad requests are answered per
+row with TorchServe's own per-request status (``context.set_response_status``): a
+batch-level ``PredictionException`` would fail every batch-mate of one bad request, and
+TorchServe turns an exception's 413 into a 507. ``genco.serving`` never raises for one
+request: a bug costs that request a 500, never its batch-mates. TorchServe's own
+``service_envelope`` must stay unset: it would unwrap only the first row of a batch.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from ts.context import Context
 from ts.torch_handler.base_handler import BaseHandler
 
-from genco.serving import limits
+import genco
+from genco.serving import kserve
 from genco.serving import requests as rest
+from genco.serving.metrics import HandlerMetrics, quiet_worker_log
+
+logger = logging.getLogger(__name__)
 
 
 def _content_type(context: Context, idx: int) -> str | None:
@@ -30,29 +38,41 @@ def _content_type(context: Context, idx: int) -> str | None:
 
 class GencoHandler(BaseHandler):
     def initialize(self, context: Context) -> None:
+        if os.environ.get("TS_SERVICE_ENVELOPE"):
+            raise RuntimeError(
+                "TS_SERVICE_ENVELOPE is set: genco answers KServe v1 and v2 itself; unset it"
+            )
         # Raw bytes, not the worker's own json.loads (unbounded recursion, a traceback per
         # malformed body): genco.serving parses them with its limits. Read per request.
         os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
         # The archive's extra files are a complete bundle, unpacked into model_dir.
         self.predictor = rest.load_predictor(context.system_properties["model_dir"])
-        self.initialized = True
-
-    def handle(self, data: list[Any], context: Context) -> list[dict[str, Any] | bytes]:
-        self.context = context
-        n_http = len(context.request_processor)  # < len(data) behind KServe's envelope
-        idx = [min(i, n_http - 1) for i in range(len(data))]
-        # TorchServe's /explanations endpoint marks its requests with this header.
-        explain = [context.get_request_header(j, "explain") == "True" for j in idx]
-        content_types = [_content_type(context, j) for j in idx]
-        results = rest.handle_rows(self.predictor, data, content_types, explain)
-        # Behind an envelope, the envelope serializes what we return; otherwise we do.
-        answers: list[tuple[int, Any]] = (
-            list(rest.respond(results)) if limits.enveloped(data) else list(rest.encoded(results))
+        self.model_name = context.model_name
+        self.metrics = (
+            HandlerMetrics(context.metrics, self.model_name, background=True)
+            if context.metrics
+            else None
         )
-        bodies: list[dict[str, Any] | bytes] = []
-        for j, (status, body) in zip(idx, answers):
-            if status != 200:
-                context.set_response_status(status, rest.reason_phrase(status), j)
-            context.set_response_content_type(j, "application/json")
-            bodies.append(body)
-        return bodies
+        quiet_worker_log()
+        self.initialized = True
+        logger.info("genco %s from %s", self.predictor.version, os.path.dirname(genco.__file__))
+
+    def handle(self, data: list[Any], context: Context) -> list[bytes]:
+        self.context = context
+        n = len(data)
+        # TorchServe's /explanations and KServe's :explain mark their requests with this header.
+        explain = [context.get_request_header(i, "explain") == "True" for i in range(n)]
+        content_types = [_content_type(context, i) for i in range(n)]
+        hits, misses = self.predictor.cache_counts()
+        replies = kserve.answer_rows(self.predictor, data, content_types, explain, self.model_name)
+        if self.metrics is not None:
+            after = self.predictor.cache_counts()
+            try:
+                self.metrics.record(replies, after[0] - hits, after[1] - misses)
+            except Exception:  # metrics must never cost a batch its answers
+                logger.exception("genco metrics not recorded")
+        for i, reply in enumerate(replies):
+            if reply.status != 200:
+                context.set_response_status(reply.status, rest.reason_phrase(reply.status), i)
+            context.set_response_content_type(i, "application/json")
+        return [reply.body for reply in replies]

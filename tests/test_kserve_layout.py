@@ -4,6 +4,7 @@ layout's own config.properties (model snapshot), and the manifest that mounts it
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,8 +59,71 @@ def test_the_layout_serves_its_default_version_with_a_token(pod: torchserve.Serv
     assert [m["modelVersion"] for m in models] == ["v2"]
 
 
-def test_manifest_runs_torchserve_on_the_published_layout():
+# What a client of each KServe protocol sends, and where the request's answer is.
+PROTOCOLS = {
+    "v1": (
+        "v1/models/genco:predict",
+        lambda req: {"instances": [req]},
+        lambda body: body["predictions"][0],
+    ),
+    "v2": (
+        "v2/models/genco/infer",
+        lambda req: {
+            "inputs": [
+                {"name": "request", "datatype": "BYTES", "shape": [1], "data": [json.dumps(req)]}
+            ]
+        },
+        lambda body: json.loads(body["outputs"][1]["data"][0]),
+    ),
+}
+
+
+def _manifest() -> tuple[dict, dict]:
     runtime, isvc = list(yaml.safe_load_all(MANIFEST.read_text()))
+    return runtime, isvc
+
+
+def test_the_pod_answers_every_protocol_the_manifest_declares(pod: torchserve.ServeHandle):
+    runtime, isvc = _manifest()
+    declared = runtime["spec"]["protocolVersions"]
+    assert isvc["spec"]["predictor"]["model"]["protocolVersion"] in declared
+    assert set(declared) == set(PROTOCOLS)
+    headers = {**pod.headers(), "Content-Type": "application/json"}
+    for protocol in declared:
+        path, wrap, unwrap = PROTOCOLS[protocol]
+        url = f"{pod.inference_url}/{path}"
+        for req, status in (({**pod.sample_request, "top_k": 2}, 200), ({"ad_id": "x"}, 404)):
+            resp = requests.post(url, json=wrap(req), headers=headers, timeout=60)
+            assert resp.status_code == 200, (protocol, resp.text)
+            answer = unwrap(resp.json())
+            if status == 200:
+                assert answer["model_version"] == "v2" and len(answer["recommendations"]) == 2
+            else:
+                assert answer["error"]["status"] == 404, protocol
+
+
+def test_the_pod_exports_prometheus_metrics_where_the_manifest_scrapes(
+    pod: torchserve.ServeHandle,
+):
+    _, isvc = _manifest()
+    notes = isvc["metadata"]["annotations"]
+    props = dict(line.split("=", 1) for line in kserve_properties("v1").splitlines() if "=" in line)
+    assert notes["serving.kserve.io/enable-prometheus-scraping"] == "true"
+    assert props["metrics_address"] == f"http://0.0.0.0:{notes['prometheus.kserve.io/port']}"
+    url = f"{pod.metrics_url}{notes['prometheus.kserve.io/path']}"
+    deadline = time.monotonic() + 30  # the handler flushes its counts once a second
+    while True:
+        resp = requests.get(url, timeout=60)
+        if "genco_requests{" in resp.text or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert resp.status_code == 200
+    assert "# TYPE ts_inference_requests_total counter" in resp.text
+    assert "genco_requests{" in resp.text  # the handler's own, from the startup probe on
+
+
+def test_manifest_runs_torchserve_on_the_published_layout():
+    runtime, isvc = _manifest()
     assert (runtime["kind"], isvc["kind"]) == ("ServingRuntime", "InferenceService")
     container = runtime["spec"]["containers"][0]
     assert container["command"] == ["torchserve"]

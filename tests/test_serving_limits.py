@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from genco.inference.predictor import Predictor
-from genco.serving import limits
+from genco.serving import kserve, limits
 from genco.serving import requests as serving
 from tests.test_handler import AD0, _context
 
@@ -150,28 +150,27 @@ BAD: list[tuple[object, str | None, int, str]] = [
 def test_hostile_bodies_get_their_own_4xx(
     predictor: Predictor, body: object, content_type: str | None, status: int, message: str
 ) -> None:
-    [result] = serving.handle_rows(predictor, [{"body": body}], [content_type], [False])
-    assert isinstance(result, serving.RequestError)
-    assert (result.status, str(result)) == (status, message)
-    assert message.startswith(f"{result.field}: ")
+    [reply] = kserve.answer_rows(predictor, [{"body": body}], [content_type], [False])
+    error = json.loads(reply.body)["error"]
+    assert (reply.status, error["status"], error["message"]) == (status, status, message)
+    assert message.startswith(f"{error['field']}: ")
 
 
 def test_form_post_rows_are_refused_whatever_their_header(predictor: Predictor) -> None:
     rows = [{"ad_id": b"ad_0000", "top_k": b"3"}, {"body": {"ad_id": AD0}}]
-    form, ok = serving.handle_rows(predictor, rows, [None, "application/json"], [False, False])
-    assert isinstance(form, serving.RequestError)
-    assert (form.status, str(form)) == (
+    form, ok = kserve.answer_rows(predictor, rows, [None, "application/json"], [False, False])
+    assert (form.status, json.loads(form.body)["error"]["message"]) == (
         415,
         "body: form fields (ad_id, top_k) are not supported; send a JSON body",
     )
-    assert isinstance(ok, dict) and ok["recommendations"]
+    assert ok.status == 200 and json.loads(ok.body)["recommendations"]
 
 
 def test_json_content_type_with_parameters_is_json(predictor: Predictor) -> None:
-    [result] = serving.handle_rows(
+    [reply] = kserve.answer_rows(
         predictor, [{"body": b'{"ad_id": "ad_0000"}'}], ["Application/JSON; charset=utf-8"], [False]
     )
-    assert isinstance(result, dict) and result["ad_id"] == AD0
+    assert reply.status == 200 and json.loads(reply.body)["ad_id"] == AD0
 
 
 def test_features_up_to_the_bound_give_finite_scores(predictor: Predictor) -> None:

@@ -63,10 +63,17 @@ def test_every_shipped_config_is_authenticated_and_limited_to_its_store(tmp_path
         assert float(props["token_expiration_min"]) == TOKEN_EXPIRY_MIN, name
         assert props["decode_input_request"] == "false", name
         public = {k for k, v in props.items() if k.endswith("address") and "0.0.0.0" in v}
-        # Only a container's or pod's inference listener is public, and on purpose.
-        assert public == (set() if name == "local" else {"inference_address"}), name
-        for key in ("management_address", "metrics_address"):
-            assert props[key].startswith("http://127.0.0.1:"), (name, key)
+        # Only a container's or pod's inference and metrics listeners are public, on purpose
+        # (clients, and Prometheus's scrape).
+        expected = {"inference_address", "metrics_address"}
+        assert public == (set() if name == "local" else expected), name
+        assert props["management_address"].startswith("http://127.0.0.1:"), name
+        if name == "local":
+            assert props["metrics_address"].startswith("http://127.0.0.1:"), name
+        # Prometheus metrics on, ours registered without a metrics file (README "Metrics").
+        assert props["metrics_mode"] == "prometheus", name
+        assert props["enable_metrics_api"] == "true", name
+        assert props["model_metrics_auto_detect"] == "true", name
         for key in ("grpc_inference_address", "grpc_management_address"):
             assert props[key] == "127.0.0.1", (name, key)
 

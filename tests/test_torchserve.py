@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,11 +64,14 @@ def http() -> Iterator[requests.Session]:
 
 
 def _post(
-    server: torchserve.ServeHandle, http: requests.Session, body: Any, path: str = "predictions"
+    server: torchserve.ServeHandle,
+    http: requests.Session,
+    body: Any,
+    path: str = "predictions/genco",
 ) -> requests.Response:
     kwargs: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
     return http.post(
-        f"{server.inference_url}/{path}/genco",
+        f"{server.inference_url}/{path}",
         headers={**server.headers(), "Content-Type": "application/json"},
         timeout=HTTP_S,
         **kwargs,
@@ -102,7 +106,7 @@ def test_predict(server: torchserve.ServeHandle, http: requests.Session) -> None
 
 def test_explain_field_and_endpoint(server: torchserve.ServeHandle, http: requests.Session) -> None:
     asked = _post(server, http, {"ad_id": AD0, "top_k": 2, "explain": True}).json()
-    endpoint = _post(server, http, {"ad_id": AD0, "top_k": 2}, path="explanations").json()
+    endpoint = _post(server, http, {"ad_id": AD0, "top_k": 2}, path="explanations/genco").json()
     assert asked == endpoint
     for r in asked["recommendations"]:
         assert set(r["attribution"]) == set(r["elements"])
@@ -157,6 +161,115 @@ def test_concurrent_batch_keeps_each_answer(
         statuses = list(pool.map(lambda b: _post(server, http, b).status_code, bodies))
     assert statuses == [200 if i % 2 else 404 for i in range(16)]
     assert _post(server, http, {"ad_id": AD0}).status_code == 200  # the worker survived
+
+
+def _v2(requests_: list[Any]) -> dict[str, Any]:
+    data = [json.dumps(r) for r in requests_]
+    return {
+        "id": "r1",
+        "inputs": [{"name": "request", "datatype": "BYTES", "shape": [len(data)], "data": data}],
+    }
+
+
+def test_kserve_v1_per_item_errors(server: torchserve.ServeHandle, http: requests.Session) -> None:
+    """KServe v1 on TorchServe's own route: one unknown ad is that item's error inside a 200."""
+    instances = [{"ad_id": AD0, "top_k": 2}, {"ad_id": "ad_9999"}]
+    resp = _post(server, http, {"instances": instances}, path="v1/models/genco:predict")
+    assert resp.status_code == 200
+    good, unknown = resp.json()["predictions"]
+    assert len(good["recommendations"]) == 2
+    assert (unknown["error"]["status"], unknown["error"]["field"]) == (404, "ad_id")
+    explained = _post(server, http, {"instances": instances[:1]}, path="v1/models/genco:explain")
+    [answer] = explained.json()["explanations"]
+    assert all("attribution" in r for r in answer["recommendations"])
+    bad = _post(server, http, {"instances": "ad_0000"}, path="v1/models/genco:predict")
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "instances"
+    assert _post(server, http, {"ad_id": AD0}).status_code == 200  # REST alongside
+
+
+def test_kserve_v2_open_inference(server: torchserve.ServeHandle, http: requests.Session) -> None:
+    body = _v2([{"ad_id": AD0, "top_k": 3}, {"ad_id": "ad_9999"}, {"ad_id": AD0, "mode": "x"}])
+    resp = _post(server, http, body, path="v2/models/genco/infer")
+    assert resp.status_code == 200
+    out = resp.json()
+    assert (out["id"], out["model_name"], out["model_version"]) == ("r1", "genco", "v1")
+    status, response = out["outputs"]
+    assert status["data"] == [200, 404, 400]
+    answers = [json.loads(text) for text in response["data"]]
+    assert len(answers[0]["recommendations"]) == 3
+    assert answers[2]["error"]["field"] == "mode"
+    bad = _post(server, http, {"inputs": []}, path="v2/models/genco/infer")
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "inputs"
+
+
+def test_grpc_inference_api(server: torchserve.ServeHandle) -> None:
+    """TorchServe's gRPC Predictions, answered by the same handler (REST's JSON and envelopes)."""
+    import grpc
+
+    from genco.errors import RequestError
+    from genco.serving.grpc_client import GrpcClient
+
+    with GrpcClient(server.grpc_target, server.token("inference"), timeout_s=HTTP_S) as client:
+        body = client.predict({"ad_id": AD0, "top_k": 2})
+        assert body["model_version"] == "v1" and len(body["recommendations"]) == 2
+        assert client.predict({"ad_id": AD0}, version="v1")["model_version"] == "v1"
+        with pytest.raises(RequestError) as refused:
+            client.predict({"ad_id": "ad_9999"})
+        assert (refused.value.status, refused.value.field) == (404, "ad_id")
+        envelope = json.dumps({"instances": [{"ad_id": AD0}, {"ad_id": "ad_9999"}]}).encode()
+        good, bad = json.loads(client.predict_bytes(envelope))["predictions"]
+        assert good["recommendations"] and bad["error"]["status"] == 404
+    with GrpcClient(server.grpc_target, None, timeout_s=HTTP_S) as anonymous:
+        with pytest.raises(grpc.RpcError) as denied:
+            anonymous.predict({"ad_id": AD0})
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_prometheus_metrics_scraped(server: torchserve.ServeHandle, http: requests.Session) -> None:
+    """TorchServe's metrics and the handler's own, scraped as Prometheus would."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from genco.serving.metrics import FLUSH_S
+
+    def scrape() -> dict[str, list[Any]]:
+        resp = http.get(f"{server.metrics_url}/metrics", timeout=HTTP_S)
+        assert resp.status_code == 200
+        return {f.name: f.samples for f in text_string_to_metric_families(resp.text)}
+
+    def count(samples: list[Any], **labels: str) -> float:
+        return sum(
+            s.value
+            for s in samples
+            if not s.name.endswith("_created") and labels.items() <= s.labels.items()
+        )
+
+    time.sleep(2.5 * FLUSH_S)  # earlier tests' counts reach the frontend (a flush a second)
+    before = scrape().get("genco_requests", [])
+    _post(server, http, {"ad_id": AD0, "mode": "sample", "seed": 1})
+    _post(server, http, {"ad_id": "ad_9999", "mode": "sample"})
+    _post(server, http, {"instances": [{"ad_id": AD0}]}, path="v1/models/genco:predict")
+    deadline = time.monotonic() + 30  # the frontend reads the worker's metric lines async
+    while True:
+        metrics = scrape()
+        requests_ = metrics.get("genco_requests", [])
+        got = [
+            count(requests_, protocol=p, mode=m, status=s)
+            - count(before, protocol=p, mode=m, status=s)
+            for p, m, s in (
+                ("rest", "sample", "200"),
+                ("rest", "sample", "404"),
+                ("v1", "beam", "200"),
+            )
+        ]
+        if got == [1, 1, 1] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert got == [1, 1, 1]
+    assert count(metrics["genco_decode_latency_ms_count"], mode="sample") >= 1
+    buckets = metrics["genco_decode_latency_ms_bucket"]
+    assert count(buckets, mode="sample", le="+Inf") >= 1
+    assert count(metrics["genco_table_cache"], result="hit") >= 2
+    assert count(metrics["ts_inference_requests"], model_name="genco") >= 3
 
 
 def test_promote_switch_and_rollback(

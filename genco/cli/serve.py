@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -60,6 +61,19 @@ def _renew(handle: ServeHandle) -> None:
         print(f"renewed the {api} key in {handle.key_file}", file=sys.stderr)
 
 
+def _model_store(store: str | None) -> str | None:
+    """TorchServe's model store for ``--store STORE``: the layout's, where ``genco deploy``
+    publishes the archives it registers (local stores only: TorchServe reads files)."""
+    if store is None:
+        return None
+    from genco.data.fs import is_remote
+    from genco.serving.archive import KSERVE_DIR
+
+    if is_remote(store):
+        raise ConfigError(f"--store {store}: a local model store (TorchServe reads its files)")
+    return os.path.join(store, KSERVE_DIR, "model-store")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from genco.serving.torchserve import serve, serve_layout
 
@@ -69,6 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             ("--port-base", args.port_base),
             ("--no-auth", args.no_auth),
             ("--token-expiry-min", args.token_expiry_min),
+            ("--enable-model-api", args.enable_model_api),
+            ("--store", args.store),
         ):
             if value:
                 raise ConfigError(f"{flag} applies to --model; a layout brings its own config")
@@ -83,6 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             token_auth=not args.no_auth,
             workers=args.workers,
             startup_timeout_s=args.startup_timeout,
+            enable_model_api=args.enable_model_api,
+            model_store=_model_store(args.store),
             **expiry,
         )
     with handle:
@@ -92,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 "inference_url": handle.predictions_url(),
                 "management_url": handle.management_url,
                 "metrics_url": handle.metrics_url,
+                "grpc_target": handle.grpc_target,
                 "token_auth": handle.key_file is not None,
                 "key_file": handle.key_file,
                 "token_expires": _expiry(handle),
@@ -172,6 +191,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "as long as "
         "the server runs). Shorter keys are renewed a minute before they expire, in the key "
         "file",
+    )
+    s.add_argument(
+        "--enable-model-api",
+        action="store_true",
+        help="allow registering, switching and unregistering versions on the management API "
+        "(genco deploy/rollback --management-url, with the management key of the key file); "
+        "off by default",
+    )
+    s.add_argument(
+        "--store",
+        default=None,
+        help="a local model store: TorchServe's model store becomes STORE/kserve/model-store, "
+        "where genco deploy --store STORE --management-url URL publishes what it registers",
     )
     s.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     s.add_argument(

@@ -109,3 +109,28 @@ def download_dir(src: str, local_dir: str, client: Client | None = None) -> None
     for k, url, local in targets:
         with atomic_local_path(local) as tmp, naming(url, fs):  # deleted since the listing
             fs.get_file(k, tmp)
+
+
+def missing_dirs(path: str) -> list[str]:
+    """The local directories a write to ``path`` would create, deepest first ([] for
+    object stores, which have no directories): what ``undo_writes`` removes again."""
+    if is_remote(path):
+        return []
+    out = []
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        out.append(parent)
+        parent = os.path.dirname(parent)
+    return out
+
+
+def undo_writes(files: list[str], dirs: list[str], client: Client | None = None) -> None:
+    """Remove files this process wrote (those that exist) and then the directories it created
+    for them (``missing_dirs``, deepest first) if they are empty: a failed step leaves the
+    tree as it found it."""
+    for path in files:
+        if storage.exists(path, client=client):
+            storage.remove(path, client=client)
+    for d in sorted(set(dirs), key=len, reverse=True):
+        if os.path.isdir(d) and not os.listdir(d):
+            os.rmdir(d)

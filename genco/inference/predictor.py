@@ -141,6 +141,11 @@ class Predictor:
             self._reward_tables.put(ad, tables, tables.nbytes)
         return policy, tables
 
+    def cache_counts(self) -> tuple[int, int]:
+        """(hits, misses) of the per-ad table cache so far: a miss folds the models for an ad
+        (the slow path of a request), a hit reuses them."""
+        return self._reward_tables.hits, self._reward_tables.misses
+
     def context_vector(self, ctx: dict[str, float] | np.ndarray | None) -> np.ndarray | None:
         """Context as the model's column order; missing columns are an error naming them."""
         cols = self.context_columns

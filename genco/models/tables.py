@@ -47,17 +47,22 @@ MAX_CACHE_BYTES = 256 * 2**20
 
 class TableCache:
     """Least-recently-used per-ad tables, bounded by their total size in bytes (the newest
-    entry is always kept, whatever its size)."""
+    entry is always kept, whatever its size). ``hits`` and ``misses`` count lookups (the
+    serving metrics report them)."""
 
     def __init__(self, max_bytes: int = MAX_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
         self._items: OrderedDict[int, tuple[object, int]] = OrderedDict()
         self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
 
     def get(self, key: int):
         hit = self._items.get(key)
         if hit is None:
+            self.misses += 1
             return None
+        self.hits += 1
         self._items.move_to_end(key)
         return hit[0]
 

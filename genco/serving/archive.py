@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from genco.data import storage
+from genco.data import storage, trees
 from genco.inference.predictor import Predictor
 from genco.models.checkpoint import (
     CATALOG,
@@ -210,14 +210,21 @@ def publish(
     target = storage.join(root, "model-store", mar_name(version))
     # A version id names one bundle (the store refuses a reused id with other content), so
     # an archive already there is this one: a rollback or a retried deploy reuses it.
+    built: list[str] = []  # an archive this call wrote: removed again if registration fails
+    created = trees.missing_dirs(target)
     if not storage.exists(target, client=client):
         with tempfile.TemporaryDirectory(prefix="genco-publish-") as tmp:
             mar = build_mar(bundle_dir, tmp, version, client=client)
             with open(mar, "rb") as f:
+                built = [target]
                 storage.write_bytes(target, f.read(), client=client)
     out: dict[str, Any] = {"version": version}
     if management is not None:
-        deployment = deploy_to_torchserve(management, mar_name(version), version, check=check)
+        try:
+            deployment = deploy_to_torchserve(management, mar_name(version), version, check=check)
+        except BaseException:
+            trees.undo_writes(built, created if built else [], client)
+            raise
         out["torchserve"] = deployment.to_dict()
     props = {} if token_auth is None else {"token_auth": token_auth}
     if switch:

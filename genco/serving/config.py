@@ -35,9 +35,22 @@ JVM_ARGS = "-XX:+UseSerialGC -Xmx512m -XX:TieredStopAtLevel=1 -XX:CICompilerCoun
 # `genco serve --token-expiry-min`, renew with ServeHandle.renew_token.
 TOKEN_EXPIRY_MIN = 10 * 365 * 24 * 60
 KSERVE_MODEL_STORE = "/mnt/models/model-store"  # where KServe mounts STORE/kserve
+# Prometheus metrics in every config genco writes or ships: TorchServe's own (requests,
+# latencies, queue time) and the handler's (genco.serving.metrics), registered without a
+# metrics file. System metrics are off: they fork a Python process every minute for what the
+# cluster (cAdvisor, node exporter) measures anyway.
+METRICS_PROPERTIES: dict[str, object] = {
+    "enable_metrics_api": "true",
+    "metrics_mode": "prometheus",
+    "model_metrics_auto_detect": "true",
+    "disable_system_metrics": "true",
+}
 # The listeners of a KServe pod: inference must take traffic from outside the pod (the
-# explicit 0.0.0.0); management and metrics stay on the pod's loopback (port-forward).
+# explicit 0.0.0.0), and so must metrics, for Prometheus to scrape them (serving/kserve.yaml's
+# annotations; read-only counters, no request content); management stays on the pod's
+# loopback (port-forward).
 KSERVE_INFERENCE_ADDRESS = "http://0.0.0.0:8085"
+KSERVE_METRICS_ADDRESS = "http://0.0.0.0:8082"
 # A bundle archive is a few MB; a published .mar over these bounds is refused before it is
 # read in full or unpacked (a zip bomb, or a path escaping the extraction directory).
 MAX_ARCHIVE_BYTES = 512 * 1024 * 1024  # compressed, and all members uncompressed
@@ -97,26 +110,27 @@ def kserve_properties(
     version: str,
     *,
     workers: int = 1,
-    max_batch_delay_ms: int = 5,
+    batch_size: int = 8,
+    max_batch_delay_ms: int = 1,
     response_timeout_s: int = 30,
     token_auth: bool = True,
     token_expiry_min: float = TOKEN_EXPIRY_MIN,
     inference_address: str = KSERVE_INFERENCE_ADDRESS,
     management_address: str = "http://127.0.0.1:8081",
-    metrics_address: str = "http://127.0.0.1:8082",
+    metrics_address: str = KSERVE_METRICS_ADDRESS,
 ) -> str:
     """``config.properties`` for KServe's TorchServe runtime, serving one version.
 
-    batchSize is 1 because KServe's v1 envelope answers only the first request of a
-    TorchServe batch; clients batch by sending several ``instances`` instead. Secure by
+    Requests may be REST bodies, KServe v1 or v2 envelopes (``genco.serving.kserve`` answers
+    every row of a batch and every item of an envelope on its own). Secure by
     default: token auth on (the pod's ``key_file.json``; ``token_auth=False`` only where an
     authenticating ingress fronts the InferenceService), models registered only from the
-    layout's own model store (``allowed_urls``), and only inference on 0.0.0.0: management
-    (model registration on), metrics and gRPC listen on the pod's loopback, reached with
-    ``kubectl port-forward``.
+    layout's own model store (``allowed_urls``), and only inference and Prometheus metrics on
+    0.0.0.0: management (model registration on) and gRPC listen on the pod's loopback,
+    reached with ``kubectl port-forward``.
     """
     entry = json.loads(
-        model_snapshot_entry(version, workers, 1, max_batch_delay_ms, response_timeout_s)
+        model_snapshot_entry(version, workers, batch_size, max_batch_delay_ms, response_timeout_s)
     )
     snapshot = {"name": "startup.cfg", "modelCount": 1, "models": entry}
     return properties_text(
@@ -129,8 +143,7 @@ def kserve_properties(
             "grpc_management_address": "127.0.0.1",
             "grpc_inference_port": 7070,
             "grpc_management_port": 7071,
-            "enable_metrics_api": "true",
-            "metrics_mode": "prometheus",
+            **METRICS_PROPERTIES,
             "number_of_netty_threads": 4,
             "job_queue_size": 100,
             "enable_envvars_config": "true",
@@ -187,6 +200,8 @@ _LAYOUT_KEYS: dict[str, tuple[Callable[[str], bool], str]] = {
     "grpc_management_port": (_integer(1, 65535), "a port"),
     "enable_metrics_api": (_boolean, "true or false"),
     "metrics_mode": (lambda v: v in ("prometheus", "log"), "prometheus or log"),
+    "model_metrics_auto_detect": (_boolean, "true or false"),
+    "disable_system_metrics": (_boolean, "true or false"),
     "number_of_netty_threads": (_integer(1, 64), "an integer in [1, 64]"),
     "job_queue_size": (_integer(1, 100_000), "an integer in [1, 100000]"),
     "enable_envvars_config": (_boolean, "true or false"),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
 from typing import Any
 
 from genco.errors import RequestError
@@ -221,24 +220,22 @@ def request_body(row: object, content_type: str | None = None) -> object:
     """The client's JSON payload from a TorchServe batch row (a 415 ``RequestError`` for
     anything but JSON).
 
-    TorchServe wraps a request's body as ``{"body": ...}`` (plus any query parameters), and
-    a form post as one entry per field; behind KServe's envelope the handler receives the
-    ``instances`` themselves. content_type: the request's Content-Type header, if any.
+    TorchServe wraps an HTTP request's body as ``{"body": ...}`` (plus any query parameters)
+    and a form post as one entry per field; a gRPC ``Predictions`` call arrives as its
+    ``input`` map, whose JSON is under ``body`` or, by TorchServe's convention, ``data``.
+    content_type: the request's Content-Type header, if any (gRPC sends none).
     """
     check_content_type(content_type)
     if isinstance(row, dict) and "body" in row:
         return row["body"]
+    if isinstance(row, dict) and content_type is None and set(row) == {"data"}:
+        return row["data"]  # gRPC: input={"data": json_bytes}
     if _form_row(row):
         fields = ", ".join(sorted(str(k)[:40] for k in row)[:5])
         raise RequestError(
             "body", f"form fields ({fields}) are not supported; send a JSON body", 415
         )
     return row
-
-
-def enveloped(rows: Sequence[object]) -> bool:
-    """True when a request envelope (KServe's) unwrapped the rows into bare instances."""
-    return any(not (isinstance(r, dict) and "body" in r) and not _form_row(r) for r in rows)
 
 
 def encode_json(body: dict[str, Any]) -> bytes:

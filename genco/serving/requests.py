@@ -3,9 +3,10 @@
 ``serving/handler.py`` is a thin shell over this module, so the CLI, the tests and the
 benchmark run exactly what the handler runs: ``parse_request`` validates one JSON body into a
 ``RecommendRequest`` (a ``RequestError`` names the field and carries the HTTP status),
-``predict`` answers it, ``handle_batch`` answers a TorchServe batch (one result or error per
-request, so a bad request never fails its batch-mates), ``load_predictor`` loads and warms a
-bundle for a worker.
+``predict`` answers it, ``answer`` answers one body (its result or its error, never raising),
+``handle_batch`` a list of them (a bad request never fails its batch-mates), ``load_predictor``
+loads and warms a bundle for a worker. ``genco.serving.kserve`` takes TorchServe's batch rows
+apart (REST bodies, KServe v1 and v2 envelopes) and calls ``answer`` for each request.
 
 Bodies are bounded before anything recursive touches them (``genco.serving.limits``: the
 content type, the size, the nesting depth and every number). A malformed request gets its own
@@ -38,7 +39,6 @@ from genco.serving.limits import (
     feature_value,
     is_number,
     json_type,
-    request_body,
 )
 
 MAX_CANDIDATES = 256  # per component of an inline candidate set
@@ -230,13 +230,15 @@ def _context(body: dict[str, Any], predictor: Predictor) -> dict[str, float] | N
     return {c: feature_value(given[c], c) for c in cols} if cols else None
 
 
-def parse_request(body: object, predictor: Predictor) -> RecommendRequest:
+def parse_request(body: object, predictor: Predictor, bounded: bool = False) -> RecommendRequest:
     """Validate one request against the model; every mistake is a ``RequestError``.
 
     The body may be a parsed JSON object, or the raw bytes/text TorchServe forwards when the
-    client's JSON was malformed or sent without a JSON content type.
+    client's JSON was malformed or sent without a JSON content type. bounded: a dict body
+    came out of ``decode_body`` already (whole, or as an item of a decoded envelope), so its
+    size, depth and numbers are not checked twice.
     """
-    data = decode_body(body)
+    data = body if bounded and isinstance(body, dict) else decode_body(body)
     for key in data:
         if key not in _FIELDS and not key.startswith(CONTEXT_PREFIX):
             raise RequestError(key, f"unknown field (allowed: {', '.join(_FIELDS)}, ctx_*)")
@@ -359,31 +361,34 @@ def predict(predictor: Predictor, req: RecommendRequest) -> dict[str, Any]:
     return out
 
 
-def _log_line(text: str) -> str:
+def log_line(text: str) -> str:
     """One log line of bounded length, whatever the client sent (newlines escaped)."""
     line = text.encode("unicode_escape").decode("ascii")
     return line if len(line) <= _LOG_CHARS else line[: _LOG_CHARS - 3] + "..."
 
 
-def answer(predictor: Predictor, body: object, explain: bool = False) -> Result:
+def answer(
+    predictor: Predictor, body: object, explain: bool = False, bounded: bool = False
+) -> Result:
     """The response body for one request, or its error; never raises.
 
     A client mistake is a ``RequestError`` (its 4xx, one log line); anything else, including
     a response that would carry a non-finite number, an ``InternalError`` (500, traceback
     logged) for this request alone. explain: force attributions (``/explanations``).
+    bounded: as ``parse_request``'s.
     """
     try:
-        req = parse_request(body, predictor)
+        req = parse_request(body, predictor, bounded)
         if explain:
             req = replace(req, explain=True)
         out = predict(predictor, req)
         check_response(out)
         return out
     except RequestError as exc:
-        logger.info("genco request refused: %d %s", exc.status, _log_line(str(exc)))
+        logger.info("genco request refused: %d %s", exc.status, log_line(str(exc)))
         return exc
     except Exception as exc:  # a bug must cost one request, never its batch-mates
-        logger.exception("genco request failed: 500 %s", _log_line(repr(exc)))
+        logger.exception("genco request failed: 500 %s", log_line(repr(exc)))
         return InternalError(exc)
 
 
@@ -403,26 +408,6 @@ def handle_batch(
     ]
 
 
-def handle_rows(
-    predictor: Predictor,
-    rows: Sequence[object],
-    content_types: Sequence[str | None],
-    explain: Sequence[bool],
-) -> list[Result]:
-    """``handle_batch`` over TorchServe's batch rows: each row's JSON body is taken out
-    (``request_body``) and checked against its request's Content-Type first."""
-    out: list[Result] = []
-    for i, row in enumerate(rows):
-        try:
-            body = request_body(row, content_types[i])
-        except RequestError as exc:
-            logger.info("genco request refused: %d %s", exc.status, _log_line(str(exc)))
-            out.append(exc)
-            continue
-        out.append(answer(predictor, body, explain[i]))
-    return out
-
-
 def respond(results: Sequence[Result]) -> list[tuple[int, dict[str, Any]]]:
     """(HTTP status, JSON body) per result."""
     return [(200, r) if isinstance(r, dict) else (r.status, r.to_dict()) for r in results]
@@ -436,7 +421,7 @@ def encoded(results: Sequence[Result]) -> list[tuple[int, bytes]]:
         try:
             out.append((status, encode_json(body)))
         except (TypeError, ValueError) as exc:
-            logger.exception("genco response not encodable: 500 %s", _log_line(repr(exc)))
+            logger.exception("genco response not encodable: 500 %s", log_line(repr(exc)))
             err = InternalError(exc)
             out.append((err.status, encode_json(err.to_dict())))
     return out

@@ -31,6 +31,7 @@ from genco.serving.config import (
     JVM_ARGS,
     MAX_ARCHIVE_BYTES,
     MAX_REQUEST_BYTES,
+    METRICS_PROPERTIES,
     TOKEN_EXPIRY_MIN,
     allowed_urls,
     check_layout_config,
@@ -108,6 +109,7 @@ def local_properties(
             "allowed_urls": allowed_urls(model_store),
             "max_request_size": MAX_REQUEST_BYTES,
             "async_logging": "true",
+            **METRICS_PROPERTIES,
         }
     )
 
@@ -138,6 +140,7 @@ class ServeHandle:
     sample_request: dict[str, Any]
     sample_response: dict[str, Any] | None = None
     owns_workdir: bool = True
+    grpc_target: str = ""  # host:port of TorchServe's gRPC inference API
     _stopped: bool = field(default=False, repr=False)
 
     def token(self, api: str = "inference") -> str | None:
@@ -251,6 +254,8 @@ def serve(
     startup_timeout_s: float = 180.0,
     log_config: str | os.PathLike[str] | None = LOG_CONFIG,
     session: requests.Session | None = None,
+    model_store: str | None = None,
+    properties: dict[str, object] | None = None,
 ) -> ServeHandle:
     """Start TorchServe on 127.0.0.1 serving ``model_dir``; return once a real prediction
     succeeded (TorchServe's ``/ping`` says Healthy before the worker has loaded the model).
@@ -262,12 +267,21 @@ def serve(
     and the two gRPC ports take port_base..port_base+4 (default: free ports). log_config:
     a log4j2 file (default ``serving/log4j2.xml``: warnings and one line per client error,
     rotated by size; None: TorchServe's own). token_expiry_min: how long the keys last.
+    enable_model_api: allow registering models (``genco deploy --management-url``); off by
+    default. model_store: TorchServe's model store (default ``workdir/model-store``); a
+    store's ``STORE/kserve/model-store``, so that ``genco deploy``/``rollback`` with this
+    server's management URL register the archives they publish there. properties: more
+    ``config.properties`` entries, over genco's (benchmarks and experiments).
     """
     _java()  # no Java, no TorchServe: say so before any work
     predictor = Predictor.load(model_dir)  # fail on a bad bundle before starting Java
     version = check_version(version) if version else bundle_version(model_dir)
     with _private_workdir(workdir, "genco-ts-") as (workdir, store, owns):
-        build_mar(model_dir, store, version)
+        if model_store is not None:
+            store = os.path.abspath(model_store)
+            os.makedirs(store, exist_ok=True)
+        if not os.path.exists(os.path.join(store, mar_name(version))):  # a store's, reused
+            build_mar(model_dir, store, version)
         ports = list(range(port_base, port_base + 5)) if port_base else _free_ports(5)
         config = os.path.join(workdir, "config.properties")
         with open(config, "w", encoding="utf-8") as f:
@@ -283,10 +297,13 @@ def serve(
                     batch_size=batch_size,
                     max_batch_delay_ms=max_batch_delay_ms,
                 )
+                + properties_text(properties or {})
             )
         key_file = os.path.join(workdir, "key_file.json") if token_auth else None
         timing = (startup_timeout_s, session)
-        return _launch(workdir, version, ports, predictor, key_file, owns, log_config, *timing)
+        return _launch(
+            workdir, version, ports, predictor, key_file, owns, log_config, *timing, None, store
+        )
 
 
 def serve_layout(
@@ -370,12 +387,13 @@ def _launch(
     startup_timeout_s: float,
     session: requests.Session | None,
     extra_env: dict[str, str] | None = None,
+    store: str | None = None,
 ) -> ServeHandle:
     """Run ``torchserve --foreground`` on ``workdir``'s config.properties and model-store/, in
     its own process group and TMPDIR, and wait for a real prediction."""
     java = _java()
     config = os.path.join(workdir, "config.properties")
-    store = os.path.join(workdir, "model-store")
+    store = store or os.path.join(workdir, "model-store")
     env = {
         **os.environ,
         "TMPDIR": os.path.join(workdir, "tmp"),
@@ -407,6 +425,7 @@ def _launch(
         process=process,
         sample_request=sample_request(predictor),
         owns_workdir=owns,
+        grpc_target=f"127.0.0.1:{ports[3]}",
     )
     atexit.register(handle.stop)
     try:
