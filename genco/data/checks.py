@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -155,6 +156,24 @@ class ChunkCheck:
         return self.reason < 0
 
 
+class Codes:
+    """Codes of ids in a vocabulary (-1 where absent). The hash table is built once (a
+    pandas Index), and a chunk's distinct values are looked up once each (Arrow dictionary
+    encoding): ``pc.index_in`` would rebuild the table for every chunk, which at millions of
+    catalog elements costs more than the chunk's rows."""
+
+    def __init__(self, vocab: tuple[str, ...]) -> None:
+        self.index = pd.Index(np.asarray(vocab, dtype=object), dtype=object)
+        self.index.get_indexer(self.index[:1])  # build the hash table now
+
+    def __call__(self, col: pa.Array) -> np.ndarray:
+        enc = pc.dictionary_encode(col)
+        values = enc.dictionary.to_numpy(zero_copy_only=False)
+        codes = np.append(self.index.get_indexer(pd.Index(values, dtype=object)), -1)  # -1: null
+        idx = pc.fill_null(enc.indices, len(values)).to_numpy(zero_copy_only=False)
+        return codes[idx].astype(np.int64)
+
+
 def _allowed(catalog: Catalog, c: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """Vectorized test "element e is a candidate of ad a" for component c (-1 codes fail).
 
@@ -194,8 +213,8 @@ class RowValidator:
         self.catalog = catalog
         self.constraints = constraints
         self.layout = layout
-        self.ads = pa.array(catalog.ads, pa.string())
-        self.vocab = [pa.array(v, pa.string()) for v in catalog.elements]
+        self.ads = Codes(catalog.ads)
+        self.vocab = [Codes(v) for v in catalog.elements]
         self.allowed = [_allowed(catalog, c) for c in range(catalog.n_components)]
         self.seen = SeenHashes() if check_dups else None
         self.latest = now + FUTURE_SLACK_SECONDS
@@ -260,8 +279,7 @@ class RowValidator:
     def _flag_unknown_ads(self, ck: ChunkCheck, col: dict[str, pa.Array]) -> np.ndarray:
         """Ad codes, (n,) int64, -1 where the ad is not in the catalog."""
         raw = self._raw(col, AD)
-        ad = pc.index_in(col[AD], value_set=self.ads).to_numpy(zero_copy_only=False)
-        ad = np.nan_to_num(ad.astype(np.float64), nan=-1).astype(np.int64)
+        ad = self.ads(col[AD])
         ck.flag(
             "unknown_ad",
             ad < 0,
@@ -277,8 +295,7 @@ class RowValidator:
         combos = np.zeros((len(ad), cat.n_components), dtype=np.int64)
         raw_ad = self._raw(col, AD)
         for c, comp in enumerate(self.layout.components):
-            e = pc.index_in(col[comp], value_set=self.vocab[c]).to_numpy(zero_copy_only=False)
-            e = np.nan_to_num(e.astype(np.float64), nan=-1).astype(np.int64)
+            e = self.vocab[c](col[comp])
             combos[:, c] = e
             if (e < 0).any():
                 self._flag_unknown_elements(ck, col, c, e < 0)
@@ -304,7 +321,7 @@ class RowValidator:
         for c2 in range(cat.n_components):
             if c2 == c:
                 continue
-            hit = pc.is_in(col[comp], value_set=self.vocab[c2]).to_numpy(zero_copy_only=False)
+            hit = self.vocab[c2](col[comp]) >= 0
             elsewhere[(elsewhere < 0) & hit & unknown] = c2
         ck.flag(
             "unknown_element",

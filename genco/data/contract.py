@@ -299,16 +299,36 @@ class Constraints:
     def violations(self, ads: np.ndarray, combos: np.ndarray) -> np.ndarray:
         """Index of the first forbidden pair each combination contains, or -1 when legal.
 
-        ads: (n,) ad codes; combos: (n, n_components) element codes. Vectorized per pair group.
+        ads: (n,) ad codes; combos: (n, n_components) element codes. Pairs for every ad are
+        tested one by one (a catalog has few); per-ad pairs, of which a large catalog has one
+        or more per product, are found by binary search on sorted (ad, element_a) keys, so
+        the cost grows with the rows, not with rows x pairs.
         """
-        out = np.full(len(ads), -1, dtype=np.int64)
-        for i in range(len(self.ad)):
+        ads = np.asarray(ads, np.int64)
+        combos = np.asarray(combos, np.int64)
+        out = np.full(len(ads), len(self.ad), dtype=np.int64)  # len = none yet
+        for i in np.flatnonzero(self.ad < 0):
             hit = (combos[:, self.comp_a[i]] == self.elem_a[i]) & (
                 combos[:, self.comp_b[i]] == self.elem_b[i]
             )
-            if self.ad[i] >= 0:
-                hit &= ads == self.ad[i]
-            out[(out < 0) & hit] = i
+            out[hit] = np.minimum(out[hit], i)
+        per_ad = np.flatnonzero(self.ad >= 0)
+        pairs = np.unique(np.stack([self.comp_a[per_ad], self.comp_b[per_ad]], 1), axis=0)
+        for ca, cb in pairs:
+            idx = per_ad[(self.comp_a[per_ad] == ca) & (self.comp_b[per_ad] == cb)]
+            idx = idx[np.lexsort((self.elem_b[idx], self.elem_a[idx], self.ad[idx]))]
+            keys = (self.ad[idx] << 32) | self.elem_a[idx]  # ad < 2^31, elements < 2^32
+            ok = (ads >= 0) & (combos[:, ca] >= 0)
+            q = np.where(ok, (ads << 32) | np.maximum(combos[:, ca], 0), -1)
+            lo = np.searchsorted(keys, q, "left")
+            n_match = np.searchsorted(keys, q, "right") - lo
+            for r in range(int(n_match.max(initial=0))):
+                rows = np.flatnonzero(n_match > r)
+                at = idx[lo[rows] + r]
+                hit = self.elem_b[at] == combos[rows, cb]
+                rows, at = rows[hit], at[hit]
+                out[rows] = np.minimum(out[rows], at)
+        out[out == len(self.ad)] = -1
         return out
 
     def forbidden_after(
