@@ -263,3 +263,19 @@ def test_world_json_records_the_run(world):
         stats = json.load(f)
     assert stats["n_impressions"] == N and stats["world"] == "catalog"
     assert stats["catalog_rows"] == pq.ParquetFile(world.catalog).metadata.num_rows
+
+
+def test_ingest_and_reader_stream_a_dataset_from_an_object_store(world, loaded, gcs, tmp_path):
+    from genco.data import storage
+
+    catalog, constraints = loaded
+    root = gcs.url("log")
+    for part in dataset.parts(world.impressions):
+        rel = os.path.relpath(part.path, world.impressions)
+        with open(part.path, "rb") as f:
+            storage.write_bytes(storage.join(root, rel), f.read(), client=gcs.client)
+    assert dataset.is_dataset(root)
+    rows = sum(b.num_rows for b in dataset.iter_batches(root, ["click"], 5_000, gcs.client))
+    assert rows == N
+    summary = ingest(root, catalog, constraints, str(tmp_path / "v"), client=gcs.client)
+    assert summary.rows_valid == N
