@@ -118,8 +118,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_recommend(args: argparse.Namespace) -> None:
     from genco.data import storage
     from genco.data.contract import load_catalog, load_constraints
+    from genco.inference.batch import CHUNK_ADS, parse_shard, write_recommendations
     from genco.inference.predictor import Predictor
 
+    shard = parse_shard(args.shard)
     catalog = constraints = None
     if args.catalog:
         catalog = load_catalog(args.catalog)
@@ -127,10 +129,20 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     predictor = Predictor.load(args.model, catalog, constraints)
     predictor.refine = args.refine
     contexts = storage.read_table(args.contexts, dtype={"ad_id": str}) if args.contexts else None
-    frame = predictor.recommend_frame(contexts, top_k=args.top_k)
-    storage.write_table(frame, args.out)
-    print(frame.head(10).to_string(index=False))
-    print(f"... {len(frame)} rows written to {args.out}", file=sys.stderr)
+    summary = write_recommendations(
+        predictor, args.out, args.top_k, shard, contexts, chunk_ads=args.chunk_ads or CHUNK_ADS
+    )
+    _print_json(
+        {
+            "out": summary.out,
+            "shard": summary.shard,
+            "inputs": summary.inputs,
+            "ads": summary.ads,
+            "rows": summary.rows,
+            "seconds": round(summary.seconds, 2),
+            "inputs_per_second": round(summary.inputs_per_second, 1),
+        }
+    )
 
 
 def _add_io(p: argparse.ArgumentParser, out_help: str) -> None:
@@ -234,6 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--contexts", default=None, help="ad_id + ctx_* rows (default: every ad)")
     r.add_argument("--top-k", type=int, default=1, help="combinations per row (default 1)")
     r.add_argument("--out", required=True, help="recommendations CSV/Parquet")
+    r.add_argument(
+        "--shard",
+        default="0/1",
+        help="i/n: only the i-th of n contiguous blocks of the catalog's ads (default 0/1: "
+        "all); n workers with 0/n .. n-1/n cover the catalog once",
+    )
+    r.add_argument(
+        "--chunk-ads",
+        type=int,
+        default=None,
+        help="ads decoded and written at a time; memory is one chunk of output (default "
+        "genco.inference.batch.CHUNK_ADS)",
+    )
     r.add_argument(
         "--refine",
         choices=REFINES,
