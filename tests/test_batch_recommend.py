@@ -3,6 +3,7 @@ predictor one ad at a time, and mistakes named."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -132,3 +133,38 @@ def test_chunks_never_split_an_ads_rows(predictor):
     sizes = [t.num_rows for t in iter_recommendations(predictor, 2, (0, 1), None, chunk_ads=5)]
     assert sizes == [10, 10, 10, 10, 6]
     assert np.sum(sizes) == 2 * 23
+
+
+def test_pipeline_fans_out_over_ad_shards(predictor, tmp_path):
+    import yaml
+
+    from genco.pipeline.recommend import compile_recommend, run_recommend_local
+
+    path = compile_recommend(str(tmp_path / "recommend.yaml"))
+    with open(path, encoding="utf-8") as f:
+        spec = yaml.safe_load(f)
+    tasks = spec["root"]["dag"]["tasks"]
+    name, loop = next((n, t) for n, t in tasks.items() if t["taskInfo"]["name"] == "ad-shards")
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("plan-shards-Output")
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 16
+    assert tasks["count-rows"]["dependentTasks"] == [name]  # the fan-in waits for every shard
+    # The real local runner runs the loop: one file per shard, every ad once.
+    model = tmp_path / "m"
+    _save_bundle(predictor, model)
+    out = tmp_path / "recs"
+    rows = run_recommend_local(str(model), str(out), n_shards=3, top_k=2, refine="none")
+    assert rows == 2 * 23
+    files = sorted(os.listdir(out))
+    assert files == [f"shard-{i:05d}-of-00003.parquet" for i in range(3)]
+    got = pd.concat(pd.read_parquet(out / f) for f in files)
+    assert got["ad_id"].tolist() == [a for a in predictor.catalog.ads for _ in range(2)]
+
+
+def test_cli_compiles_either_pipeline(tmp_path, capsys):
+    from genco.cli.main import main
+
+    main(["pipeline", "compile", "--pipeline", "recommend", "--out", str(tmp_path / "r.yaml")])
+    main(["pipeline", "compile", "--out", str(tmp_path / "t.yaml")])
+    assert capsys.readouterr().out.split() == [str(tmp_path / "r.yaml"), str(tmp_path / "t.yaml")]
+    assert "genco-batch-recommend" in (tmp_path / "r.yaml").read_text()
+    assert "genco-retraining" in (tmp_path / "t.yaml").read_text()
