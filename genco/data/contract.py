@@ -59,11 +59,15 @@ class Catalog:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_ad_index", {a: i for i, a in enumerate(self.ads)})
-        object.__setattr__(
-            self,
-            "_element_index",
-            tuple({e: i for i, e in enumerate(v)} for v in self.elements),
-        )
+
+    def _elements_index(self) -> tuple[dict[str, int], ...]:
+        """Element id -> code per component, built on first use: at catalog scale (millions
+        of elements) it is the catalog's largest structure, and bulk readers (ingest, batch
+        recommend) look ids up in hash indexes of their own instead."""
+        if not self._element_index:
+            index = tuple({e: i for i, e in enumerate(v)} for v in self.elements)
+            object.__setattr__(self, "_element_index", index)
+        return self._element_index
 
     @property
     def n_components(self) -> int:
@@ -82,14 +86,14 @@ class Catalog:
 
     def element_code(self, component: int, element_id: str) -> int:
         try:
-            return self._element_index[component][element_id]
+            return self._elements_index()[component][element_id]
         except KeyError:
             raise UnknownIdError(
                 f"element '{element_id}' is not in component '{self.components[component]}'"
             ) from None
 
     def has_element(self, component: int, element_id: str) -> bool:
-        return element_id in self._element_index[component]
+        return element_id in self._elements_index()[component]
 
     def n_combinations(self, ad: int) -> int:
         """Size of the ad's combination space before constraints."""
@@ -136,16 +140,13 @@ class Catalog:
             elem_codes[rows] = codes
             elements.append(vocab)
             features.append(f)
-        candidates = []
-        for a in range(len(ads)):
-            in_ad = ad_code == a
-            per_comp = _ad_candidates(elem_codes[in_ad], comp_code[in_ad], len(components))
-            for c, codes in enumerate(per_comp):
-                if len(codes) == 0:
-                    raise _fail(
-                        path, f"ad_id '{ads[a]}' has no candidate for component '{components[c]}'"
-                    )
-            candidates.append(per_comp)
+        candidates = _ad_candidates(ad_code, comp_code, elem_codes, len(ads), len(components))
+        empty = [
+            (a, c) for a, per in enumerate(candidates) for c, e in enumerate(per) if not len(e)
+        ]
+        if empty:
+            a, c = empty[0]
+            raise _fail(path, f"ad_id '{ads[a]}' has no candidate for component '{components[c]}'")
         return Catalog(
             components=components,
             ads=ads,
@@ -240,10 +241,19 @@ def _element_vocabulary(
 
 
 def _ad_candidates(
-    elem_codes: np.ndarray, comp_code: np.ndarray, n_components: int
-) -> tuple[np.ndarray, ...]:
-    """One ad's rows -> sorted element codes per component (empty where it has none)."""
-    return tuple(np.sort(elem_codes[comp_code == c]) for c in range(n_components))
+    ad_code: np.ndarray, comp_code: np.ndarray, elem_codes: np.ndarray, n_ads: int, n_comp: int
+) -> tuple[tuple[np.ndarray, ...], ...]:
+    """Rows -> per ad, per component, the sorted element codes (empty where it has none): one
+    sort of the rows by (ad, component, element), then slices, so the cost grows with the
+    rows, not with ads x rows."""
+    order = np.lexsort((elem_codes, comp_code, ad_code))
+    key = ad_code[order].astype(np.int64) * n_comp + comp_code[order]
+    bounds = np.searchsorted(key, np.arange(n_ads * n_comp + 1))
+    codes = elem_codes[order]
+    return tuple(
+        tuple(codes[bounds[a * n_comp + c] : bounds[a * n_comp + c + 1]] for c in range(n_comp))
+        for a in range(n_ads)
+    )
 
 
 def code_maps(
