@@ -279,3 +279,56 @@ def test_ingest_and_reader_stream_a_dataset_from_an_object_store(world, loaded, 
     assert rows == N
     summary = ingest(root, catalog, constraints, str(tmp_path / "v"), client=gcs.client)
     assert summary.rows_valid == N
+
+
+def test_cli_simulates_the_catalog_world_and_validates_its_dataset(tmp_path):
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "genco.cli"]
+    w = tmp_path / "w"
+    r = subprocess.run(
+        [
+            *run,
+            "simulate",
+            "--world",
+            "catalog",
+            "--n-ads",
+            "40",
+            "--n-impressions",
+            "3000",
+            "--out",
+            str(w),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)
+    assert stats["n_ads"] == 40 and stats["n_impressions"] == 3000
+    r = subprocess.run(
+        [
+            *run,
+            "validate",
+            "--catalog",
+            str(w / "catalog.parquet"),
+            "--constraints",
+            str(w / "constraints.csv"),
+            "--impressions",
+            str(w / "impressions"),
+            "--out",
+            str(tmp_path / "v"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["rows_valid"] == 3000
+    r = subprocess.run(
+        [*run, "simulate", "--world", "default", "--n-ads", "40", "--out", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert "--n-ads is for --world catalog" in r.stderr

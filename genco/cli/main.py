@@ -33,6 +33,11 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
     if args.n_impressions is not None and args.n_impressions < 1:
         raise ConfigError(f"n_impressions must be >= 1, got {args.n_impressions}")
+    if args.world == "catalog":
+        _simulate_catalog(args)
+        return
+    if args.n_ads is not None:
+        raise ConfigError("--n-ads is for --world catalog; the presets fix their ads")
     out = simulate(
         args.world,
         seed=args.seed,
@@ -41,6 +46,26 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         impressions_format=args.format,
     )
     _print_json(world_summary(out))
+
+
+def _simulate_catalog(args: argparse.Namespace) -> None:
+    import json
+    from dataclasses import replace
+
+    from genco.data.storage import is_remote
+    from genco.worlds.catalog import CatalogWorldConfig, simulate_catalog
+
+    if is_remote(args.out):
+        raise ConfigError(f"{args.out}: the catalog world is written to a local directory")
+    config = CatalogWorldConfig()
+    if args.n_ads is not None:
+        config = replace(config, n_ads=args.n_ads)
+    out = simulate_catalog(config, args.seed, args.out, args.n_impressions)
+    with open(out.world, encoding="utf-8") as f:
+        stats = json.load(f)
+    for key in ("config", "weights"):
+        stats.pop(key)
+    _print_json(stats)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -182,7 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate a world with known ground truth and log impressions from its "
         "logging policy (uniform or epsilon-greedy, with exact propensities).",
     )
-    s.add_argument("--world", default="default", choices=list(WORLDS), help="world preset")
+    s.add_argument(
+        "--world",
+        default="default",
+        choices=[*WORLDS, "catalog"],
+        help="world preset; catalog: 100k products with their own elements, logged as a "
+        "date-partitioned Parquet dataset (local --out; --n-ads to shrink it)",
+    )
+    s.add_argument("--n-ads", type=int, default=None, help="catalog world: products (100000)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument(
         "--n-impressions", type=int, default=None, help="log size (default: the world's own)"
