@@ -121,6 +121,10 @@ def test_ingest_streams_a_partitioned_dataset(world, loaded, tmp_path):
     catalog, constraints = loaded
     summary = ingest(world.impressions, catalog, constraints, str(tmp_path / "v"))
     assert summary.rows_in == summary.rows_valid == N
+    # The reader streams one Parquet file too: the validated output, for training.
+    assert sum(b.num_rows for b in dataset.iter_batches(summary.valid_path, ["click"])) == N
+    with pytest.raises(ContractError, match="dataset not found"):
+        next(dataset.iter_batches(str(tmp_path / "nothing")))
     valid = pq.ParquetFile(summary.valid_path)
     assert valid.metadata.num_rows == N
     assert valid.metadata.num_row_groups > 1  # written chunk by chunk
