@@ -322,12 +322,7 @@ class Constraints:
                 combos[:, self.comp_b[i]] == self.elem_b[i]
             )
             out[hit] = np.minimum(out[hit], i)
-        per_ad = np.flatnonzero(self.ad >= 0)
-        pairs = np.unique(np.stack([self.comp_a[per_ad], self.comp_b[per_ad]], 1), axis=0)
-        for ca, cb in pairs:
-            idx = per_ad[(self.comp_a[per_ad] == ca) & (self.comp_b[per_ad] == cb)]
-            idx = idx[np.lexsort((self.elem_b[idx], self.elem_a[idx], self.ad[idx]))]
-            keys = (self.ad[idx] << 32) | self.elem_a[idx]  # ad < 2^31, elements < 2^32
+        for ca, cb, idx, keys in self._per_ad_index():
             ok = (ads >= 0) & (combos[:, ca] >= 0)
             q = np.where(ok, (ads << 32) | np.maximum(combos[:, ca], 0), -1)
             lo = np.searchsorted(keys, q, "left")
@@ -340,6 +335,22 @@ class Constraints:
                 out[rows] = np.minimum(out[rows], at)
         out[out == len(self.ad)] = -1
         return out
+
+    def _per_ad_index(self) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+        """Per (component_a, component_b): the per-ad pairs' indices sorted by (ad, element_a,
+        element_b) and their sorted keys ``ad << 32 | element_a``; built on first use."""
+        cached = self.__dict__.get("_per_ad")
+        if cached is None:
+            cached = []
+            per_ad = np.flatnonzero(self.ad >= 0)
+            pairs = np.unique(np.stack([self.comp_a[per_ad], self.comp_b[per_ad]], 1), axis=0)
+            for ca, cb in pairs:
+                idx = per_ad[(self.comp_a[per_ad] == ca) & (self.comp_b[per_ad] == cb)]
+                idx = idx[np.lexsort((self.elem_b[idx], self.elem_a[idx], self.ad[idx]))]
+                keys = (self.ad[idx] << 32) | self.elem_a[idx]  # ad < 2^31, elements < 2^32
+                cached.append((int(ca), int(cb), idx, keys))
+            object.__setattr__(self, "_per_ad", cached)
+        return cached
 
     def forbidden_after(
         self, ad: int, component: int, chosen: Sequence[int], n_elements: int

@@ -181,16 +181,31 @@ def _parquet_chunks(f, path: str, chunk_rows: int) -> Iterator[Chunk]:
 
 
 def _dataset_chunks(path: str, chunk_rows: int, client=None) -> Iterator[Chunk]:
+    """Batches of a partitioned dataset, coalesced up to chunk_rows within a partition
+    directory (a date's many small files become one chunk; a chunk never spans two)."""
     row0 = 0
     found = dataset.parts(path, client)
+    pending: list[pa.RecordBatch] = []
+    key = ""
+
+    def flush() -> Iterator[Chunk]:
+        nonlocal row0
+        n = sum(b.num_rows for b in pending)
+        if n:
+            table = pa.Table.from_batches(pending).combine_chunks()
+            yield Chunk(table, np.arange(row0 + 1, row0 + n + 1), part=key)
+            row0 += n
+        pending.clear()
+
     for part in found:
         _check_parquet_schema(part.fragment.physical_schema, part.path)
         for batch in dataset.part_batches(part, None, chunk_rows):
-            n = batch.num_rows
-            if n:
-                rows = np.arange(row0 + 1, row0 + n + 1)
-                yield Chunk(pa.Table.from_batches([batch]), rows, part=part.key)
-            row0 += n
+            same = not pending or (part.key == key and batch.schema.equals(pending[0].schema))
+            if not same or sum(b.num_rows for b in pending) + batch.num_rows > chunk_rows:
+                yield from flush()
+            key = part.key
+            pending.append(batch)
+    yield from flush()
     if row0 == 0:  # every file empty: the header still gets checked
         names = found[0].fragment.physical_schema.names
         yield Chunk(pa.table({n: pa.array([], pa.string()) for n in names}), np.zeros(0, np.int64))
