@@ -32,9 +32,18 @@ def is_dataset(path: str) -> bool:
     return os.path.isdir(path)
 
 
+class _WholeFiles(pafs.FSSpecHandler):
+    """Object-store files read whole, one request each, when a reader opens them: a
+    partitioned dataset's files are small (a day of one writer), and fsspec's streaming
+    files leave background prefetch tasks behind."""
+
+    def open_input_file(self, path: str) -> pa.BufferReader:
+        return pa.BufferReader(self.fs.cat_file(path))
+
+
 def _filesystem(path: str, client=None) -> tuple[pafs.FileSystem, str]:
     if gfs.is_remote(path):
-        handler = pafs.FSSpecHandler(gfs.filesystem(path, client))
+        handler = _WholeFiles(gfs.filesystem(path, client))
         return pafs.PyFileSystem(handler), path.split("://", 1)[1].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
