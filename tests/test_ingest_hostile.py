@@ -305,12 +305,12 @@ def _mistakes(tmp_path: Path) -> dict[str, tuple[list[str], str, str]]:
         "dataset_directory": (
             ["--impressions", str(dataset), "--out", out],
             str(dataset),
-            "is a directory",
+            "dataset has no Parquet files",
         ),
         "directory": (
             ["--impressions", str(plain_dir), "--out", out],
             str(plain_dir),
-            "is a directory",
+            "dataset has no Parquet files",
         ),
         "existing_file_as_out": (
             ["--impressions", ok, "--out", a_file],

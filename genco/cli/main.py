@@ -39,6 +39,11 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
     if args.n_impressions is not None and args.n_impressions < 1:
         raise ConfigError(f"n_impressions must be >= 1, got {args.n_impressions}")
+    if args.world == "catalog":
+        _simulate_catalog(args)
+        return
+    if args.n_ads is not None:
+        raise ConfigError("--n-ads is for --world catalog; the presets fix their ads")
     out = simulate(
         args.world,
         seed=args.seed,
@@ -47,6 +52,26 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         impressions_format=args.format,
     )
     _print_json(world_summary(out))
+
+
+def _simulate_catalog(args: argparse.Namespace) -> None:
+    import json
+    from dataclasses import replace
+
+    from genco.data.storage import is_remote
+    from genco.worlds.catalog import CatalogWorldConfig, simulate_catalog
+
+    if is_remote(args.out):
+        raise ConfigError(f"{args.out}: the catalog world is written to a local directory")
+    config = CatalogWorldConfig()
+    if args.n_ads is not None:
+        config = replace(config, n_ads=args.n_ads)
+    out = simulate_catalog(config, args.seed, args.out, args.n_impressions)
+    with open(out.world, encoding="utf-8") as f:
+        stats = json.load(f)
+    for key in ("config", "weights"):
+        stats.pop(key)
+    _print_json(stats)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -124,8 +149,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_recommend(args: argparse.Namespace) -> None:
     from genco.data import storage
     from genco.data.contract import load_catalog, load_constraints
+    from genco.inference.batch import CHUNK_ADS, parse_shard, write_recommendations
     from genco.inference.predictor import Predictor
 
+    shard = parse_shard(args.shard)
     catalog = constraints = None
     if args.catalog:
         catalog = load_catalog(args.catalog)
@@ -133,10 +160,20 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     predictor = Predictor.load(args.model, catalog, constraints)
     predictor.refine = args.refine
     contexts = storage.read_table(args.contexts, dtype={"ad_id": str}) if args.contexts else None
-    frame = predictor.recommend_frame(contexts, top_k=args.top_k)
-    storage.write_table(frame, args.out)
-    print(frame.head(10).to_string(index=False))
-    print(f"... {len(frame)} rows written to {args.out}", file=sys.stderr)
+    summary = write_recommendations(
+        predictor, args.out, args.top_k, shard, contexts, chunk_ads=args.chunk_ads or CHUNK_ADS
+    )
+    _print_json(
+        {
+            "out": summary.out,
+            "shard": summary.shard,
+            "inputs": summary.inputs,
+            "ads": summary.ads,
+            "rows": summary.rows,
+            "seconds": round(summary.seconds, 2),
+            "inputs_per_second": round(summary.inputs_per_second, 1),
+        }
+    )
 
 
 def _add_io(p: argparse.ArgumentParser, out_help: str) -> None:
@@ -174,7 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate a world with known ground truth and log impressions from its "
         "logging policy (uniform or epsilon-greedy, with exact propensities).",
     )
-    s.add_argument("--world", default="default", choices=list(WORLDS), help="world preset")
+    s.add_argument(
+        "--world",
+        default="default",
+        choices=[*WORLDS, "catalog"],
+        help="world preset; catalog: 100k products with their own elements, logged as a "
+        "date-partitioned Parquet dataset (local --out; --n-ads to shrink it)",
+    )
+    s.add_argument("--n-ads", type=int, default=None, help="catalog world: products (100000)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument(
         "--n-impressions", type=int, default=None, help="log size (default: the world's own)"
@@ -238,6 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--contexts", default=None, help="ad_id + ctx_* rows (default: every ad)")
     r.add_argument("--top-k", type=int, default=1, help="combinations per row (default 1)")
     r.add_argument("--out", required=True, help="recommendations CSV/Parquet")
+    r.add_argument(
+        "--shard",
+        default="0/1",
+        help="i/n: only the i-th of n contiguous blocks of the catalog's ads (default 0/1: "
+        "all); n workers with 0/n .. n-1/n cover the catalog once",
+    )
+    r.add_argument(
+        "--chunk-ads",
+        type=int,
+        default=None,
+        help="ads decoded and written at a time; memory is one chunk of output (default "
+        "genco.inference.batch.CHUNK_ADS)",
+    )
     r.add_argument(
         "--refine",
         choices=REFINES,

@@ -14,6 +14,7 @@ from typing import Any
 from genco.cli.common import add_config_args
 from genco.cli.common import print_json as _print_json
 from genco.errors import ConfigError, NotFoundError, StoreError
+from genco.models.tables import REFINES
 
 
 def _pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -49,8 +50,24 @@ def cmd_pipeline_run(args: argparse.Namespace) -> None:
 
 def cmd_pipeline_compile(args: argparse.Namespace) -> None:
     from genco.pipeline import runner
+    from genco.pipeline.recommend import compile_recommend
 
-    print(runner.compile_pipeline(args.out, image=args.image, local=args.local))
+    if args.pipeline == "recommend":
+        path = args.out or "batch_recommend.yaml"
+        print(compile_recommend(path, image=args.image, local=args.local))
+        return
+    print(
+        runner.compile_pipeline(args.out or "retraining.yaml", image=args.image, local=args.local)
+    )
+
+
+def cmd_pipeline_recommend(args: argparse.Namespace) -> None:
+    from genco.pipeline.recommend import run_recommend_local
+
+    rows = run_recommend_local(
+        args.model, args.out, args.shards, args.top_k, args.contexts or "", args.refine
+    )
+    _print_json({"out": args.out, "shards": args.shards, "rows": rows})
 
 
 def cmd_pipeline_schedule(args: argparse.Namespace) -> None:
@@ -211,7 +228,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="write the pipeline YAML for Kubeflow Pipelines / Vertex AI Pipelines",
         description="Compile the retraining pipeline to KFP IR YAML; upload it to a cluster as is.",
     )
-    comp.add_argument("--out", default="retraining.yaml", help="YAML path (retraining.yaml)")
+    comp.add_argument(
+        "--out", default=None, help="YAML path (retraining.yaml, batch_recommend.yaml)"
+    )
     comp.add_argument(
         "--image", default=None, help="component image (default $GENCO_IMAGE; one is required)"
     )
@@ -220,7 +239,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="compile against the placeholder image (for the local runner, never a cluster)",
     )
+    comp.add_argument(
+        "--pipeline",
+        choices=("retraining", "recommend"),
+        default="retraining",
+        help="retraining (default), or recommend: the catalog's recommendations fanned out "
+        "over ad shards (dsl.ParallelFor)",
+    )
     comp.set_defaults(func=cmd_pipeline_compile)
+
+    rec = psub.add_parser(
+        "recommend",
+        help="run the batch-recommend pipeline on this machine: one task per ad shard",
+        description="Recommend for every ad of a bundle, fanned out over --shards ad shards "
+        "with KFP's ParallelFor on the local runner; one Parquet file per shard in --out.",
+    )
+    rec.add_argument("--model", required=True, help="bundle directory (local or gs://)")
+    rec.add_argument("--out", required=True, help="directory for the shard files")
+    rec.add_argument("--shards", type=int, default=2, help="ad shards (default 2)")
+    rec.add_argument("--top-k", type=int, default=1, help="combinations per ad (default 1)")
+    rec.add_argument("--contexts", default=None, help="ad_id + ctx_* rows (default: every ad)")
+    rec.add_argument("--refine", choices=REFINES, default="pairs", help="as genco recommend")
+    rec.set_defaults(func=cmd_pipeline_recommend)
 
     sch = psub.add_parser(
         "schedule",

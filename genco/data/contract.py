@@ -59,11 +59,15 @@ class Catalog:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_ad_index", {a: i for i, a in enumerate(self.ads)})
-        object.__setattr__(
-            self,
-            "_element_index",
-            tuple({e: i for i, e in enumerate(v)} for v in self.elements),
-        )
+
+    def _elements_index(self) -> tuple[dict[str, int], ...]:
+        """Element id -> code per component, built on first use: at catalog scale (millions
+        of elements) it is the catalog's largest structure, and bulk readers (ingest, batch
+        recommend) look ids up in hash indexes of their own instead."""
+        if not self._element_index:
+            index = tuple({e: i for i, e in enumerate(v)} for v in self.elements)
+            object.__setattr__(self, "_element_index", index)
+        return self._element_index
 
     @property
     def n_components(self) -> int:
@@ -82,14 +86,14 @@ class Catalog:
 
     def element_code(self, component: int, element_id: str) -> int:
         try:
-            return self._element_index[component][element_id]
+            return self._elements_index()[component][element_id]
         except KeyError:
             raise UnknownIdError(
                 f"element '{element_id}' is not in component '{self.components[component]}'"
             ) from None
 
     def has_element(self, component: int, element_id: str) -> bool:
-        return element_id in self._element_index[component]
+        return element_id in self._elements_index()[component]
 
     def n_combinations(self, ad: int) -> int:
         """Size of the ad's combination space before constraints."""
@@ -136,16 +140,13 @@ class Catalog:
             elem_codes[rows] = codes
             elements.append(vocab)
             features.append(f)
-        candidates = []
-        for a in range(len(ads)):
-            in_ad = ad_code == a
-            per_comp = _ad_candidates(elem_codes[in_ad], comp_code[in_ad], len(components))
-            for c, codes in enumerate(per_comp):
-                if len(codes) == 0:
-                    raise _fail(
-                        path, f"ad_id '{ads[a]}' has no candidate for component '{components[c]}'"
-                    )
-            candidates.append(per_comp)
+        candidates = _ad_candidates(ad_code, comp_code, elem_codes, len(ads), len(components))
+        empty = [
+            (a, c) for a, per in enumerate(candidates) for c, e in enumerate(per) if not len(e)
+        ]
+        if empty:
+            a, c = empty[0]
+            raise _fail(path, f"ad_id '{ads[a]}' has no candidate for component '{components[c]}'")
         return Catalog(
             components=components,
             ads=ads,
@@ -240,10 +241,19 @@ def _element_vocabulary(
 
 
 def _ad_candidates(
-    elem_codes: np.ndarray, comp_code: np.ndarray, n_components: int
-) -> tuple[np.ndarray, ...]:
-    """One ad's rows -> sorted element codes per component (empty where it has none)."""
-    return tuple(np.sort(elem_codes[comp_code == c]) for c in range(n_components))
+    ad_code: np.ndarray, comp_code: np.ndarray, elem_codes: np.ndarray, n_ads: int, n_comp: int
+) -> tuple[tuple[np.ndarray, ...], ...]:
+    """Rows -> per ad, per component, the sorted element codes (empty where it has none): one
+    sort of the rows by (ad, component, element), then slices, so the cost grows with the
+    rows, not with ads x rows."""
+    order = np.lexsort((elem_codes, comp_code, ad_code))
+    key = ad_code[order].astype(np.int64) * n_comp + comp_code[order]
+    bounds = np.searchsorted(key, np.arange(n_ads * n_comp + 1))
+    codes = elem_codes[order]
+    return tuple(
+        tuple(codes[bounds[a * n_comp + c] : bounds[a * n_comp + c + 1]] for c in range(n_comp))
+        for a in range(n_ads)
+    )
 
 
 def code_maps(
@@ -299,17 +309,48 @@ class Constraints:
     def violations(self, ads: np.ndarray, combos: np.ndarray) -> np.ndarray:
         """Index of the first forbidden pair each combination contains, or -1 when legal.
 
-        ads: (n,) ad codes; combos: (n, n_components) element codes. Vectorized per pair group.
+        ads: (n,) ad codes; combos: (n, n_components) element codes. Pairs for every ad are
+        tested one by one (a catalog has few); per-ad pairs, of which a large catalog has one
+        or more per product, are found by binary search on sorted (ad, element_a) keys, so
+        the cost grows with the rows, not with rows x pairs.
         """
-        out = np.full(len(ads), -1, dtype=np.int64)
-        for i in range(len(self.ad)):
+        ads = np.asarray(ads, np.int64)
+        combos = np.asarray(combos, np.int64)
+        out = np.full(len(ads), len(self.ad), dtype=np.int64)  # len = none yet
+        for i in np.flatnonzero(self.ad < 0):
             hit = (combos[:, self.comp_a[i]] == self.elem_a[i]) & (
                 combos[:, self.comp_b[i]] == self.elem_b[i]
             )
-            if self.ad[i] >= 0:
-                hit &= ads == self.ad[i]
-            out[(out < 0) & hit] = i
+            out[hit] = np.minimum(out[hit], i)
+        for ca, cb, idx, keys in self._per_ad_index():
+            ok = (ads >= 0) & (combos[:, ca] >= 0)
+            q = np.where(ok, (ads << 32) | np.maximum(combos[:, ca], 0), -1)
+            lo = np.searchsorted(keys, q, "left")
+            n_match = np.searchsorted(keys, q, "right") - lo
+            for r in range(int(n_match.max(initial=0))):
+                rows = np.flatnonzero(n_match > r)
+                at = idx[lo[rows] + r]
+                hit = self.elem_b[at] == combos[rows, cb]
+                rows, at = rows[hit], at[hit]
+                out[rows] = np.minimum(out[rows], at)
+        out[out == len(self.ad)] = -1
         return out
+
+    def _per_ad_index(self) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+        """Per (component_a, component_b): the per-ad pairs' indices sorted by (ad, element_a,
+        element_b) and their sorted keys ``ad << 32 | element_a``; built on first use."""
+        cached = self.__dict__.get("_per_ad")
+        if cached is None:
+            cached = []
+            per_ad = np.flatnonzero(self.ad >= 0)
+            pairs = np.unique(np.stack([self.comp_a[per_ad], self.comp_b[per_ad]], 1), axis=0)
+            for ca, cb in pairs:
+                idx = per_ad[(self.comp_a[per_ad] == ca) & (self.comp_b[per_ad] == cb)]
+                idx = idx[np.lexsort((self.elem_b[idx], self.elem_a[idx], self.ad[idx]))]
+                keys = (self.ad[idx] << 32) | self.elem_a[idx]  # ad < 2^31, elements < 2^32
+                cached.append((int(ca), int(cb), idx, keys))
+            object.__setattr__(self, "_per_ad", cached)
+        return cached
 
     def forbidden_after(
         self, ad: int, component: int, chosen: Sequence[int], n_elements: int

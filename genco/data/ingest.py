@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from genco.data import storage
-from genco.data.checks import REASONS, RowValidator, check_header
+from genco.data.checks import REASONS, RowValidator, SeenHashes, check_header
 from genco.data.contract import (
     AD,
     Catalog,
@@ -138,10 +138,17 @@ def ingest(
         # overlap them with the checks of the current chunk.
         writer = ThreadPoolExecutor(max_workers=1)
         pending: Future | None = None
+        part = first.part
         for chunk in prefetch(chain(first, chunks)):
             t = chunk.table
             if t.column_names != list(layout.columns):
-                raise ContractError(f"{impressions}: columns change within the file")
+                where = chunk.part or impressions
+                raise ContractError(f"{where}: columns change within the file")
+            if chunk.part != part and validator.seen is not None:
+                # A copy of a row carries its timestamp, so its date partition: duplicates
+                # are looked for within a partition, and the hashes stay O(partition).
+                validator.seen = SeenHashes()
+            part = chunk.part
             ck, values = validator.check(t, chunk.marked)
             ok = ck.ok
             n_ok = int(ok.sum())

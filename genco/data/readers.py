@@ -13,7 +13,6 @@ import codecs
 import collections
 import contextlib
 import io
-import os
 import queue
 import re
 import threading
@@ -27,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from genco.data import storage
+from genco.data import dataset, storage
 from genco.errors import ContractError
 
 # An invalid byte b (0x80..0xFF) is read as the private-use character U+10FF00 + b: valid
@@ -109,6 +108,7 @@ class Chunk:
     rows: np.ndarray  # (n,) int64
     malformed: list[MalformedRow] = field(default_factory=list)
     marked: bool = False  # invalid UTF-8 was replaced somewhere up to here
+    part: str = ""  # the partition directory it was read from (a partitioned dataset)
 
 
 _NESTED = (
@@ -138,11 +138,14 @@ def _one_line(exc: BaseException) -> str:
 def iter_chunks(path: str, chunk_rows: int, client=None) -> Iterator[Chunk]:
     """Stream a CSV or Parquet log in chunks of at most chunk_rows rows.
 
-    CSV columns are read as text (values exactly as written); Parquet keeps its types.
+    CSV columns are read as text (values exactly as written); Parquet keeps its types. A
+    directory (or an object-store prefix) is a partitioned Parquet dataset
+    (``genco.data.dataset``): its files in path order, rows numbered across them.
     """
-    if not storage.is_gcs(path) and os.path.isdir(path):
+    if dataset.is_dataset(path):
         # Before the extension check: a Spark-style dataset is a directory named x.parquet.
-        raise ContractError(f"{path}: is a directory; pass one .csv, .csv.gz or .parquet file")
+        yield from _dataset_chunks(path, chunk_rows, client)
+        return
     fmt = storage.table_format(path)
     with contextlib.ExitStack() as stack:
         try:
@@ -175,6 +178,37 @@ def _parquet_chunks(f, path: str, chunk_rows: int) -> Iterator[Chunk]:
         n = batch.num_rows
         yield Chunk(pa.Table.from_batches([batch]), np.arange(row0 + 1, row0 + n + 1))
         row0 += n
+
+
+def _dataset_chunks(path: str, chunk_rows: int, client=None) -> Iterator[Chunk]:
+    """Batches of a partitioned dataset, coalesced up to chunk_rows within a partition
+    directory (a date's many small files become one chunk; a chunk never spans two)."""
+    row0 = 0
+    found = dataset.parts(path, client)
+    pending: list[pa.RecordBatch] = []
+    key = ""
+
+    def flush() -> Iterator[Chunk]:
+        nonlocal row0
+        n = sum(b.num_rows for b in pending)
+        if n:
+            table = pa.Table.from_batches(pending).combine_chunks()
+            yield Chunk(table, np.arange(row0 + 1, row0 + n + 1), part=key)
+            row0 += n
+        pending.clear()
+
+    for part in found:
+        _check_parquet_schema(part.fragment.physical_schema, part.path)
+        for batch in dataset.part_batches(part, None, chunk_rows):
+            same = not pending or (part.key == key and batch.schema.equals(pending[0].schema))
+            if not same or sum(b.num_rows for b in pending) + batch.num_rows > chunk_rows:
+                yield from flush()
+            key = part.key
+            pending.append(batch)
+    yield from flush()
+    if row0 == 0:  # every file empty: the header still gets checked
+        names = found[0].fragment.physical_schema.names
+        yield Chunk(pa.table({n: pa.array([], pa.string()) for n in names}), np.zeros(0, np.int64))
 
 
 def _csv_chunks(f, path: str, chunk_rows: int) -> Iterator[Chunk]:

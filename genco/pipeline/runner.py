@@ -49,6 +49,16 @@ def compile_pipeline(out_path: str, image: str | None = None, local: bool = Fals
     """
     from kfp import compiler
 
+    image = require_image(image, local)
+    compiler.Compiler().compile(retraining_module().retraining, package_path=out_path)
+    if image is not None:
+        _set_image(out_path, image)
+    return out_path
+
+
+def require_image(image: str | None, local: bool) -> str | None:
+    """``image``, else ``$GENCO_IMAGE``; neither is an error unless ``local`` (None: the
+    placeholder image, for the local runner or tests, which never pull one)."""
     image = image or os.environ.get("GENCO_IMAGE") or None
     if image is None and not local:
         raise ConfigError(
@@ -56,10 +66,7 @@ def compile_pipeline(out_path: str, image: str | None = None, local: bool = Fals
             "Dockerfiles/component.Dockerfile) or set GENCO_IMAGE; --local compiles against "
             "the placeholder image for the local runner"
         )
-    compiler.Compiler().compile(retraining_module().retraining, package_path=out_path)
-    if image is not None:
-        _set_image(out_path, image)
-    return out_path
+    return image
 
 
 def _set_image(path: str, image: str) -> None:
