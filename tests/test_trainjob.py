@@ -59,3 +59,27 @@ def test_cpu_jobs_pin_one_thread_per_worker_and_bad_worker_counts_are_refused():
     assert trainer["env"] == [{"name": "OMP_NUM_THREADS", "value": "1"}]
     with pytest.raises(ConfigError, match="workers must be >= 1, got 0"):
         job(workers=0)
+
+
+def test_attribute_step_with_workers_fits_through_the_trainjobs_own_command(tmp_path):
+    """workers > 1: the training rows go to the job, the job's command (run here by torchrun,
+    one process per node) fits them, and the step attributes with the model it wrote."""
+    from genco.pipeline.steps import attribute_step, ingest_step
+    from genco.pipeline.trainjob import launch_here
+    from genco.worlds.simulate import simulate
+
+    sim = simulate("default", 0, str(tmp_path / "world"), n_impressions=20_000)
+    ingest_step(sim.catalog, sim.impressions, str(tmp_path / "data"), sim.constraints)
+    out = tmp_path / "rewards"
+    config = RewardModelConfig(epochs=2, device="cpu")
+    with pytest.raises(ConfigError, match="workers=2 needs the trainer image"):
+        attribute_step(str(tmp_path / "data"), str(out), config, workers=2)
+    metrics = attribute_step(
+        str(tmp_path / "data"), str(out), config, workers=2, image="genco:test", launch=launch_here
+    )
+    assert metrics["warm_start"] == "none: distributed fit on 2 workers"
+    job = yaml.safe_load((out / "distributed" / "model" / "reward_metrics.json").read_text())
+    assert job["workers"] == 2
+    assert metrics["train"]["train_rows"] + metrics["train"]["val_rows"] == 18_000  # not test
+    assert metrics["test"]["auc"] > 0.5
+    assert (out / "reward_model.pt").exists() and (out / "attributions.parquet").exists()

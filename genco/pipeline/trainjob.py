@@ -14,10 +14,20 @@ image; the torch runtime sets ``PET_NNODES``, ``PET_NODE_RANK``, ``PET_MASTER_AD
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import pandas as pd
+
+from genco.data import storage
 from genco.errors import ConfigError
-from genco.models.reward import RewardModelConfig
+from genco.models.checkpoint import METRICS_FILE, load_reward_model
+from genco.models.reward import RewardModel, RewardModelConfig
+from genco.training.reward_fit import TrainReport
 
 if TYPE_CHECKING:
     from kubeflow_trainer_api import models
@@ -103,3 +113,52 @@ def submit_trainjob(
     if wait_seconds:
         client.wait_for_job_status(name, {constants.TRAINJOB_COMPLETE}, timeout=wait_seconds)
     return name
+
+
+def launch_on_cluster(job: models.TrainerV1alpha1TrainJob, namespace: str, wait: int) -> None:
+    """The default launcher: the TrainJob goes to the cluster, and this waits for it."""
+    submit_trainjob(job, namespace, wait_seconds=wait)
+
+
+def launch_here(job: models.TrainerV1alpha1TrainJob, namespace: str, wait: int) -> None:
+    """The same job's command on this machine: torchrun with one process per node."""
+    trainer = job.spec.trainer
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc-per-node", str(trainer.num_nodes), *trainer.args]
+    env = {**os.environ, **{e.name: e.value for e in trainer.env or []}}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=wait or None)
+    if done.returncode:
+        raise RuntimeError(f"distributed reward fit failed: {done.stderr[-2000:]}")
+
+
+Launcher = Callable[["models.TrainerV1alpha1TrainJob", str, int], None]
+
+
+def distributed_reward_fit(
+    catalog_path: str,
+    work_dir: str,
+    workers: int,
+    image: str,
+    config: RewardModelConfig,
+    namespace: str = "kubeflow",
+    wait_seconds: int = 6 * 3600,
+    launch: Launcher = launch_on_cluster,
+    client=None,
+) -> Callable[[pd.DataFrame], tuple[RewardModel, TrainReport]]:
+    """What ``fit_and_attribute`` calls to fit elsewhere: the training rows are written to
+    ``work_dir/train.parquet``, a TrainJob of ``workers`` nodes fits them into
+    ``work_dir/model`` (``launch``: on the cluster, or ``launch_here``), and the model and
+    its training report are read back."""
+
+    def fit(train: pd.DataFrame) -> tuple[RewardModel, TrainReport]:
+        storage.makedirs(work_dir)
+        rows, model_dir = storage.join(work_dir, "train.parquet"), storage.join(work_dir, "model")
+        storage.write_table(train, rows, client=client)
+        name = f"genco-reward-{uuid.uuid4().hex[:8]}"
+        job = reward_trainjob(name, image, catalog_path, rows, model_dir, workers, config)
+        launch(job, namespace, wait_seconds)
+        model, _ = load_reward_model(model_dir, client=client)
+        metrics = storage.read_json(storage.join(model_dir, METRICS_FILE), client=client)
+        return model, TrainReport(**metrics["train"])
+
+    return fit
