@@ -155,3 +155,28 @@ def test_two_ddp_processes_match_one_within_one_percent(world, logs, streamed, t
     assert not np.array_equal(  # really trained by two workers, not a copy of one
         ddp.id_ffm.weight.detach().numpy(), streamed[0].id_ffm.weight.detach().numpy()
     )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: cuda is valid")
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("cuda", "genco attribute: error: device 'cuda': this torch build sees no GPU"),
+        ("tpu", "genco attribute: error: device must be one of auto, cpu, cuda, got 'tpu'"),
+    ],
+)
+def test_cli_device_errors_are_one_line(logs, tmp_path, device, message):
+    d, _ = logs
+    r = subprocess.run(
+        [
+            sys.executable, "-m", "genco.cli", "attribute",
+            "--catalog", str(d / "catalog.csv"), "--impressions", str(d / "impressions.parquet"),
+            "--out", str(tmp_path / "m"), "--epochs", "1", "--device", device,
+        ],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]  # beside progress bars
+    assert len(errors) == 1 and errors[0].startswith(message), r.stderr
+    assert "Traceback" not in r.stderr
