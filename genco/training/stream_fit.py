@@ -21,7 +21,8 @@ rank reads every chunk and trains on its stride of rows (row i goes to rank i % 
 all ranks take the same number of steps; DDP averages their gradients, the held-out sums
 are all-reduced, and every rank takes the same early-stopping decisions.
 
-The log is read by ``open_log`` alone, so another reader (the data layer's) can replace it.
+The log is read by ``genco.training.log_reader.open_log`` alone, so another reader (the
+data layer's) can replace it.
 """
 
 from __future__ import annotations
@@ -33,18 +34,16 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
 import pyarrow.dataset as ds
 import torch
 from torch import nn
 
-from genco.data import fs
-from genco.data.contract import AD, CLICK, CONTEXT_PREFIX, PROPENSITY, TIMESTAMP, Catalog
+from genco.data.contract import CONTEXT_PREFIX, TIMESTAMP, Catalog
 from genco.errors import ContractError
 from genco.models.optim import Optimizers, resolve_device, set_sparse
 from genco.models.reward import BoundModel, RewardModel, RewardModelConfig, row_hash
 from genco.models.vocab import Encoded, Vocab, fit_scalers
+from genco.training.log_reader import ChunkEncoder, concat, open_log
 from genco.training.residuals import fit_residuals
 from genco.training.reward_fit import TrainReport, _fit_tuned, train_reward_model
 
@@ -57,83 +56,6 @@ SAMPLE_ROWS = 1_000_000
 # The residuals are fitted on the whole log merged by (ad, combination, context) while that
 # has at most this many distinct rows (~60 bytes each), else on the sample.
 MAX_RESIDUAL_GROUPS = 5_000_000
-
-
-def open_log(path: str) -> ds.Dataset:
-    """The impression log as a pyarrow dataset: one Parquet file, or a directory of them
-    (hive partitions such as ``date=2026-11-29/`` become columns), local or on an object
-    store (``gs://``, ``s3://``: through the same fsspec filesystems as ``genco.data.fs``)."""
-    if fs.is_remote(path):
-        scheme = fs.url_scheme(path)
-        return ds.dataset(
-            path.removeprefix(f"{scheme}://"),
-            format="parquet",
-            partitioning="hive",
-            filesystem=fs.filesystem(path),
-        )
-    return ds.dataset(path, format="parquet", partitioning="hive")
-
-
-class ChunkEncoder:
-    """Record batches -> catalog codes, with the id lookups built once for the whole log;
-    errors name the row (counted from the start of the log), the column and the value."""
-
-    def __init__(self, catalog: Catalog, context_columns: tuple[str, ...]) -> None:
-        self.catalog, self.context_columns = catalog, context_columns
-        self.ads = pd.Index(catalog.ads)
-        self.elements = [pd.Index(e) for e in catalog.elements]
-
-    def columns(self, schema: pa.Schema) -> list[str]:
-        cols = [AD, *self.catalog.components, CLICK, *self.context_columns]
-        missing = [c for c in cols if c not in schema.names]
-        if missing:
-            raise ContractError(f"impressions: missing column '{missing[0]}'")
-        return cols + [c for c in (PROPENSITY, TIMESTAMP) if c in schema.names]
-
-    def _codes(self, index: pd.Index, values: pa.Array, col: str, first_row: int) -> np.ndarray:
-        codes = index.get_indexer(values.to_numpy(zero_copy_only=False).astype(str))
-        if (codes < 0).any():
-            i = int(np.flatnonzero(codes < 0)[0])
-            raise ContractError(
-                f"impressions row {first_row + i}: {col} '{values[i].as_py()}' is not in the "
-                "catalog"
-            )
-        return codes.astype(np.int64)
-
-    def __call__(self, batch: pa.RecordBatch, first_row: int) -> Encoded:
-        n = batch.num_rows
-        ads = self._codes(self.ads, batch.column(AD), AD, first_row)
-        combos = np.zeros((n, self.catalog.n_components), np.int64)
-        for k, comp in enumerate(self.catalog.components):
-            combos[:, k] = self._codes(self.elements[k], batch.column(comp), comp, first_row)
-        ctx = np.zeros((n, len(self.context_columns)), np.float32)
-        for j, c in enumerate(self.context_columns):
-            ctx[:, j] = batch.column(c).to_numpy(zero_copy_only=False)
-        names = batch.schema.names
-
-        def opt(c: str) -> np.ndarray | None:
-            return batch.column(c).to_numpy(zero_copy_only=False) if c in names else None
-
-        return Encoded(
-            ads,
-            combos,
-            ctx,
-            batch.column(CLICK).to_numpy(zero_copy_only=False).astype(np.float32),
-            opt(PROPENSITY),
-            opt(TIMESTAMP),
-            self.context_columns,
-        )
-
-
-def concat(parts: list[Encoded]) -> Encoded:
-    def cat(name: str):
-        vals = [getattr(p, name) for p in parts]
-        return None if vals[0] is None else np.concatenate(vals)
-
-    return Encoded(
-        cat("ads"), cat("combos"), cat("ctx"), cat("click"),
-        cat("propensity"), cat("timestamp"), parts[0].context_columns,
-    )  # fmt: skip
 
 
 class LogStream:
@@ -159,10 +81,19 @@ class LogStream:
         self.has_time = TIMESTAMP in schema.names
         self._scan(min(sample_rows, self.n))
 
-    def chunks(self) -> Iterator[tuple[int, Encoded]]:
-        """(first row number, chunk) in file order."""
+    def chunks(self, part: str | None = None) -> Iterator[tuple[int, Encoded]]:
+        """(first row number, chunk) in file order; ``part`` 'train' or 'val' with a time
+        split reads only those rows (row groups outside the cutoff are skipped), numbered
+        within the part."""
+        where = None
+        if part and self.has_time and self.config.val_fraction > 0:
+            t = ds.field(TIMESTAMP)
+            where = t >= self.cutoff if part == "val" else t < self.cutoff
         first = 0
-        for batch in self.dataset.to_batches(columns=self.columns, batch_size=self.chunk_rows):
+        batches = self.dataset.to_batches(
+            columns=self.columns, batch_size=self.chunk_rows, filter=where
+        )
+        for batch in batches:
             if batch.num_rows:
                 yield first, self.encoder(batch, first)
                 first += batch.num_rows
@@ -330,7 +261,7 @@ def _shuffled(
     """(this rank's training rows, shuffled; all ranks' training rows) per shuffle buffer:
     chunks are gathered until ``buffer_rows`` and permuted together."""
     parts, n_global = [], 0
-    for first, enc in stream.chunks():
+    for first, enc in stream.chunks("train"):
         rows = np.arange(first, first + len(enc))
         train = np.flatnonzero(~stream.is_val(rows, enc))
         n_global += len(train)
@@ -456,7 +387,7 @@ def _val_loss(model, bound, stream: LogStream, rank: int, world: int, device) ->
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, weight, rows
     bce = nn.BCEWithLogitsLoss(reduction="none")
-    for first, enc in stream.chunks():
+    for first, enc in stream.chunks("val"):
         rows = np.arange(first, first + len(enc))
         val = np.flatnonzero(stream.is_val(rows, enc))
         val = val[rows[val] % world == rank]
