@@ -3,8 +3,10 @@ vs ads. Prints JSON.
 
 Each point runs in its own process (so its peak RSS is its own) on a synthetic per-product
 catalog: A ads, 4 components, 10 own candidates per ad and component (4 x 10 x A elements),
-two element features, two context columns; clicks from a logistic truth (appeal + element
-effects + context). The log is Parquet written in row groups, the fit
+two element features, two discrete context columns (2 x 24 values: device, hour); the
+log comes from an epsilon-greedy policy like the simulator's (each ad's greedy combination,
+10% of impressions uniform over its combinations); clicks from a logistic truth (appeal +
+element effects + context). The log is Parquet written in row groups, the fit
 ``genco.training.stream_fit.train_reward_model_stream`` with ``--epochs`` streamed epochs (a
 fixed count, so points compare; a real fit stops early, at patience 3).
 
@@ -33,6 +35,7 @@ import time
 import numpy as np
 
 K, M, F, C = 4, 10, 2, 2
+EPSILON = 0.1
 
 
 def build(n_ads: int, seed: int = 0):
@@ -69,8 +72,10 @@ def write_log(path: str, n: int, n_ads: int, effects, appeal, seed: int = 0) -> 
     for start in range(0, n, 1_000_000):
         b = min(1_000_000, n - start)
         ads = rng.integers(n_ads, size=b)
-        el = ads[:, None] * M + rng.integers(M, size=(b, K))
-        ctx = rng.normal(0, 1, (b, C)).astype(np.float32)
+        slot = np.where(rng.random((b, 1)) < EPSILON, rng.integers(M, size=(b, K)), 0)
+        el = ads[:, None] * M + slot  # slot 0: the ad's greedy combination
+        ctx = np.column_stack([rng.integers(2, size=b), rng.integers(24, size=b) / 23.0])
+        ctx = ctx.astype(np.float32)
         z = -3.0 + appeal[ads] + sum(effects[k][el[:, k]] for k in range(K)) + 0.3 * ctx[:, 0]
         click = (rng.random(b) < 1 / (1 + np.exp(-z))).astype(np.int8)
 

@@ -35,7 +35,7 @@ series() {  # name, limit (s), bench flags...
     --out "$OUT/scale_gpu_$name.json" 2>> "$OUT/points.jsonl"
   echo "series $name: exit $?" >> "$OUT/env.txt"
 }
-series impressions_1M_1k_ads 60 --impressions 1000000 --ads 1000
-series impressions_10M_1k_ads 150 --impressions 10000000 --ads 1000
-series ads_100k_1M_impressions 90 --impressions 1000000 --ads 100000
+series impressions_1M_1k_ads 50 --impressions 1000000 --ads 1000
+series impressions_10M_1k_ads 180 --impressions 10000000 --ads 1000
+series ads_100k_1M_impressions 80 --impressions 1000000 --ads 100000
 cat "$OUT/points.jsonl"
