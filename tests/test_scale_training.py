@@ -180,3 +180,16 @@ def test_cli_device_errors_are_one_line(logs, tmp_path, device, message):
     errors = [line for line in r.stderr.splitlines() if "error" in line]  # beside progress bars
     assert len(errors) == 1 and errors[0].startswith(message), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_small_logs_are_fitted_in_memory(world, logs):
+    """fit_reward_log keeps the in-memory fit (faster) up to STREAM_MIN_ROWS impressions."""
+    from genco.training.stream_fit import STREAM_MIN_ROWS, fit_reward_log
+
+    d, _ = logs
+    assert STREAM_MIN_ROWS >= 50_000
+    _, report = fit_reward_log(
+        world.catalog, str(d / "impressions.parquet"), RewardModelConfig(epochs=2)
+    )
+    assert report.train_rows + report.val_rows == 50_000
+    assert "sample_rows" not in report.tuning  # the streamed fit records its sample
