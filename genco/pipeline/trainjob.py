@@ -80,7 +80,7 @@ def reward_trainjob(
         "--epochs", str(config.epochs), "--batch-size", str(config.batch_size),
         "--lr", str(config.lr), "--seed", str(config.seed), "--device", config.device,
         "--l2-id", str(config.l2_id), "--val-fraction", str(config.val_fraction),
-        "--residual-sd", str(config.residual_sd),
+        "--residual-sd", str(config.residual_sd), "--patience", str(config.patience),
     ]  # fmt: skip
     return models.TrainerV1alpha1TrainJob(
         apiVersion=constants.API_VERSION,

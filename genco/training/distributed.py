@@ -34,7 +34,10 @@ from genco.training.stream_fit import (
 )
 
 # Flags: the RewardModelConfig fields a distributed run may set (defaults from the dataclass).
-FIELDS = ("epochs", "batch_size", "lr", "seed", "device", "l2_id", "val_fraction", "residual_sd")
+FIELDS = (
+    "epochs", "batch_size", "lr", "seed", "device", "l2_id", "val_fraction", "residual_sd",
+    "patience",
+)  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
