@@ -80,7 +80,7 @@ def load(name: str, n: int, seed: int):
     return w.catalog, w.constraints, w.truth, log_impressions(w, n, seed), points
 
 
-def run_world(name: str, n: int, seed: int, with_vw: bool) -> dict:
+def run_world(name: str, n: int, seed: int, with_vw: bool, baselines: bool = True) -> dict:
     catalog, constraints, truth, log, points = load(name, n, seed)
     enc = encode(log, catalog)
     seconds: dict[str, float] = {}
@@ -97,20 +97,22 @@ def run_world(name: str, n: int, seed: int, with_vw: bool) -> dict:
         gen = Generator(Vocab.from_catalog(catalog, enc.context_columns), GeneratorConfig())
     seconds["generator"] = time.perf_counter() - t
     predictor = Predictor(rm, gen, catalog, constraints, refine="pairs")
-    t = time.perf_counter()
-    fm = FactorizationMachine(catalog).fit(enc)
-    seconds["fm"] = time.perf_counter() - t
-    empirical = EmpiricalBest(enc)
-    element_scores = per_element_scores(enc, catalog)
-    vw = None
-    if with_vw:
+    fm = empirical = element_scores = vw = None
+    if baselines:
+        t = time.perf_counter()
+        fm = FactorizationMachine(catalog).fit(enc)
+        seconds["fm"] = time.perf_counter() - t
+        empirical = EmpiricalBest(enc)
+        element_scores = per_element_scores(enc, catalog)
+    if with_vw and baselines:
         from genco.evaluation.baselines_vw import VWRecommender
 
         t = time.perf_counter()
         vw = VWRecommender(catalog, constraints).fit(log.iloc[:VW_MAX_ROWS])
         seconds["vw"] = time.perf_counter() - t
 
-    gaps: dict[str, list[float]] = {m: [] for m in METHODS if m != "vw" or vw}
+    methods = METHODS if baselines else ("exhaustive", "genco")
+    gaps: dict[str, list[float]] = {m: [] for m in methods if m != "vw" or vw}
     for ad, x in points:
         legal = legal_combinations(catalog, constraints, ad)
         X = None if x is None else np.tile(x, (len(legal), 1))
@@ -122,10 +124,12 @@ def run_world(name: str, n: int, seed: int, with_vw: bool) -> dict:
             picks = {
                 "exhaustive": legal[np.argmax(bound.logit(ads, legal, X))],
                 "genco": predictor.decode(ad, xf, top_k=1).codes[0],
-                "fm": legal[np.argmax(fm.scores(ad, legal, xf))],
             }
-        picks["per_element"] = per_element_pick(element_scores, catalog, constraints, ad, legal)
-        picks["empirical"] = empirical.pick(ad, x, legal)
+            if baselines:
+                picks["fm"] = legal[np.argmax(fm.scores(ad, legal, xf))]
+        if baselines:
+            picks["per_element"] = per_element_pick(element_scores, catalog, constraints, ad, legal)
+            picks["empirical"] = empirical.pick(ad, x, legal)
         if vw:
             picks["vw"] = vw.best(ad, x)
         for m, combo in picks.items():
@@ -191,6 +195,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--n", type=int, default=None, help="override the log size")
     ap.add_argument("--vw", action="store_true", help="also Vowpal Wabbit (slow)")
+    ap.add_argument(
+        "--genco-only",
+        action="store_true",
+        help="GenCO alone (the baselines do not depend on GenCO's code: reuse their runs)",
+    )
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
     out: dict = {
@@ -207,7 +216,7 @@ def main() -> None:
     def series(name: str, n: int) -> dict:
         runs = []
         for seed in range(args.seeds):
-            runs.append(run_world(name, n, seed, args.vw))
+            runs.append(run_world(name, n, seed, args.vw, not args.genco_only))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
         return {"world": name, "impressions": n, "gap_closed": summarise(runs), "runs": runs}
 

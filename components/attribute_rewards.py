@@ -1,5 +1,7 @@
 """``attribute_rewards``: fit the reward model and attribute clicks to elements."""
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
@@ -16,10 +18,14 @@ def attribute_rewards(
     warm_start: bool = True,
     workers: int = 1,
     trainer_image: str = "",
-) -> float:
+) -> NamedTuple(
+    "RewardFit",
+    [("heldout_auc", float), ("heldout_log_loss", float), ("epochs_run", int), ("warm_start", str)],
+):
     """Train the multi-instance reward model on all but the latest 10% of ``data`` and write
-    it with per-impression and per-element attributions; returns the held-out AUC (NaN when
-    the held-out rows have a single class).
+    it with per-impression and per-element attributions. Outputs, named in the UI: the
+    held-out AUC and log loss (NaN when the held-out rows have a single class), the epochs
+    run (early stopping) and the warm-start source.
 
     Warm-starts from the production bundle of ``model_store`` when its vocabulary matches,
     so a daily retrain refines yesterday's model instead of starting over. ``workers`` > 1:
@@ -39,4 +45,10 @@ def attribute_rewards(
         workers=workers,
         image=trainer_image,
     )
-    return float(metrics.get("test", {}).get("auc", float("nan")))
+    test = metrics.get("test", {})
+    return (
+        float(test.get("auc", float("nan"))),
+        float(test.get("log_loss", float("nan"))),
+        len(metrics["train"]["history"]),
+        str(metrics["warm_start"]),
+    )

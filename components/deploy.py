@@ -28,10 +28,9 @@ def deploy(
     TorchServe ``key_file`` for token auth): register it on a running TorchServe and make
     it the default. A publishing failure fails the step with production unchanged.
     """
-    from genco.serving.archive import serving_hook
-    from genco.store import run_deploy
+    from genco.pipeline.steps import deploy_step
 
-    hook = serving_hook(model_store, serving, management_url or None, key_file or None)
-    result = run_deploy(bundle.path, model_store, gate.path, on_promote=hook)
-    print(f"deploy: {result.reason}: {result.version}")
+    result = deploy_step(
+        bundle.path, model_store, gate.path, serving, management_url or None, key_file or None
+    )
     return (result.deployed, result.version or "", result.reason)

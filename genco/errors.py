@@ -60,3 +60,23 @@ class NotFoundError(GencoError, FileNotFoundError):
     A ``FileNotFoundError`` rather than a ``ValueError``: it is the same failure as a missing
     local file, and callers that catch ``FileNotFoundError`` keep working on every backend.
     """
+
+
+class StepError(GencoError, RuntimeError):
+    """A pipeline step that failed; the message names the step, the error that ended it and
+    the run's log. ``cause_type`` is that error's class when known: the CLI shows a bug in a
+    step (a cause that is not an expected error) with the step's own ``traceback``."""
+
+    def __init__(
+        self,
+        step: str,
+        message: str,
+        log_path: str,
+        cause_type: type[BaseException] | None = None,
+        traceback: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.log_path = log_path
+        self.cause_type = cause_type
+        self.traceback = traceback

@@ -11,6 +11,11 @@ Caching: attribute_rewards and train_generator are pure functions of their input
 and parameters, so they are cacheable. ingest reads caller paths whose content may change
 under the same name (a daily export overwritten in place), evaluate reads the store's
 production pointer, and deploy moves it: those three always run.
+
+Retries: no task has a Kubeflow retry policy. KFP's policy reruns a failed container after
+its backoff whatever the failure, so a misspelt path would be retried for minutes; each step
+retries transient failures (network, 5xx, 429) itself (``genco.retries``) and fails at once
+on anything else.
 """
 
 from kfp import dsl
@@ -70,7 +75,6 @@ def retraining(
     )
     data.set_caching_options(False)
     data.set_cpu_request("1").set_memory_request("2G").set_memory_limit("8G")
-    data.set_retry(num_retries=2, backoff_duration="30s")
 
     rewards = attribute_rewards(
         data=data.outputs["data"],
@@ -82,7 +86,6 @@ def retraining(
         trainer_image=trainer_image,
     )
     rewards.set_cpu_request("2").set_memory_request("4G").set_memory_limit("16G")
-    rewards.set_retry(num_retries=2, backoff_duration="60s")
 
     bundle = train_generator(
         data=data.outputs["data"],
@@ -93,7 +96,6 @@ def retraining(
         warm_start=warm_start,
     )
     bundle.set_cpu_request("2").set_memory_request("4G").set_memory_limit("16G")
-    bundle.set_retry(num_retries=2, backoff_duration="60s")
 
     gate = evaluate(
         bundle=bundle.outputs["bundle"],
@@ -104,7 +106,6 @@ def retraining(
     )
     gate.set_caching_options(False)
     gate.set_cpu_request("2").set_memory_request("4G").set_memory_limit("16G")
-    gate.set_retry(num_retries=2, backoff_duration="30s")
 
     with dsl.If(gate.outputs["Output"] == True, name="candidate-wins"):  # noqa: E712
         promoted = deploy(
@@ -117,4 +118,3 @@ def retraining(
         )
         promoted.set_caching_options(False)
         promoted.set_cpu_request("500m").set_memory_request("1G")
-        promoted.set_retry(num_retries=3, backoff_duration="30s")

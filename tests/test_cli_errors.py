@@ -151,6 +151,26 @@ def test_s3_endpoint_unreachable(bare_env) -> None:
     assert line.endswith("check S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) and that the server is up")
 
 
+@pytest.mark.parametrize("store", ["s3://genco-bucket", "s3://genco-bucket/store"])
+def test_s3_bucket_check_does_not_turn_an_outage_into_no_such_bucket(bare_env, store) -> None:
+    # s3fs' exists(bucket) answers False for any failed probe; genco asks HeadBucket and
+    # lets everything but a 404 through, so a refused connection is not "no model store".
+    url = _closed_url()
+    line = genco_fails(_s3_env(bare_env, url), "versions", "--store", store)
+    assert "no model store here" not in line and "does not exist" not in line
+    assert f'Could not connect to the endpoint URL: "{url}/genco-bucket' in line
+
+
+def test_s3_missing_bucket_alone_is_not_found(bare_env, moto_endpoint: str) -> None:
+    line = genco_fails(
+        _s3_env(bare_env, moto_endpoint), "versions", "--store", "s3://genco-no-such-bucket"
+    )
+    assert line == (
+        "genco versions: error: s3://genco-no-such-bucket: no model store here (no such "
+        "directory); check --store"
+    )
+
+
 # ------------------------------------------------------------------------------- GCS
 
 
@@ -187,10 +207,12 @@ def forbidding_store() -> Iterator[str]:
 
 
 @pytest.mark.parametrize("scheme", ["gs", "s3"])
-def test_store_refusing_access(bare_env, forbidding_store: str, scheme: str) -> None:
+@pytest.mark.parametrize("prefix", ["/store", ""])
+def test_store_refusing_access(bare_env, forbidding_store: str, scheme: str, prefix: str) -> None:
     env = {**_s3_env(bare_env, forbidding_store), "STORAGE_EMULATOR_HOST": forbidding_store}
-    line = genco_fails(env, "versions", "--store", f"{scheme}://genco-bucket/store")
-    assert line.startswith(f"genco versions: error: {scheme}://genco-bucket/store: access denied (")
+    store = f"{scheme}://genco-bucket{prefix}"
+    line = genco_fails(env, "versions", "--store", store)
+    assert line.startswith(f"genco versions: error: {store}: access denied (")
     assert line.endswith("); check that the credentials may use this bucket")
     if scheme == "gs":
         assert "no storage.objects.get (test)" in line
@@ -204,6 +226,35 @@ def test_unreachable_kfp_host(bare_env, tmp_path: Path) -> None:
     line = _schedule(bare_env, url, tmp_path / "retraining.yaml")
     assert line.startswith(f"genco pipeline: error: cannot connect to {url} (")
     assert "Connection refused" in line and "--host" in line
+
+
+# ------------------------------------------------------------------ local pipeline
+
+
+def test_failed_local_step_is_one_line_with_its_root_cause_and_is_not_retried(
+    bare_env, tmp_path: Path
+) -> None:
+    """A misspelt catalog path: the real KFP local runner, the ingest step fails on its
+    first attempt (no retry policy, no backoff), and stderr ends in one line naming the
+    step, the error inside it and the log; no traceback, exit 2."""
+    out = tmp_path / "run"
+    catalog = str(tmp_path / "catalgo.csv")
+    r = subprocess.run(
+        [sys.executable, "-m", "genco.cli", "pipeline", "run", "--out", str(out),
+         "--catalog", catalog, "--impressions", str(tmp_path / "impressions.csv")],
+        env=bare_env, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines == [
+        "ingest: running",
+        "ingest: failed",
+        f"genco pipeline: error: step 'ingest' failed: ContractError: {catalog}: file not "
+        f"found; full log: {out / 'pipeline.log'}",
+    ]
+    log = (out / "pipeline.log").read_text()
+    assert log.count("Executing task") == 1 and "Retrying" not in log
+    assert "Traceback (most recent call last)" in log  # the detail stays in the log
 
 
 # -------------------------------------------------------------------------------- HTTP

@@ -132,7 +132,9 @@ def test_attribute_rewards_writes_model_and_attributions(chain):
         "reward_metrics.json",
     ):
         assert (rewards / name).is_file(), name
-    assert 0.0 < chain["auc"] <= 1.0
+    auc, log_loss, epochs_run, warm = chain["auc"]  # named outputs, in signature order
+    assert 0.0 < auc <= 1.0 and log_loss > 0
+    assert epochs_run >= 1 and warm == "none"
     assert json.loads((rewards / "reward_metrics.json").read_text())["warm_start"] == "none"
 
 
@@ -140,7 +142,9 @@ def test_train_generator_writes_a_complete_bundle(chain):
     bundle = chain["bundle"].path
     manifest = json.loads((Path(bundle) / "manifest.json").read_text())
     assert {"generator.pt", "reward_model.pt", "catalog.csv"} <= set(manifest["files"])
-    assert chain["warm"] == "none" and manifest["warm_start"] == "none"
+    warm, final_reward, seconds = chain["warm"]
+    assert warm == "none" and manifest["warm_start"] == "none"
+    assert final_reward == final_reward and seconds > 0  # a number, not NaN
     recs = Predictor.load(bundle).recommend("ad_0000", top_k=2)
     assert [r.rank for r in recs] == [1, 2]
 
@@ -148,9 +152,15 @@ def test_train_generator_writes_a_complete_bundle(chain):
 def test_evaluate_logs_metrics_html_and_gate(chain, tmp_path):
     metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
     report = dsl.HTML(uri=str(tmp_path / "report.html"))
+    summary = dsl.Markdown(uri=str(tmp_path / "summary.md"))
     gate = dsl.Artifact(uri=str(tmp_path / "gate.json"))
     passed = evaluate.python_func(
-        bundle=chain["bundle"], data=chain["data"], metrics=metrics, report=report, gate=gate
+        bundle=chain["bundle"],
+        data=chain["data"],
+        metrics=metrics,
+        report=report,
+        summary=summary,
+        gate=gate,
     )
     assert passed is True
     assert {"candidate_auc", "candidate_log_loss", "candidate_value", "passed"} <= set(
@@ -160,6 +170,12 @@ def test_evaluate_logs_metrics_html_and_gate(chain, tmp_path):
     assert page.count("data:image/png;base64,") == 4 and "PASSED" in page
     decision = json.loads(Path(gate.path).read_text())
     assert decision["passed"] is True and decision["production_version"] is None
+    md = Path(summary.path).read_text()
+    assert md.startswith("# GenCO evaluation\n")
+    assert "**PASSED: deploy**: no production model: first deployment" in md
+    candidate = next(line for line in md.splitlines() if line.startswith("| candidate |"))
+    assert f"{metrics.metadata['candidate_auc']:.4f}" in candidate
+    assert "| production | none |" in md
 
 
 def test_deploy_promotes_then_evaluate_against_production_and_refuse(chain, tmp_path):
@@ -170,6 +186,7 @@ def test_deploy_promotes_then_evaluate_against_production_and_refuse(chain, tmp_
         data=chain["data"],
         metrics=dsl.Metrics(uri=str(tmp_path / "m")),
         report=dsl.HTML(uri=str(tmp_path / "r.html")),
+        summary=dsl.Markdown(uri=str(tmp_path / "r.md")),
         gate=gate,
         model_store=store,
     )
@@ -190,6 +207,7 @@ def test_deploy_promotes_then_evaluate_against_production_and_refuse(chain, tmp_
         data=chain["data"],
         metrics=dsl.Metrics(uri=str(tmp_path / "m2")),
         report=dsl.HTML(uri=str(tmp_path / "r2.html")),
+        summary=dsl.Markdown(uri=str(tmp_path / "r2.md")),
         gate=gate2,
         model_store=store,
         margin=0.1,
@@ -218,7 +236,7 @@ def test_warm_start_from_the_store(chain, tmp_path):
     bundle = dsl.Model(uri=str(tmp_path / "bundle"))
     warm = train_generator.python_func(
         data=chain["data"], rewards=rewards, bundle=bundle, rl_steps=1, model_store=store
-    )
+    )[0]
     assert warm.endswith(current_version(store))
     manifest = json.loads((Path(bundle.path) / "manifest.json").read_text())
     assert manifest["warm_start"] == manifest["reward_warm_start"] == warm
@@ -248,6 +266,7 @@ def test_gcs_paths_end_to_end(world, gcs: GcsEmulator, tmp_path):
         data=data,
         metrics=dsl.Metrics(uri=str(tmp_path / "m")),
         report=dsl.HTML(uri=str(tmp_path / "r.html")),
+        summary=dsl.Markdown(uri=str(tmp_path / "r.md")),
         gate=gate,
         model_store=store,
     )

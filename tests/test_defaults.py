@@ -43,7 +43,7 @@ COMPONENTS = {
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("defaults") / "retraining.yaml"
-    return yaml.safe_load(open(compile_pipeline(str(path))))
+    return yaml.safe_load(open(compile_pipeline(str(path), local=True)))
 
 
 def _defaults(spec: dict) -> dict:

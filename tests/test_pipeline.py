@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import re
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from kfp import components as kfp_components
 from components import GENCO_IMAGE
 from genco.cli.pipeline import add_commands
 from genco.data import storage
-from genco.pipeline.runner import compile_pipeline, local_demo, schedule
+from genco.pipeline.runner import compile_pipeline, local_demo
 from genco.store import POINTER, current_version, read_pointer
 from genco.worlds.simulate import SimulationOutputs, simulate, world_config
 from pipelines.retraining import COMPONENT_NAMES
@@ -27,7 +25,7 @@ from pipelines.retraining import COMPONENT_NAMES
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
     path = str(tmp_path_factory.mktemp("yaml") / "retraining.yaml")
-    compile_pipeline(path)
+    compile_pipeline(path, local=True)
     with open(path) as f:
         return path, yaml.safe_load(f)
 
@@ -63,9 +61,44 @@ def test_deploy_is_conditional_on_the_gate_and_uncached(compiled):
     branch = spec["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
     assert set(branch) == {"deploy"}
     assert branch["deploy"]["cachingOptions"] == {}  # caching off
-    assert branch["deploy"]["retryPolicy"]["maxRetryCount"] == 3
     assert root["train-generator"]["cachingOptions"] == {"enableCache": True}
     assert root["ingest"]["cachingOptions"] == {}
+
+
+def test_no_task_has_a_kfp_retry_policy(compiled):
+    # KFP reruns a failed container whatever the error; steps retry transient errors
+    # themselves (genco.retries), so a contract error fails the run at once.
+    _, spec = compiled
+    tasks = [t for c in [spec["root"], *spec["components"].values()] for t in
+             c.get("dag", {}).get("tasks", {}).values()]  # fmt: skip
+    assert {t["taskInfo"]["name"] for t in tasks} >= set(COMPONENT_NAMES)
+    assert [t["taskInfo"]["name"] for t in tasks if "retryPolicy" in t] == []
+
+
+def test_scalar_outputs_are_named_and_evaluate_has_a_markdown_summary(compiled):
+    _, spec = compiled
+
+    def outputs(name: str, kind: str) -> dict:
+        return spec["components"][f"comp-{name}"]["outputDefinitions"][kind]
+
+    assert set(outputs("ingest", "parameters")) == {
+        "rows_in", "rows_valid", "rows_quarantined", "rows_in_window"
+    }  # fmt: skip
+    assert set(outputs("attribute-rewards", "parameters")) == {
+        "heldout_auc", "heldout_log_loss", "epochs_run", "warm_start"
+    }  # fmt: skip
+    assert set(outputs("train-generator", "parameters")) == {
+        "warm_start", "final_reward", "train_seconds"
+    }  # fmt: skip
+    assert set(outputs("deploy", "parameters")) == {"deployed", "version", "reason"}
+    artifacts = {k: v["artifactType"]["schemaTitle"] for k, v in
+                 outputs("evaluate", "artifacts").items()}  # fmt: skip
+    assert artifacts == {
+        "metrics": "system.Metrics",
+        "report": "system.HTML",
+        "summary": "system.Markdown",
+        "gate": "system.Artifact",
+    }
 
 
 def test_compiled_yaml_loads_back(compiled):
@@ -79,7 +112,7 @@ def test_compiled_yaml_loads_back(compiled):
 # ------------------------------------------------------------------------ local run
 
 
-def test_local_pipeline_deploys_then_gate_refuses_a_worse_model(world, tmp_path):
+def test_local_pipeline_deploys_then_gate_refuses_a_worse_model(world, tmp_path, capfd):
     store = str(tmp_path / "store")
     data = {
         "catalog": world.catalog,
@@ -89,6 +122,21 @@ def test_local_pipeline_deploys_then_gate_refuses_a_worse_model(world, tmp_path)
         "model_store": store,
     }
     first = local_demo(str(tmp_path / "run1"), {**data, "reward_epochs": 5, "rl_steps": 30})
+    # Quiet by default: one line per task and the steps' progress lines on stderr; the
+    # executor JSON and every step's output only in the log file.
+    console = capfd.readouterr().err.splitlines()
+    assert console[0] == "ingest: running" and "ingest: success" in console
+    assert "[genco] ingest: 6000 rows in, 6000 valid, 0 quarantined; 6000 in the window" in console
+    assert any(re.fullmatch(r"\[genco\] attribute-rewards: \d+ epochs \(best \d+\), "
+                            r"train_loss 0\.\d+, val_loss 0\.\d+; held-out AUC 0\.\d+, log loss "
+                            r"0\.\d+", line) for line in console), console  # fmt: skip
+    assert any(line.startswith("[genco] train-generator: 30 RL steps in ") for line in console)
+    assert "[genco] deploy: promoted: " + first["production_version"] in console
+    assert len(console) < 30 and not any("executor_input" in line for line in console)
+    log = Path(first["log"]).read_text()
+    assert "executor_input" in log and "reward model epoch 5/5: train_loss " in log
+    assert "generator RL step 30/30: reward " in log
+    assert Path(first["summary"]).read_text().startswith("# GenCO evaluation")
     assert first["deployed"] and first["production_before"] is None
     assert first["gate"]["reason"] == "no production model: first deployment"
     v1 = current_version(store)
@@ -113,75 +161,6 @@ def test_local_pipeline_deploys_then_gate_refuses_a_worse_model(world, tmp_path)
     assert "REFUSED" in Path(second["report"]).read_text()
 
 
-# ------------------------------------------------------------------------- schedule
-
-
-class _FakeKfpApi(BaseHTTPRequestHandler):
-    """The three KFP v2beta1 endpoints kfp.Client touches to create a recurring run."""
-
-    requests: list[tuple[str, str, dict | None]]
-
-    def _reply(self, obj: dict) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        self.requests.append(("GET", self.path, None))
-        self._reply({"experiments": []} if "/experiments" in self.path else {})
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        self.requests.append(("POST", self.path, body))
-        key = "experiment_id" if self.path.endswith("/experiments") else "recurring_run_id"
-        self._reply({**body, key: f"{key}-1"})
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def kfp_api(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[str, list]]:
-    monkeypatch.setenv("HOME", str(tmp_path))  # kfp.Client keeps a context file there
-    requests: list = []
-    handler = type("Handler", (_FakeKfpApi,), {"requests": requests})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", requests
-    finally:
-        server.shutdown()
-
-
-def test_schedule_creates_one_at_a_time_recurring_run(kfp_api):
-    host, requests = kfp_api
-    params = {"catalog": "gs://b/c.csv", "impressions": "gs://b/i.csv", "model_store": "gs://b/s"}
-    with pytest.warns(FutureWarning):  # kfp.Client's notice about server versions
-        out = schedule(host, "0 3 * * *", params, experiment="genco", job_name="nightly")
-    assert out == {
-        "experiment_id": "experiment_id-1",
-        "recurring_run_id": "recurring_run_id-1",
-        "cron": "0 0 3 * * *",
-    }
-    posts = {path: body for method, path, body in requests if method == "POST"}
-    assert posts["/apis/v2beta1/experiments"]["display_name"] == "genco"
-    run = posts["/apis/v2beta1/recurringruns"]
-    assert run["display_name"] == "nightly" and run["experiment_id"] == "experiment_id-1"
-    assert run["max_concurrency"] == 1 and run["no_catchup"] is True
-    assert run["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}
-    assert run["runtime_config"]["parameters"] == params
-    assert set(run["pipeline_spec"]["components"]) >= {f"comp-{n}" for n in COMPONENT_NAMES}
-
-
-@pytest.mark.parametrize("cron", ["0 3 * *", "every day", "1 2 3 4 5 6 7"])
-def test_schedule_rejects_bad_cron_before_any_request(cron):
-    with pytest.raises(ValueError, match="must have 5 fields"):
-        schedule("http://127.0.0.1:9", cron, {})
-
-
 # ------------------------------------------------------------------------------ CLI
 
 
@@ -192,11 +171,21 @@ def _cli(*argv: str) -> None:
     args.func(args)
 
 
-def test_cli_compile(tmp_path, capsys):
+def test_cli_compile_needs_an_image_unless_local(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GENCO_IMAGE", raising=False)
     out = tmp_path / "retraining.yaml"
-    _cli("pipeline", "compile", "--out", str(out))
+    with pytest.raises(ValueError, match="no component image: pass --image"):
+        _cli("pipeline", "compile", "--out", str(out))
+    assert not out.exists()
+    _cli("pipeline", "compile", "--out", str(out), "--local")
     assert capsys.readouterr().out.strip() == str(out)
     assert "comp-deploy" in yaml.safe_load(out.read_text())["components"]
+    # The image given is the one every step runs, even with the components imported
+    # earlier under the placeholder.
+    _cli("pipeline", "compile", "--out", str(out), "--image", "registry.test/genco:1.2.3")
+    executors = yaml.safe_load(out.read_text())["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {"registry.test/genco:1.2.3"}
+    assert kfp_components.load_component_from_file(str(out)).name == "genco-retraining"
 
 
 def test_cli_evaluate_deploy_versions_rollback(world, tmp_path, capsys):

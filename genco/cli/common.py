@@ -218,3 +218,15 @@ def error_message(exc: BaseException) -> str:
         if isinstance(exc, cls):
             return message(exc)
     raise TypeError(f"{type(exc).__name__} is not an expected error") from exc
+
+
+def bug_in_step(exc: BaseException) -> str | None:
+    """For a pipeline step that failed on a bug (its error is not an expected one): the
+    step's traceback and where its whole log is. None for every other error."""
+    from genco.errors import StepError
+
+    if not isinstance(exc, StepError) or not exc.traceback:
+        return None
+    if exc.cause_type is not None and issubclass(exc.cause_type, expected_errors()):
+        return None
+    return f"{exc.traceback}\n(step '{exc.step}' failed on a bug; full log: {exc.log_path})"

@@ -14,7 +14,13 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from genco import __version__
-from genco.cli.common import add_config_args, config_from_args, error_message, expected_errors
+from genco.cli.common import (
+    add_config_args,
+    bug_in_step,
+    config_from_args,
+    error_message,
+    expected_errors,
+)
 from genco.cli.common import print_json as _print_json
 from genco.errors import ConfigError
 from genco.models.tables import REFINES
@@ -146,9 +152,7 @@ def _add_io(p: argparse.ArgumentParser, out_help: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from genco.pipeline.demo import run_demo
 
-    _print_json(
-        run_demo(args.out, seed=args.seed, progress=not args.quiet, serve=not args.no_serve)
-    )
+    _print_json(run_demo(args.out, seed=args.seed, serve=not args.no_serve, verbose=args.verbose))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the local runner's whole log, not one line per task",
+    )
     d.add_argument("--no-serve", action="store_true", help="stop after the pipeline")
     d.set_defaults(func=cmd_demo)
 
@@ -286,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Typed: genco's errors, missing paths, credentials, network and HTTP failures. Anything
     # else (a ValueError from deep inside numpy, a KeyError) is a bug and keeps its traceback.
     except expected_errors() as exc:
+        bug = bug_in_step(exc)
+        if bug is not None:  # a step failed on a bug: its traceback, as if raised here
+            print(bug, file=sys.stderr)
+            return 1
         print(f"genco {args.command}: error: {error_message(exc)}", file=sys.stderr)
         return 2
     return 0

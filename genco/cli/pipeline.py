@@ -42,28 +42,37 @@ def cmd_pipeline_run(args: argparse.Namespace) -> None:
 
     if bool(args.catalog) != bool(args.impressions):
         raise ConfigError("give both --catalog and --impressions, or neither (simulated world)")
-    _print_json(runner.local_demo(args.out, _pipeline_arguments(args), seed=args.seed))
+    _print_json(
+        runner.local_demo(args.out, _pipeline_arguments(args), seed=args.seed, verbose=args.verbose)
+    )
 
 
 def cmd_pipeline_compile(args: argparse.Namespace) -> None:
     from genco.pipeline import runner
 
-    path = runner.compile_pipeline(args.out, image=args.image)
-    print(path)
+    print(runner.compile_pipeline(args.out, image=args.image, local=args.local))
 
 
 def cmd_pipeline_schedule(args: argparse.Namespace) -> None:
-    from genco.pipeline import runner
+    from genco.pipeline.schedule import ScheduleTarget, schedule
 
+    target = ScheduleTarget(
+        host=args.host,
+        namespace=args.namespace,
+        service_account=args.service_account,
+        pipeline_root=args.pipeline_root,
+        token_file=args.token_file,
+        experiment=args.experiment,
+        job_name=args.job_name,
+    )
     _print_json(
-        runner.schedule(
-            args.host,
+        schedule(
             args.cron,
             _pipeline_arguments(args),
-            experiment=args.experiment,
-            job_name=args.job_name,
+            target,
             pipeline_yaml=args.pipeline_yaml,
             image=args.image,
+            replace=args.replace,
         )
     )
 
@@ -186,6 +195,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--out", default="runs/pipeline", help="working dir (runs/pipeline)")
     run.add_argument("--store", default=None, help="model store (default OUT/model_store)")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the local runner's whole log (executor JSON, every step's output); by "
+        "default stderr shows one line per task and the steps' progress, OUT/pipeline.log all",
+    )
     from genco.pipeline.runner import LOCAL_RL_STEPS
 
     _add_pipeline_params(run, data_required=False, rl_steps_override={"rl_steps": LOCAL_RL_STEPS})
@@ -197,22 +212,57 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Compile the retraining pipeline to KFP IR YAML; upload it to a cluster as is.",
     )
     comp.add_argument("--out", default="retraining.yaml", help="YAML path (retraining.yaml)")
-    comp.add_argument("--image", default=None, help="component image (default $GENCO_IMAGE)")
+    comp.add_argument(
+        "--image", default=None, help="component image (default $GENCO_IMAGE; one is required)"
+    )
+    comp.add_argument(
+        "--local",
+        action="store_true",
+        help="compile against the placeholder image (for the local runner, never a cluster)",
+    )
     comp.set_defaults(func=cmd_pipeline_compile)
 
     sch = psub.add_parser(
         "schedule",
         help="create a recurring run on a Kubeflow Pipelines endpoint",
         description="Create (or reuse) an experiment and a recurring run of the pipeline: one "
-        "run at a time, no catch-up of missed runs.",
+        "run at a time, no catch-up of missed runs. A recurring run of the same name is "
+        "refused unless --replace.",
     )
-    sch.add_argument("--host", required=True, help="KFP API endpoint URL")
+    sch.add_argument("--host", default=None, help="KFP API endpoint URL ($KF_PIPELINES_ENDPOINT)")
     sch.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" (UTC)')
     sch.add_argument("--store", required=True, help="model store (gs://bucket/prefix)")
     sch.add_argument("--experiment", default="genco", help="experiment name (genco)")
     sch.add_argument("--job-name", default="genco-retraining-daily", help="recurring run name")
+    sch.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace a recurring run of the same name (default: refuse, exit 2)",
+    )
+    sch.add_argument(
+        "--namespace", default=None, help="Kubeflow profile namespace ($KF_PIPELINES_NAMESPACE)"
+    )
+    sch.add_argument(
+        "--service-account",
+        default=None,
+        help="Kubernetes service account the runs use ($KF_PIPELINES_SERVICE_ACCOUNT)",
+    )
+    sch.add_argument(
+        "--pipeline-root",
+        default=None,
+        help="where the runs' artifacts go, e.g. s3://bucket/pipeline-root "
+        "($KF_PIPELINES_PIPELINE_ROOT; default: the installation's)",
+    )
+    sch.add_argument(
+        "--token-file",
+        default=None,
+        help="service account token file, re-read on every call ($KF_PIPELINES_SA_TOKEN_PATH); "
+        "or set KF_PIPELINES_TOKEN (bearer token) or KF_PIPELINES_COOKIES (session cookie)",
+    )
     sch.add_argument("--pipeline-yaml", default=None, help="compiled YAML (default: compile)")
-    sch.add_argument("--image", default=None, help="component image (default $GENCO_IMAGE)")
+    sch.add_argument(
+        "--image", default=None, help="component image to compile with (default $GENCO_IMAGE)"
+    )
     _add_pipeline_params(sch, data_required=True)
     sch.set_defaults(func=cmd_pipeline_schedule)
 

@@ -272,12 +272,33 @@ def not_found(path: str, fs: AbstractFileSystem, what: str = "no such object") -
     """
     bucket, _ = split_url(path, need_object=False)
     try:
-        bucket_missing = not fs.exists(bucket)
-    except OSError:
+        bucket_missing = not bucket_exists(fs, bucket)
+    except PermissionError:
         bucket_missing = False
     if bucket_missing:
         return NotFoundError(f"{path}: bucket '{bucket}' does not exist")
     return NotFoundError(f"{path}: {what}")
+
+
+def bucket_exists(fs: AbstractFileSystem, bucket: str) -> bool:
+    """Whether ``bucket`` exists; only a not-found answer means no.
+
+    s3fs' own ``exists(bucket)`` answers False for any failure of its probes (a refused
+    connection, missing credentials, a 403), which would turn an outage into "no such
+    bucket". HeadBucket is asked directly instead, and everything but a 404 propagates.
+    """
+    if "s3" in _protocols(fs):
+        try:
+            fs.call_s3("head_bucket", Bucket=bucket)  # type: ignore[attr-defined]
+        except FileNotFoundError:
+            return False
+        return True
+    return bool(fs.exists(bucket))  # gcsfs and local: False only for a not-found answer
+
+
+def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
 @contextlib.contextmanager

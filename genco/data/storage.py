@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from genco.data.fs import (
+    bucket_exists,
     filesystem,
     gcs_client,
     is_gcs,
@@ -107,6 +108,8 @@ def exists(path: str, client: Client | None = None) -> bool:
     bucket, name = split_url(path, need_object=False)
     fs = filesystem(path, client)
     with naming(path, fs):
+        if not name:
+            return bucket_exists(fs, bucket)
         return bool(fs.exists(object_key(bucket, name)))
 
 

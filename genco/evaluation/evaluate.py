@@ -282,11 +282,13 @@ def run_evaluate(
     ground_truth: str | None = None,
     log_metric: Callable[[str, float], None] | None = None,
     client: Client | None = None,
+    summary_path: str | None = None,
 ) -> EvalResult:
     """``genco evaluate`` and the pipeline's evaluate step: against the store's production.
 
-    Writes the gate JSON (read by the deploy step) and the HTML report when paths are given;
-    log_metric(name, value) receives ``EvalResult.metrics()`` (a KFP ``Metrics.log_metric``).
+    Writes the gate JSON (read by the deploy step), the HTML report and its Markdown summary
+    when paths are given; log_metric(name, value) receives ``EvalResult.metrics()`` (a KFP
+    ``Metrics.log_metric``).
     """
     from genco.store import current, current_version
 
@@ -304,6 +306,10 @@ def run_evaluate(
         from genco.evaluation.report import render_report
 
         storage.write_text(report_path, render_report(bundle_dir, result, client), client=client)
+    if summary_path:
+        from genco.evaluation.report import render_summary
+
+        storage.write_text(summary_path, render_summary(result), client=client)
     if log_metric is not None:
         for name, value in result.metrics().items():
             log_metric(name, value)

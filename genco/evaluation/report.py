@@ -70,6 +70,43 @@ def render_report(
     )
 
 
+def render_summary(result: EvalResult) -> str:
+    """The gate's verdict as Markdown (the Kubeflow UI renders a ``Markdown`` artifact; a
+    reader without the UI opens it as text): decision, reason, and each bundle's figures."""
+
+    def num(value: float | None, digits: int = 5) -> str:
+        return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+    verdict = "PASSED: deploy" if result.passed else "REFUSED: production stays"
+    lines = [
+        "# GenCO evaluation",
+        "",
+        f"**{verdict}**: {result.reason}",
+        "",
+        f"Margin {result.margin:g}; held-out rows {result.holdout_rows}, policy rows "
+        f"{result.policy_rows} (propensities: {result.propensity_source}).",
+        "",
+        "| bundle | version | off-policy CTR (95% CI) | matched | AUC | log loss | ECE |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for who, b in (("candidate", result.candidate), ("production", result.production)):
+        if b is None:
+            lines.append(f"| {who} | none | | | | | |")
+            continue
+        p = b.policy
+        value = (
+            "n/a"
+            if p is None or p.value is None
+            else f"{num(p.value)} ({num(p.ci_low)} .. {num(p.ci_high)})"
+        )
+        matched = "" if p is None else str(p.matched)
+        lines.append(
+            f"| {who} | {b.version} | {value} | {matched} | {num(b.auc, 4)} | "
+            f"{num(b.log_loss)} | {num(b.ece, 4)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------- figures
 
 

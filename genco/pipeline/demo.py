@@ -10,12 +10,15 @@ from __future__ import annotations
 from genco.data import storage
 
 
-def run_demo(out_dir: str, seed: int = 0, progress: bool = True, serve: bool = True) -> dict:
-    """Run the whole loop under out_dir and return what happened at each stage."""
+def run_demo(out_dir: str, seed: int = 0, serve: bool = True, verbose: bool = False) -> dict:
+    """Run the whole loop under out_dir and return what happened at each stage; ``verbose``
+    shows the local runner's whole log on stderr (default: one line per task)."""
     from genco.pipeline.runner import LOCAL_RL_STEPS, local_demo
     from genco.store import current
 
-    result: dict = {"pipeline": local_demo(out_dir, {"rl_steps": LOCAL_RL_STEPS}, seed=seed)}
+    result: dict = {
+        "pipeline": local_demo(out_dir, {"rl_steps": LOCAL_RL_STEPS}, seed=seed, verbose=verbose)
+    }
     store = storage.join(out_dir, "model_store")
     production = current(store)
     if serve and production:

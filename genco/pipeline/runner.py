@@ -8,14 +8,17 @@ is imported when needed: kfp stays out of everything else.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 import warnings
 from types import ModuleType
 from typing import Any
 
 from genco.data import storage
-from genco.errors import ConfigError, GencoError
+from genco.errors import ConfigError, GencoError, StepError
+from genco.pipeline.logs import RunLog, failed_step, root_cause
 
 # The one deliberate departure from GeneratorConfig.rl_steps, for `genco pipeline run` and
 # the demo: on the small default world 100 generator updates already close ~95% of the gap
@@ -23,10 +26,8 @@ from genco.errors import ConfigError, GencoError
 LOCAL_RL_STEPS = 100
 
 
-def retraining_module(image: str | None = None) -> ModuleType:
-    """The pipeline module, importing the components with ``image`` when given."""
-    if image:
-        os.environ["GENCO_IMAGE"] = image  # read by components.image at import
+def retraining_module() -> ModuleType:
+    """The pipeline module (``compile_pipeline`` sets the image in the YAML it writes)."""
     try:
         import pipelines.retraining as module
     except ModuleNotFoundError as exc:
@@ -39,41 +40,114 @@ def retraining_module(image: str | None = None) -> ModuleType:
     return module
 
 
-def compile_pipeline(out_path: str, image: str | None = None) -> str:
-    """Write the pipeline YAML (KFP IR) for Kubeflow Pipelines / Vertex AI Pipelines; ``image``
-    overrides the components' image."""
+def compile_pipeline(out_path: str, image: str | None = None, local: bool = False) -> str:
+    """Write the pipeline YAML (KFP IR) for Kubeflow Pipelines / Vertex AI Pipelines.
+
+    Every step runs ``image`` (default ``$GENCO_IMAGE``). Without one the YAML would name
+    the placeholder image, which no cluster can pull: that is refused unless ``local``
+    (a YAML for the local runner or for tests, which never pull an image).
+    """
     from kfp import compiler
 
-    compiler.Compiler().compile(retraining_module(image).retraining, package_path=out_path)
+    image = image or os.environ.get("GENCO_IMAGE") or None
+    if image is None and not local:
+        raise ConfigError(
+            "no component image: pass --image REGISTRY/genco:TAG (built from "
+            "Dockerfiles/component.Dockerfile) or set GENCO_IMAGE; --local compiles against "
+            "the placeholder image for the local runner"
+        )
+    compiler.Compiler().compile(retraining_module().retraining, package_path=out_path)
+    if image is not None:
+        _set_image(out_path, image)
     return out_path
 
 
-def run_local(arguments: dict[str, Any], pipeline_root: str | None = None) -> str:
+def _set_image(path: str, image: str) -> None:
+    # components.image is read once, at import: if the components were imported before
+    # (another compile, a test), they still name the old image. The YAML is the contract,
+    # so every executor's image is set there.
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        docs = list(yaml.safe_load_all(f))  # the pipeline spec, then any platform spec
+    for executor in docs[0]["deploymentSpec"]["executors"].values():
+        executor["container"]["image"] = image
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump_all(docs, f, sort_keys=False)
+
+
+def run_local(
+    arguments: dict[str, Any],
+    pipeline_root: str | None = None,
+    log_path: str | None = None,
+    verbose: bool = False,
+) -> str:
     """Run the pipeline on this machine, each step a subprocess of this interpreter.
 
     ``use_venv=False``: the steps import genco from this environment, as they would from
-    the image; nothing is installed. Returns the run's directory under ``pipeline_root``
-    (one folder per task, one file or folder per output). Raises RuntimeError naming the
-    failed step.
+    the image; nothing is installed. Everything the runner and the steps print goes to
+    ``log_path`` (default PIPELINE_ROOT/pipeline.log); stderr shows one line per task and
+    the steps' ``[genco]`` progress lines, or everything with ``verbose``. Returns the run's
+    directory under ``pipeline_root`` (one folder per task, one file or folder per output).
+    A failed step raises ``StepError`` naming the step and the error that ended it.
     """
     from kfp import local
 
     root = os.path.abspath(pipeline_root or tempfile.mkdtemp(prefix="genco-pipeline-"))
     os.makedirs(root, exist_ok=True)
+    log_path = os.path.abspath(log_path or os.path.join(root, "pipeline.log"))
     before = set(os.listdir(root))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root)
-    with warnings.catch_warnings():
-        # The runner warns that the image name has no "python" in it: by design here,
-        # the steps run in this interpreter, which has what the image has.
-        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        # Resource requests are for the cluster; the local runner says it ignores them.
-        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        retraining_module().retraining(**arguments)
-    new = sorted(set(os.listdir(root)) - before)
+    run_log = RunLog(log_path, sys.stderr, verbose)
+    try:
+        with (
+            contextlib.redirect_stdout(run_log),
+            contextlib.redirect_stderr(run_log),
+            warnings.catch_warnings(),
+        ):
+            # The runner warns that the image name has no "python" in it: by design here,
+            # the steps run in this interpreter, which has what the image has.
+            warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+            # Resource requests are for the cluster; the local runner ignores them.
+            warnings.filterwarnings("ignore", message=".*have no effect in the current local.*")
+            retraining_module().retraining(**arguments)
+    except RuntimeError as exc:
+        run_log.close()
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        failed = failed_step(text)
+        if failed is None:
+            raise
+        raise _step_error(failed, text, log_path) from exc
+    finally:
+        if not run_log.closed:
+            run_log.close()
+    new = sorted(set(os.listdir(root)) - before - {os.path.basename(log_path)})
     return os.path.join(root, new[-1]) if new else root
 
 
-def local_demo(out_dir: str, arguments: dict[str, Any] | None = None, seed: int = 0) -> dict:
+def _step_error(step: str, log_text: str, log_path: str) -> StepError:
+    cause = root_cause(log_text, step)
+    if cause is None:
+        return StepError(
+            step,
+            f"step '{step}' failed without a Python error (killed, or out of memory?); "
+            f"see its log in {log_path}",
+            log_path,
+        )
+    name = cause.type_name.rpartition(".")[2]
+    return StepError(
+        step,
+        f"step '{step}' failed: {name}: {cause.message}; full log: {log_path}",
+        log_path,
+        cause.exception_type(),
+        cause.traceback,
+    )
+
+
+def local_demo(
+    out_dir: str, arguments: dict[str, Any] | None = None, seed: int = 0, verbose: bool = False
+) -> dict:
     """``genco pipeline run``: the whole loop on this machine, by default on a simulated world.
 
     Without ``catalog``/``impressions`` in ``arguments`` it simulates the embedded default
@@ -104,13 +178,19 @@ def local_demo(out_dir: str, arguments: dict[str, Any] | None = None, seed: int 
     args.setdefault("model_store", storage.join(out_dir, "model_store"))
     store = args["model_store"]
     before = current_version(store)
-    run_dir = run_local(args, storage.join(out_dir, "pipeline_root"))
+    os.makedirs(out_dir, exist_ok=True)
+    log = os.path.join(out_dir, "pipeline.log")
+    run_dir = run_local(args, storage.join(out_dir, "pipeline_root"), log, verbose)
     after = current_version(store)
     gate_path = os.path.join(run_dir, "evaluate", "gate")
     gate = storage.read_json(gate_path) if os.path.exists(gate_path) else {}
     # The artifact has no extension; a copy named .html opens in any browser.
     report = os.path.join(out_dir, "report.html")
     storage.write_bytes(report, storage.read_bytes(os.path.join(run_dir, "evaluate", "report")))
+    summary_md = os.path.join(out_dir, "summary.md")
+    storage.write_bytes(
+        summary_md, storage.read_bytes(os.path.join(run_dir, "evaluate", "summary"))
+    )
     summary: dict[str, Any] = {
         "deployed": after is not None and after != before,
         "production_version": after,
@@ -119,7 +199,9 @@ def local_demo(out_dir: str, arguments: dict[str, Any] | None = None, seed: int 
             k: gate.get(k) for k in ("passed", "reason", "candidate_value", "production_value")
         },
         "report": report,
+        "summary": summary_md,
         "pipeline_run": run_dir,
+        "log": log,
         "model_store": store,
     }
     if after is not None:
@@ -129,47 +211,3 @@ def local_demo(out_dir: str, arguments: dict[str, Any] | None = None, seed: int 
         top = predictor.recommend(ad, ctx, top_k=1)[0]
         summary["sample_recommendation"] = {"ad_id": ad, **top.to_dict()}
     return summary
-
-
-def schedule(
-    host: str,
-    cron: str,
-    arguments: dict[str, Any],
-    experiment: str = "genco",
-    job_name: str = "genco-retraining-daily",
-    pipeline_yaml: str | None = None,
-    client: Any = None,
-    image: str | None = None,
-) -> dict[str, str]:
-    """Create a recurring run on a Kubeflow Pipelines endpoint.
-
-    ``cron`` has five fields ("0 3 * * *") or KFP's six (seconds first); five get a
-    leading "0". One run at a time (``max_concurrency=1``: deploys into one store must not
-    overlap) and no catch-up, so a paused or broken schedule does not fire a backlog.
-    client: a ``kfp.Client`` (tests pass a stand-in); by default one for ``host``.
-    """
-    import kfp
-
-    fields = cron.split()
-    if len(fields) not in (5, 6):
-        raise ConfigError(f"cron '{cron}' must have 5 fields (minute hour day month weekday)")
-    kfp_cron = " ".join(["0", *fields]) if len(fields) == 5 else cron
-    client = client or kfp.Client(host=host)
-    with tempfile.TemporaryDirectory() as tmp:
-        package = pipeline_yaml or compile_pipeline(os.path.join(tmp, "retraining.yaml"), image)
-        exp = client.create_experiment(name=experiment)
-        run = client.create_recurring_run(
-            experiment_id=exp.experiment_id,
-            job_name=job_name,
-            cron_expression=kfp_cron,
-            max_concurrency=1,
-            no_catchup=True,
-            params=arguments,
-            pipeline_package_path=package,
-            enable_caching=True,
-        )
-    return {
-        "experiment_id": str(exp.experiment_id),
-        "recurring_run_id": str(getattr(run, "recurring_run_id", "")),
-        "cron": kfp_cron,
-    }

@@ -19,7 +19,9 @@ columns; otherwise they start fresh and record why in the bundle manifest.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pandas as pd
 
@@ -50,11 +52,32 @@ from genco.models.checkpoint import (
 from genco.models.generator import Generator, GeneratorConfig
 from genco.models.reward import RewardModel, RewardModelConfig
 from genco.models.vocab import Vocab
+from genco.pipeline.logs import progress_lines, say
+from genco.retries import call_with_retries
 from genco.training.attribution import fit_and_attribute
 from genco.training.bundle import finish_bundle
 
 if TYPE_CHECKING:
     from google.cloud.storage import Client
+
+T = TypeVar("T")
+
+
+def _step(name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """A pipeline step: retried here on transient failures only (``genco.retries``; the
+    pipeline sets no Kubeflow retry policy), with tqdm bars turned into log lines. Every
+    step is idempotent (it rewrites its own outputs), so running it again is safe."""
+
+    def wrap(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> T:
+            with progress_lines():
+                return call_with_retries(fn, *args, what=name, log=say, **kwargs)
+
+        return run
+
+    return wrap
+
 
 REWARD_FILES = (REWARD_WEIGHTS, REWARD_META, IMPRESSION_FILE, ELEMENT_FILE, METRICS_FILE)
 DAY_SECONDS = 86_400.0
@@ -63,6 +86,7 @@ DAY_SECONDS = 86_400.0
 # ------------------------------------------------------------------------- ingest
 
 
+@_step("ingest")
 def ingest_step(
     catalog_path: str,
     impressions_path: str,
@@ -90,6 +114,7 @@ def ingest_step(
         out_dir,
         IngestConfig(max_bad_fraction=max_bad_fraction),
         client=client,
+        progress=True,
     ).to_dict()
     valid_path = storage.join(out_dir, VALID_FILE)
     rows = summary["rows_valid"]
@@ -117,6 +142,13 @@ def ingest_step(
             storage.read_bytes(storage.join(out_dir, QUARANTINE_FILE), client=client),
             client=client,
         )
+    by_reason = sorted(summary.get("quarantined_by_reason", {}).items())
+    reasons = ", ".join(f"{k}: {v}" for k, v in by_reason)
+    say(
+        f"ingest: {summary['rows_in']} rows in, {summary['rows_valid']} valid, "
+        f"{summary['rows_quarantined']} quarantined{f' ({reasons})' if reasons else ''}; "
+        f"{rows} in the window"
+    )
     return summary
 
 
@@ -173,6 +205,7 @@ def _warm_generator(
 # ---------------------------------------------------------------------- attribute
 
 
+@_step("attribute-rewards")
 def attribute_step(
     data_dir: str,
     out_dir: str,
@@ -215,17 +248,20 @@ def attribute_step(
         )
         init, warm = None, f"none: distributed fit on {workers} workers"
     storage.makedirs(out_dir)
+    say(f"attribute-rewards: {len(frame)} impressions, warm start: {warm}")
     metrics = fit_and_attribute(
         catalog,
         frame,
         out_dir,
         config,
         init=init,
+        progress=True,
         client=client,
         constraints=constraints,
         trained=trained,
     )
     metrics["warm_start"] = warm
+    _say_reward_fit(metrics)
     storage.write_json(storage.join(out_dir, METRICS_FILE), metrics, client=client)
     return metrics
 
@@ -233,6 +269,7 @@ def attribute_step(
 # -------------------------------------------------------------------------- train
 
 
+@_step("train-generator")
 def train_step(
     data_dir: str,
     rewards_dir: str,
@@ -256,6 +293,7 @@ def train_step(
     reward_metrics = storage.read_json(storage.join(out_dir, METRICS_FILE), client=client)
     production = _production_bundle(model_store, client) if warm_start else None
     init, warm = _warm_generator(production, catalog, frame, client)
+    say(f"train-generator: {config.rl_steps} RL steps, warm start: {warm}")
     report, manifest = finish_bundle(
         catalog,
         constraints,
@@ -264,8 +302,10 @@ def train_step(
         config,
         init,
         {"warm_start": warm, "reward_warm_start": reward_metrics.get("warm_start", "none")},
+        progress=True,
         client=client,
     )
+    _say_rl(report.history, report.seconds)
     return {
         "generator_seconds": report.seconds,
         "final_reward": report.history[-1]["reward"] if report.history else None,
@@ -273,3 +313,88 @@ def train_step(
         "manifest": storage.join(out_dir, MANIFEST),
         "created_at": manifest["created_at"],
     }
+
+
+def _say_reward_fit(metrics: dict) -> None:
+    train = metrics.get("train", {})
+    history = train.get("history", [])
+    for record in history:  # the log keeps every epoch; the console the summary below
+        losses = " ".join(f"{k} {v:.5f}" for k, v in record.items() if k != "epoch")
+        print(f"reward model epoch {record['epoch']}/{train.get('epochs')}: {losses}")
+    test = metrics.get("test", {})
+    last = history[-1] if history else {}
+    say(
+        f"attribute-rewards: {len(history)} epochs (best {train.get('best_epoch')}), "
+        f"train_loss {last.get('train_loss', float('nan')):.5f}, "
+        f"val_loss {last.get('val_loss', float('nan')):.5f}; held-out AUC "
+        f"{test.get('auc', float('nan')):.4f}, log loss {test.get('log_loss', float('nan')):.5f}"
+    )
+
+
+def _say_rl(history: list[dict], seconds: float) -> None:
+    every = max(1, len(history) // 10)
+    for record in history:
+        if record["step"] % every == 0 or record["step"] == 1:
+            print(
+                f"generator RL step {record['step']}/{len(history)}: reward "
+                f"{record['reward']:.4f}, entropy {record['entropy']:.3f}"
+            )
+    final = history[-1]["reward"] if history else float("nan")
+    say(f"train-generator: {len(history)} RL steps in {seconds:.0f} s, final reward {final:.4f}")
+
+
+# ---------------------------------------------------------------- evaluate, deploy
+
+
+@_step("evaluate")
+def evaluate_step(
+    bundle_dir: str,
+    data_dir: str,
+    model_store: str | None,
+    margin: float,
+    ground_truth: str | None,
+    gate_path: str,
+    report_path: str,
+    summary_path: str | None = None,
+    log_metric: Callable[[str, float], None] | None = None,
+    client: Client | None = None,
+) -> Any:
+    """The evaluate component's work: ``run_evaluate`` against the store's production,
+    with the gate file, HTML report and Markdown summary; returns the ``EvalResult``."""
+    from genco.evaluation.evaluate import EvalConfig, run_evaluate
+
+    result = run_evaluate(
+        bundle_dir,
+        data_dir,
+        model_store,
+        gate_path,
+        report_path,
+        EvalConfig(margin=margin),
+        ground_truth,
+        log_metric,
+        client,
+        summary_path=summary_path,
+    )
+    say(f"evaluate: {'PASSED' if result.passed else 'REFUSED'}: {result.reason}")
+    return result
+
+
+@_step("deploy")
+def deploy_step(
+    bundle_dir: str,
+    model_store: str,
+    gate_path: str,
+    serving: bool = True,
+    management_url: str | None = None,
+    key_file: str | None = None,
+) -> Any:
+    """The deploy component's work: the gate re-checked where the pointer moves, and the
+    serving layout (and a running TorchServe) following it; returns the ``DeployResult``.
+    Retrying is safe: the same bundle maps to the same version."""
+    from genco.serving.archive import serving_hook
+    from genco.store import run_deploy
+
+    hook = serving_hook(model_store, serving, management_url, key_file)
+    result = run_deploy(bundle_dir, model_store, gate_path, on_promote=hook)
+    say(f"deploy: {result.reason}: {result.version}")
+    return result

@@ -1,6 +1,6 @@
 """Combination residuals by empirical Bayes: on top of the fitted structure, each (ad,
 combination) gets a logit offset r ~ Student-t(RESIDUAL_DOF, scale sd), its posterior mode
-given the combination's own clicks; sd is chosen by marginal likelihood."""
+given the combination's own clicks; sd is chosen by marginal likelihood (quadrature)."""
 
 from __future__ import annotations
 
@@ -65,30 +65,54 @@ def _residual_newton(
     return r
 
 
-def _log_evidence(
-    group: np.ndarray, n_groups: int, s: np.ndarray, y: np.ndarray, w: np.ndarray, sd: float
-) -> float:
-    """Laplace approximation of log p(clicks | sd): the log likelihood at the posterior
-    modes, plus each group's log prior density there and its Laplace volume term."""
-    r = _residual_newton(group, n_groups, s, y, w, sd)
-    z = s + r[group]
-    loglik = -float(np.sum(w * (np.logaddexp(0.0, z) - y * z)))
-    if sd <= 0:
-        return loglik
+# Each group's one-dimensional evidence integral: trapezoid rule in v over [-V, V] with
+# r = mode + width * sinh(v), which turns the Student-t's polynomial tails into exponential
+# ones; measured error < 1e-7 nats per group against brute-force integration (a 32-node
+# Gauss-Hermite rule was ~7e-4 nats per group low when the prior dominates: 100 nats on a
+# log of 150k combinations, enough to refuse every residual).
+QUADRATURE_V, QUADRATURE_STEP = 6.0, 0.1
+
+
+def _log_prior(r: np.ndarray, sd: float) -> np.ndarray:
+    """Log density of Student-t(RESIDUAL_DOF, scale sd) at r."""
     nu = RESIDUAL_DOF
-    p = 1.0 / (1.0 + np.exp(-z))
-    h = np.bincount(group, w * p * (1 - p), n_groups)
-    a = nu * sd**2 + r**2
-    log_prior = (
+    return (
         math.lgamma((nu + 1) / 2)
         - math.lgamma(nu / 2)
         - 0.5 * math.log(nu * math.pi)
         - math.log(sd)
         - (nu + 1) / 2 * np.log1p(r**2 / (nu * sd**2))
     )
-    prior_curv = (nu + 1) * (nu * sd**2 - r**2) / a**2
-    volume = 0.5 * math.log(2 * math.pi) - 0.5 * np.log(np.maximum(h + prior_curv, 1e-12))
-    return loglik + float(np.sum(log_prior + volume))
+
+
+def _log_evidence(
+    group: np.ndarray, n_groups: int, s: np.ndarray, y: np.ndarray, w: np.ndarray, sd: float
+) -> float:
+    """log p(clicks | sd): each group's residual integrated out numerically around its
+    posterior mode, on the Laplace width's scale (see QUADRATURE_V). (The Laplace
+    approximation alone is ~0.17 nats per group low for a Student-t prior when the prior
+    dominates, which made any sd > 0 lose to sd = 0 on mid-sized logs.)"""
+    if sd <= 0:
+        return -float(np.sum(w * (np.logaddexp(0.0, s) - y * s)))
+    r = _residual_newton(group, n_groups, s, y, w, sd)
+    p = 1.0 / (1.0 + np.exp(-(s + r[group])))
+    nu = RESIDUAL_DOF
+    h = np.bincount(group, w * p * (1 - p), n_groups)
+    a = nu * sd**2 + r**2
+    curv = h + (nu + 1) * (nu * sd**2 - r**2) / a**2
+    width = 1.0 / np.sqrt(np.maximum(curv, 1e-12))
+    vs = np.arange(-QUADRATURE_V, QUADRATURE_V + QUADRATURE_STEP / 2, QUADRATURE_STEP)
+    top = np.full(n_groups, -np.inf)
+    acc = np.zeros(n_groups)  # running log-sum-exp over the nodes, per group
+    for v in vs:
+        rk = r + width * math.sinh(v)
+        z = s + rk[group]
+        term = -np.bincount(group, w * (np.logaddexp(0.0, z) - y * z), n_groups)
+        term += _log_prior(rk, sd) + np.log(width * (math.cosh(v) * QUADRATURE_STEP))
+        new_top = np.maximum(top, term)
+        acc = acc * np.exp(top - new_top) + np.exp(term - new_top)
+        top = new_top
+    return float(np.sum(top + np.log(acc)))
 
 
 @torch.no_grad()
@@ -102,11 +126,10 @@ def fit_residuals(
     """Fit the per (ad, combination) residuals on top of the trained structure.
 
     The prior SD is chosen by empirical Bayes, unless the config fixes it: the one of
-    RESIDUAL_SD_GRID with the largest marginal likelihood of all the clicks (Laplace
-    approximation), the standard choice for a random-effects variance. (A held-out slice was
-    measured first: its log-loss differences between SDs, ~1e-5, were inside its own noise,
-    and it picked a too-tight prior on one AES log seed in five.) Returns the SD chosen and
-    the log evidence per SD.
+    RESIDUAL_SD_GRID with the largest marginal likelihood of all the clicks (each residual
+    integrated out by quadrature), the standard choice for a random-effects variance. (A
+    held-out slice was measured first: its log-loss differences between SDs, ~1e-5, were
+    inside its own noise.) Returns the SD chosen and the log evidence per SD.
     """
 
     def merged(idx: np.ndarray, w: np.ndarray):

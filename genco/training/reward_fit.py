@@ -94,14 +94,18 @@ def train_reward_model(
     return model, report
 
 
-# Strengths tried for the id embeddings' L2 when the config leaves it at 0.
-L2_ID_GRID = (1e-3, 1e-2, 1e-1)
+# Strengths tried for the id embeddings' L2 when the config leaves it at 0, strongest first:
+# each fit starts from the previous one's best weights (a regularisation path, as in glmnet).
+L2_ID_GRID = (1e-1, 1e-2, 1e-3)
+# Warm start each L2 from the previous one's optimum (True) or all from the same start.
+L2_WARM_PATH = True
 
 
 def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[list, int, dict]:
-    """``_fit_structure`` once with ``config.l2_id``, or (l2_id = 0) once per L2_ID_GRID value
-    from the same start, keeping the one with the best held-out loss. The rows are merged and
-    turned into tensors once for all of them."""
+    """``_fit_structure`` once with ``config.l2_id``, or (l2_id = 0) once per L2_ID_GRID value,
+    keeping the one with the best held-out loss. Along the path each fit starts where the
+    previous, more regularised, one ended, so the later fits take a few epochs. The rows are
+    merged and turned into tensors once for all of them."""
     train = _rows(bound, enc, tr, weights)
     val = _rows(bound, enc, va, np.ones(len(enc))) if len(va) else None
     if config.l2_id > 0 or val is None:
@@ -112,18 +116,20 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
         return history, best_epoch, {"l2_id": l2}
     start = copy.deepcopy(model.state_dict())
     best = None
-    losses = {}
+    losses, epochs = {}, {}
     for l2 in L2_ID_GRID:
-        model.load_state_dict(start)
+        if not L2_WARM_PATH or best is None:
+            model.load_state_dict(start)
         history, best_epoch = _fit_structure(
             model, train, val, len(tr), replace(config, l2_id=l2), progress
         )
         losses[str(l2)] = min(h["val_loss"] for h in history)
+        epochs[str(l2)] = len(history)
         if best is None or losses[str(l2)] < best[0]:
             best = (losses[str(l2)], l2, copy.deepcopy(model.state_dict()), history, best_epoch)
     _, l2, state, history, best_epoch = best
     model.load_state_dict(state)
-    return history, best_epoch, {"l2_id": l2, "l2_id_val_loss": losses}
+    return history, best_epoch, {"l2_id": l2, "l2_id_val_loss": losses, "l2_id_epochs": epochs}
 
 
 def _check_learnable(enc: Encoded) -> None:
