@@ -16,6 +16,8 @@ def attribute_rewards(
     seed: int = 0,
     model_store: str = "",
     warm_start: bool = True,
+    workers: int = 1,
+    trainer_image: str = "",
 ) -> NamedTuple(
     "RewardFit",
     [("heldout_auc", float), ("heldout_log_loss", float), ("epochs_run", int), ("warm_start", str)],
@@ -26,17 +28,22 @@ def attribute_rewards(
     run (early stopping) and the warm-start source.
 
     Warm-starts from the production bundle of ``model_store`` when its vocabulary matches,
-    so a daily retrain refines yesterday's model instead of starting over.
+    so a daily retrain refines yesterday's model instead of starting over. ``workers`` > 1:
+    the fit runs as a Kubeflow Trainer TrainJob of that many nodes on ``trainer_image``,
+    reading and writing the artifacts' object-store URIs.
     """
     from genco.models.reward import RewardModelConfig
     from genco.pipeline.steps import attribute_step
 
+    remote = workers > 1  # the job's nodes reach the artifacts by URI, not this pod's mount
     metrics = attribute_step(
-        data.path,
-        rewards.path,
+        data.uri if remote else data.path,
+        rewards.uri if remote else rewards.path,
         RewardModelConfig(epochs=epochs, seed=seed),
         model_store or None,
         warm_start,
+        workers=workers,
+        image=trainer_image,
     )
     test = metrics.get("test", {})
     return (

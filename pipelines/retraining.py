@@ -51,6 +51,8 @@ def retraining(
     serving: bool = True,
     management_url: str = "",
     key_file: str = "",
+    reward_workers: int = 1,
+    trainer_image: str = "",
 ) -> None:
     """Retrain from the log at ``impressions`` and promote into ``model_store`` on a win.
 
@@ -60,7 +62,9 @@ def retraining(
     ``ground_truth``: a simulated world's ground_truth.npz, for the report only.
     ``serving``: a promotion also publishes the .mar in ``model_store``/kserve (the
     InferenceService's storageUri); ``management_url`` / ``key_file``: and registers it as
-    the default on a running TorchServe.
+    the default on a running TorchServe. ``reward_workers`` > 1: the reward model is fitted
+    by a Kubeflow Trainer TrainJob of that many nodes on ``trainer_image`` (artifacts must
+    then live on an object store the nodes reach); 1 = in the step itself.
     """
     data = ingest(
         catalog=catalog,
@@ -78,6 +82,8 @@ def retraining(
         seed=seed,
         model_store=model_store,
         warm_start=warm_start,
+        workers=reward_workers,
+        trainer_image=trainer_image,
     )
     rewards.set_cpu_request("2").set_memory_request("4G").set_memory_limit("16G")
 

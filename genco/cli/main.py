@@ -29,8 +29,8 @@ from genco.models.tables import REFINES
 # dataclass; see add_config_args). --seed seeds both models of `genco train`.
 _INGEST = ("max_bad_fraction",)
 _CHUNKS = ("chunk_rows",)
-_ATTRIBUTE = ("epochs", "dim", "propensity_weighting", "seed")
-_TRAIN_REWARD = ("epochs", "seed")
+_ATTRIBUTE = ("epochs", "dim", "propensity_weighting", "seed", "device")
+_TRAIN_REWARD = ("epochs", "seed", "device")
 _TRAIN_GEN = ("rl_steps",)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from genco.data.contract import Catalog, Constraints
 from genco.models.legal import LegalMasks
+from genco.models.optim import Optimizers, set_sparse
 from genco.models.policy_tables import PolicyTables, no_legal_element
 from genco.models.tables import TableCache
 from genco.models.vocab import Vocab, check_catalog, fit_scalers, register_vocab_buffers
@@ -110,6 +111,7 @@ class Generator(nn.Module):
             self.ad.weight.normal_(0.0, 0.1, generator=g)
             self.ad.weight[len(vocab.ads)].zero_()
         self.K, self.F, self.C, self.H = K, F, C, H
+        set_sparse(self)  # large ad and element tables: a step updates the rows it drew
 
 
 class BoundGenerator:
@@ -143,22 +145,32 @@ class BoundGenerator:
 
     # -- candidate vectors -------------------------------------------------------------
     def candidate_vectors(self) -> list[torch.Tensor]:
-        """Per component (n_ads, M_k, H); recomputed while training, cached when frozen."""
+        """Per component (n_ads, M_k, H) for every ad; cached while frozen."""
         if not torch.is_grad_enabled():
             if self._cache is not None:
                 return self._cache
         else:  # training: parameters move, so cached inference state goes stale
             self.invalidate()
-        m = self.model
-        out = []
-        for k in range(m.K):
-            f = self.slot_feat[k]
-            if m.F:
-                f = (f - m.feat_mean[k]) / m.feat_std[k]
-            out.append(m.elem(self.slot_elem[k]) + f @ m.feat[k] + m.comp.weight[k])
+        out = [self._vectors(k, slice(None)) for k in range(self.model.K)]
         if not torch.is_grad_enabled():
             self._cache = out
         return out
+
+    def _vectors(self, k: int, ads) -> torch.Tensor:
+        """(B, M_k, H) candidate vectors of component k for ``ads`` (indices or a slice)."""
+        m = self.model
+        f = self.slot_feat[k][ads]
+        if m.F:
+            f = (f - m.feat_mean[k]) / m.feat_std[k]
+        return m.elem(self.slot_elem[k][ads]) + f @ m.feat[k] + m.comp.weight[k]
+
+    def _batch_vectors(self, a: torch.Tensor) -> list[torch.Tensor]:
+        """Per component (B, M_k, H) for the batch's ads: while training, computed for those
+        ads alone, so a step costs what its batch touches, not the catalog's size."""
+        if torch.is_grad_enabled():
+            self.invalidate()  # parameters move, so cached inference state goes stale
+            return [self._vectors(k, a) for k in range(self.model.K)]
+        return [c[a] for c in self.candidate_vectors()]
 
     def invalidate(self) -> None:
         self._cache = None
@@ -194,7 +206,7 @@ class BoundGenerator:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         a = torch.as_tensor(ads, dtype=torch.long)
         x = None if ctx is None else torch.as_tensor(np.asarray(ctx, np.float32))
-        cands = self.candidate_vectors()
+        cands = self._batch_vectors(a)
         state = self._init_state(a, x)
         B = len(a)
         picks = torch.zeros(B, self.model.K, dtype=torch.long)
@@ -202,7 +214,7 @@ class BoundGenerator:
         for k in range(self.model.K):
             allowed = self.masks.mask(k, a, picks)
             self._check_alive(allowed, k)
-            c = cands[k][a]
+            c = cands[k]
             logits = self._logits(k, state, c).masked_fill(~allowed, float("-inf")) / temperature
             logp = torch.log_softmax(logits, -1)
             probs.append(logp.detach().exp())
@@ -220,13 +232,13 @@ class BoundGenerator:
         """Per-step log-probabilities (B, K) of given legal combinations (teacher forcing)."""
         a = torch.as_tensor(ads, dtype=torch.long)
         x = None if ctx is None else torch.as_tensor(np.asarray(ctx, np.float32))
-        cands = self.candidate_vectors()
+        cands = self._batch_vectors(a)
         state = self._init_state(a, x)
         B = len(a)
         out = []
         for k in range(self.model.K):
             allowed = self.masks.mask(k, a, slots)
-            c = cands[k][a]
+            c = cands[k]
             logits = self._logits(k, state, c).masked_fill(~allowed, float("-inf"))
             out.append(torch.log_softmax(logits, -1).gather(1, slots[:, k : k + 1])[:, 0])
             state = self.model.gru(c[torch.arange(B), slots[:, k]], state)
@@ -338,6 +350,10 @@ def train_generator(
 ) -> tuple[Generator, GeneratorReport]:
     """Policy gradient against a frozen reward model (a ``BoundModel`` on the same catalog).
 
+    Each step draws ``config.prompts`` ads and computes candidate vectors for those ads
+    alone, with sparse updates of large ad and element tables: its cost does not grow with
+    the catalog.
+
     contexts: (N, C) pool of logged contexts to draw prompts from (None without context).
     clicked: (ads, combos, ctx, weights) of clicked impressions for the warm start.
     init: a previous generator with the same vocabulary (e.g. production) to start from.
@@ -354,7 +370,7 @@ def train_generator(
         model.load_state_dict(init.state_dict())
     fit_scalers(model, catalog, contexts)
     bound = BoundGenerator(model, catalog, constraints)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = Optimizers(model, config.lr)
     rng = np.random.default_rng(config.seed)
     tg = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
@@ -369,7 +385,7 @@ def train_generator(
             idx = rng.integers(len(ads_c), size=config.prompts * config.group_size)
             lp = bound.log_prob(ads_c[idx], None if ctx_c is None else ctx_c[idx], slots_c[idx])
             loss = -(lp.sum(1) * w_t[idx]).mean()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
 
@@ -393,7 +409,7 @@ def train_generator(
         else:
             pg = -(_group_norm(r, P) * logp.sum(1)).mean()
         loss = pg - config.entropy * ent.sum(1).mean()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         opt.step()
         rec = {

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from genco.data.contract import Catalog
+from genco.models.optim import set_sparse
 from genco.models.tables import RewardTables
 from genco.models.vocab import Vocab, check_catalog, register_vocab_buffers
 
@@ -83,8 +84,14 @@ class RewardModelConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for init, split and shuffling."})
+    device: str = field(
+        default="auto",
+        metadata={"help": "Where to train: auto (cuda when present), cpu or cuda."},
+    )
 
     def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be one of auto, cpu, cuda, got '{self.device}'")
         positive = ("dim", "epochs", "batch_size", "lr", "max_weight", "init_scale")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -102,7 +109,9 @@ class RewardModel(nn.Module):
     """The click model over the training vocabulary (plus one zero "unknown" row per table).
 
     Element indices are global: component k's element e is ``offsets[k] + e``; the last
-    index is the unknown element whose id embeddings stay zero (features only).
+    index is the unknown element whose id embeddings stay zero (features only). Large id
+    tables (appeal, id_main, id_ffm) have sparse gradients: a step updates the rows its
+    batch touched (``genco.models.optim``).
     """
 
     def __init__(self, vocab: Vocab, config: RewardModelConfig) -> None:
@@ -144,6 +153,7 @@ class RewardModel(nn.Module):
                 t[2].weight.normal_(0.0, config.init_scale / math.sqrt(H), generator=g)
                 t[2].bias.zero_()
         self.K, self.F, self.C, self.d = K, F, C, d
+        set_sparse(self)
 
     def parts(
         self, ad: torch.Tensor, elem: torch.Tensor, feats: torch.Tensor, ctx: torch.Tensor
@@ -168,7 +178,7 @@ class RewardModel(nn.Module):
         v = self.id_ffm(elem) + feat_ffm  # (B, K, K*d)
         v = v.view(B, K, K, self.d)  # v[b, k, l]: element of field k facing field l
         inter = (v * v.transpose(1, 2)).sum(-1)  # (B, K, K)
-        inter = inter * (1 - torch.eye(K, dtype=inter.dtype))
+        inter = inter * (1 - torch.eye(K, dtype=inter.dtype, device=inter.device))
         return base, main, inter
 
     def feature_terms(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -213,15 +213,40 @@ def attribute_step(
     model_store: str | None = None,
     warm_start: bool = True,
     client: Client | None = None,
+    workers: int = 1,
+    image: str = "",
+    namespace: str = "kubeflow",
+    launch=None,
 ) -> dict:
     """Fit the reward model on the data directory and write it with its attribution tables.
 
     Held out: the latest 10% by time (``fit_and_attribute``), the same rows the evaluate
     step scores. Returns reward_metrics.json's content plus the warm-start source.
+
+    ``workers > 1``: the fit runs as a Kubeflow Trainer TrainJob of that many nodes on
+    ``image`` in ``namespace`` (``genco.pipeline.trainjob``; ``launch`` replaces the
+    cluster, e.g. ``launch_here``), from a fresh start; the attribution stays here.
     """
     catalog, constraints, frame = load_dataset(data_dir, client=client)
     production = _production_bundle(model_store, client) if warm_start else None
     init, warm = _warm_reward(production, catalog, frame, client)
+    trained = None
+    if workers > 1 and not image:
+        raise ConfigError(f"workers={workers} needs the trainer image the job's nodes run")
+    if workers > 1:
+        from genco.pipeline.trainjob import distributed_reward_fit, launch_on_cluster
+
+        trained = distributed_reward_fit(
+            storage.join(data_dir, CATALOG),
+            storage.join(out_dir, "distributed"),
+            workers,
+            image,
+            config or RewardModelConfig(),
+            namespace,
+            launch=launch or launch_on_cluster,
+            client=client,
+        )
+        init, warm = None, f"none: distributed fit on {workers} workers"
     storage.makedirs(out_dir)
     say(f"attribute-rewards: {len(frame)} impressions, warm start: {warm}")
     metrics = fit_and_attribute(
@@ -233,6 +258,7 @@ def attribute_step(
         progress=True,
         client=client,
         constraints=constraints,
+        trained=trained,
     )
     metrics["warm_start"] = warm
     _say_reward_fit(metrics)

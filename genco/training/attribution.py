@@ -7,6 +7,7 @@ marginal effect (defined for never-shown elements too), traffic, and a confidenc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
@@ -26,7 +27,7 @@ from genco.models.checkpoint import (
 )
 from genco.models.reward import BoundModel, RewardModel, RewardModelConfig
 from genco.models.vocab import Encoded, encode
-from genco.training.reward_fit import train_reward_model
+from genco.training.reward_fit import TrainReport, train_reward_model
 
 
 def impression_attributions(bound: BoundModel, enc: Encoded) -> pd.DataFrame:
@@ -178,16 +179,22 @@ def fit_and_attribute(
     progress: bool = False,
     client=None,
     constraints: Constraints | None = None,
+    trained: Callable[[pd.DataFrame], tuple[RewardModel, TrainReport]] | None = None,
 ) -> dict:
     """Train on all but the latest test_fraction, evaluate on it, write model and tables
-    (element effects over each ad's combinations that ``constraints`` leave legal)."""
+    (element effects over each ad's combinations that ``constraints`` leave legal).
+
+    trained: fits the reward model on the training rows elsewhere (a distributed job)."""
     if not 0.0 <= test_fraction < 1.0:
         raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}")
     config = config or RewardModelConfig()
     enc = encode(impressions, catalog)
     train_idx, test_idx = holdout_split(enc, test_fraction, config.seed)
     train = enc.take(train_idx)
-    model, report = train_reward_model(catalog, train, config, progress=progress, init=init)
+    if trained is not None:
+        model, report = trained(impressions.iloc[train_idx].reset_index(drop=True))
+    else:
+        model, report = train_reward_model(catalog, train, config, progress=progress, init=init)
     bound = BoundModel(model, catalog)
     metrics: dict = {"train": asdict(report)}
     if len(test_idx) and 0 < enc.click[test_idx].sum() < len(test_idx):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -16,6 +16,7 @@ from torch import nn
 
 from genco.data.contract import Catalog
 from genco.errors import ContractError
+from genco.models.optim import Optimizers, resolve_device
 from genco.models.reward import BoundModel, RewardModel, RewardModelConfig
 from genco.models.vocab import Encoded, Vocab, encode, fit_scalers
 from genco.training.residuals import fit_residuals, merge_impressions
@@ -169,6 +170,9 @@ class _Rows:
     def batch(self, b: torch.Tensor) -> tuple:
         return self.ad[b], self.elem[b], self.feats[b], self.x[b], self.y[b], self.weight[b]
 
+    def to(self, device: torch.device) -> _Rows:
+        return _Rows(*(getattr(self, f.name).to(device) for f in fields(self)))
+
 
 def _rows(bound: BoundModel, enc: Encoded, idx: np.ndarray, weights: np.ndarray) -> _Rows:
     idx, w, y = merge_impressions(enc, idx, weights)
@@ -193,16 +197,21 @@ def _fit_structure(
 ) -> tuple[list[dict], int]:
     """Adam on weighted BCE; each plateau of the held-out loss goes back to the best weights
     with half the step; stops after ``patience`` plateaus. ``n_train``: training impressions
-    before merging. Returns (history, best epoch)."""
+    before merging. Returns (history, best epoch). Trains on ``config.device``; the model
+    comes back on the CPU."""
+    device = resolve_device(config.device)
+    model.to(device)
+    train = train.to(device)
+    val = None if val is None else val.to(device)
     with torch.no_grad():
-        seen = torch.zeros(model.n_elements + 1, dtype=torch.bool)
+        seen = torch.zeros(model.n_elements + 1, dtype=torch.bool, device=device)
         seen[train.elem.unique()] = True
         seen[model.n_elements] = False
         model.seen.copy_(seen)
     # As many steps per epoch as unmerged rows would take; merged rows make each step smaller.
     steps = max(1, math.ceil(n_train / config.batch_size))
     per_step = min(config.batch_size, max(64, math.ceil(len(train) / steps)))
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = Optimizers(model, config.lr)
     bce = nn.BCEWithLogitsLoss(reduction="none")
     g = torch.Generator().manual_seed(config.seed)
     best, best_loss, best_epoch, bad_epochs = None, float("inf"), 0, 0
@@ -214,6 +223,7 @@ def _fit_structure(
         model.train()
         reps = math.ceil(steps * per_step / len(train))
         perm = torch.cat([torch.randperm(len(train), generator=g) for _ in range(reps)])
+        perm = perm.to(device)
         total, seen_w = 0.0, 0.0
         for s in range(0, min(len(perm), steps * per_step), per_step):
             ad, elem, feats, x, y, w = train.batch(perm[s : s + per_step])
@@ -232,7 +242,7 @@ def _fit_structure(
                     + model.w_ffm.pow(2).sum()
                     + sum(p.pow(2).sum() for t in model.tower for p in t.parameters())
                 )
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
         record = {"epoch": epoch + 1, "train_loss": total / seen_w}
@@ -254,13 +264,13 @@ def _fit_structure(
             if bad_epochs >= config.patience:
                 break
             model.load_state_dict(best)
-            for group in opt.param_groups:
-                group["lr"] /= 2
+            opt.scale_lr(0.5)
     bar.close()
     model.load_state_dict(best)
     with torch.no_grad():
         # Elements never seen in training carry no evidence: score them from features only.
         model.id_main.weight[~model.seen] = 0.0
         model.id_ffm.weight[~model.seen] = 0.0
+    model.to("cpu")
     model.eval()
     return history, best_epoch
