@@ -139,48 +139,51 @@ def ingest(
         writer = ThreadPoolExecutor(max_workers=1)
         pending: Future | None = None
         part = first.part
-        for chunk in prefetch(chain(first, chunks)):
-            t = chunk.table
-            if t.column_names != list(layout.columns):
-                where = chunk.part or impressions
-                raise ContractError(f"{where}: columns change within the file")
-            if chunk.part != part and validator.seen is not None:
-                # A copy of a row carries its timestamp, so its date partition: duplicates
-                # are looked for within a partition, and the hashes stay O(partition).
-                validator.seen = SeenHashes()
-            part = chunk.part
-            ck, values = validator.check(t, chunk.marked)
-            ok = ck.ok
-            n_ok = int(ok.sum())
-            if n_ok:
-                arrays = [
-                    pc.filter(as_ids(t.column(c).combine_chunks()), ok)
-                    for c in (AD, *layout.components)
-                ]
-                for f in schema:
-                    if f.name in values:
-                        arrays.append(pa.array(values[f.name][ok], f.type))
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(
-                    vwriter.write_table, pa.Table.from_arrays(arrays, schema=schema)
-                )
-            bad = np.flatnonzero(~ok)
-            if len(bad) or chunk.malformed:
-                _quarantine(chunk, bad, ck.reason, ck.message, layout.columns).to_csv(
-                    qfile, index=False, header=False, lineterminator="\r\n"
-                )
-                for r, cnt in zip(*np.unique(ck.reason[bad], return_counts=True)):
-                    summary.quarantined_by_reason[REASONS[r]] += int(cnt)
-                summary.quarantined_by_reason["malformed_row"] += len(chunk.malformed)
-            n_in = t.num_rows + len(chunk.malformed)
-            summary.rows_in += n_in
-            summary.rows_valid += n_ok
-            summary.rows_quarantined += n_in - n_ok
-            bar.update(n_in)
+        try:
+            for chunk in prefetch(chain(first, chunks)):
+                t = chunk.table
+                if t.column_names != list(layout.columns):
+                    where = chunk.part or impressions
+                    raise ContractError(f"{where}: columns change within the file")
+                if chunk.part != part and validator.seen is not None:
+                    # A copy of a row carries its timestamp, so its date partition: duplicates
+                    # are looked for within a partition, and the hashes stay O(partition).
+                    validator.seen = SeenHashes()
+                part = chunk.part
+                ck, values = validator.check(t, chunk.marked)
+                ok = ck.ok
+                n_ok = int(ok.sum())
+                if n_ok:
+                    arrays = [
+                        pc.filter(as_ids(t.column(c).combine_chunks()), ok)
+                        for c in (AD, *layout.components)
+                    ]
+                    for f in schema:
+                        if f.name in values:
+                            arrays.append(pa.array(values[f.name][ok], f.type))
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(
+                        vwriter.write_table, pa.Table.from_arrays(arrays, schema=schema)
+                    )
+                bad = np.flatnonzero(~ok)
+                if len(bad) or chunk.malformed:
+                    _quarantine(chunk, bad, ck.reason, ck.message, layout.columns).to_csv(
+                        qfile, index=False, header=False, lineterminator="\r\n"
+                    )
+                    for r, cnt in zip(*np.unique(ck.reason[bad], return_counts=True)):
+                        summary.quarantined_by_reason[REASONS[r]] += int(cnt)
+                    summary.quarantined_by_reason["malformed_row"] += len(chunk.malformed)
+                n_in = t.num_rows + len(chunk.malformed)
+                summary.rows_in += n_in
+                summary.rows_valid += n_ok
+                summary.rows_quarantined += n_in - n_ok
+                bar.update(n_in)
+        finally:
+            # An error mid-file must not close the Parquet writer under a write in flight.
+            writer.shutdown(wait=True)
         if pending is not None:
             pending.result()
-        writer.shutdown()
     bar.close()
     if summary.rows_in == 0:
         raise ContractError(f"{impressions}: file has no rows")
