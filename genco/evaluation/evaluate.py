@@ -15,14 +15,17 @@ Two questions, answered for both bundles on the same rows:
   without one gets the per-ad empirical frequency of the combination (right for logging
   policies that ignore context; documented in the result as ``propensity_source``).
 
-The gate: ``passed = production is None or V(candidate) >= V(production) * (1 + margin)``.
-A positive margin demands a clear win; a negative one tolerates a small loss (e.g. to pick
-up new catalog elements). It needs no ground truth. The gate refuses when the candidate's
-or production's value cannot be estimated (no logged impression matches its choices), or
-production cannot be scored at all (another catalog's components, damaged files): an unknown
-is never taken for a win. Only "no production model yet" lets a candidate in unopposed.
-When a simulated world's ground truth is given, the true
-CTR of each policy and the share of the logging-to-oracle gap it closes are added for
+The gate (``rule="lcb"``, the default) deploys only when the candidate wins by more than the
+noise: the paired difference D = V(candidate) - V(production) on the same rows
+(``genco.evaluation.ope.snips_difference``) must have its one-sided ``confidence`` lower
+bound above ``margin * V(production)``; an identical candidate never passes, one no better
+than production at most 1 - confidence of the time. ``rule="point"`` compares point
+estimates, ``V(candidate) >= V(production) * (1 + margin)``. A negative margin tolerates a
+small loss (e.g. to pick up new catalog elements). The gate refuses when either value
+cannot be estimated (no logged impression matches its choices) or production cannot be
+scored at all (another catalog's components, damaged files): an unknown is never a win.
+Only "no production model yet" lets a candidate in unopposed. With a simulated world's
+ground truth, true CTRs and the share of the logging-to-oracle gap closed are added for
 information; they never decide the gate.
 """
 
@@ -32,7 +35,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from statistics import NormalDist
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,6 +46,9 @@ from genco.data.ingest import VALID_FILE
 from genco.data.space import legal_combinations
 from genco.errors import BundleError, CatalogMismatchError, ConfigError, ContractError
 from genco.evaluation.heldout import evaluate_reward, holdout_split
+from genco.evaluation.ope import Difference, PolicyValue
+from genco.evaluation.ope import snips as _snips
+from genco.evaluation.ope import snips_difference as _snips_difference
 from genco.inference.predictor import Predictor
 from genco.models.reward import BoundModel
 from genco.models.vocab import Encoded, encode
@@ -54,6 +59,7 @@ if TYPE_CHECKING:
     from genco.worlds.simulate import GroundTruth
 
 GATE_FILE = "gate.json"
+GATE_RULES = ("lcb", "point")
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,10 @@ class EvalConfig:
         },
     )
     n_bins: int = field(default=10, metadata={"help": "Reliability curve bins."})
+    rule: str = field(
+        default="lcb",
+        metadata={"help": "Gate: 'lcb' (lower bound of candidate - production) or 'point'."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the row subset."})
 
     def __post_init__(self) -> None:
@@ -90,18 +100,8 @@ class EvalConfig:
             raise ConfigError(f"max_policy_contexts must be >= 1, got {self.max_policy_contexts}")
         if self.n_bins < 1:
             raise ConfigError(f"n_bins must be >= 1, got {self.n_bins}")
-
-
-@dataclass
-class PolicyValue:
-    """SNIPS estimate of a policy's CTR on the logged rows."""
-
-    value: float | None  # None when no logged impression matches the policy
-    ci_low: float | None
-    ci_high: float | None
-    matched: int  # logged impressions whose combination is the policy's choice
-    effective_n: float  # (sum w)^2 / sum w^2
-    rows: int
+        if self.rule not in GATE_RULES:
+            raise ConfigError(f"rule must be one of {', '.join(GATE_RULES)}, got '{self.rule}'")
 
 
 @dataclass
@@ -137,6 +137,8 @@ class EvalResult:
     propensity_source: str
     truth: dict | None = None
     seconds: float = 0.0
+    difference: Difference | None = None
+    rule: str = "point"
 
     @property
     def candidate_value(self) -> float | None:
@@ -205,14 +207,21 @@ def evaluate_bundle(
     propensity, source = _propensities(enc)
     ctx = _truth_ctx(truth, enc)
 
-    candidate = _score(cand, candidate_dir, enc, test_idx, rows, propensity, config, truth, ctx)
+    candidate, cand_match = _score(
+        cand, candidate_dir, enc, test_idx, rows, propensity, config, truth, ctx
+    )
     production = None
+    diff = None
     if production_dir is not None:
         try:
             prod = Predictor.load(production_dir, catalog, constraints, client=client)
-            production = _score(
+            production, prod_match = _score(
                 prod, production_dir, enc, test_idx, rows, propensity, config, truth, ctx
             )
+            if cand_match is not None and prod_match is not None:
+                diff = _snips_difference(
+                    cand_match, prod_match, enc.click[rows], propensity[rows], config.confidence
+                )
         except (CatalogMismatchError, BundleError) as exc:
             # Production was trained on other components/features, or its files are damaged:
             # it cannot be compared, so the gate fails closed (see ``gate``). Any other
@@ -220,7 +229,8 @@ def evaluate_bundle(
             production = BundleEval(production_dir, "unknown", error=str(exc))
         production.version = production_version or production.version
 
-    passed, reason = gate(candidate, production, config.margin)
+    lcb = diff if config.rule == "lcb" else None
+    passed, reason = gate(candidate, production, config.margin, lcb)
     truth_info = None
     if truth is not None:
         truth_info = _truth_baselines(truth, catalog, constraints, enc, rows, ctx)
@@ -243,11 +253,22 @@ def evaluate_bundle(
         propensity_source=source,
         truth=truth_info,
         seconds=time.perf_counter() - t0,
+        difference=diff,
+        rule=config.rule,
     )
 
 
-def gate(candidate: BundleEval, production: BundleEval | None, margin: float) -> tuple[bool, str]:
-    """The deploy decision and a sentence saying why (shown in the report and the pointer)."""
+def gate(
+    candidate: BundleEval,
+    production: BundleEval | None,
+    margin: float,
+    difference: Difference | None = None,
+) -> tuple[bool, str]:
+    """The deploy decision and a sentence saying why (shown in the report and the pointer).
+
+    With ``difference`` (the "lcb" rule) the candidate must win by more than the noise: the
+    lower bound of candidate - production above ``margin`` x production; without it, the
+    point estimates are compared."""
     if candidate.error is not None:
         return False, f"the candidate cannot score this data ({candidate.error})"
     if production is None:
@@ -262,6 +283,14 @@ def gate(candidate: BundleEval, production: BundleEval | None, margin: float) ->
         return False, "no logged impression matches the candidate's choices: value unknown"
     if p is None:
         return False, "no logged impression matches production's choices: value unknown"
+    if difference is not None:
+        need = margin * p
+        ok = difference.lower_bound > need
+        return ok, (
+            f"candidate - production = {difference.value:+.5f} (candidate {c:.5f}, production "
+            f"{p:.5f}); its {difference.confidence:.0%} lower bound {difference.lower_bound:+.5f}"
+            f" {'>' if ok else '<='} margin x production = {need:+.5f}"
+        )
     threshold = p * (1.0 + margin)
     # A value exactly at the threshold passes; isclose keeps float rounding of p * (1 + m)
     # from turning such a tie into a refusal.
@@ -371,21 +400,6 @@ def _choices(pred: Predictor, enc: Encoded, rows: np.ndarray) -> tuple[np.ndarra
     return key_combo[keys], key_score[keys]
 
 
-def _snips(
-    match: np.ndarray, click: np.ndarray, propensity: np.ndarray, confidence: float
-) -> PolicyValue:
-    w = match / propensity
-    total = w.sum()
-    if total <= 0:
-        return PolicyValue(None, None, None, 0, 0.0, len(match))
-    v = float((w * click).sum() / total)
-    se = float(np.sqrt((w**2 * (click - v) ** 2).sum()) / total)
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    return PolicyValue(
-        v, v - z * se, v + z * se, int(match.sum()), float(total**2 / (w**2).sum()), len(match)
-    )
-
-
 def _score(
     pred: Predictor,
     path: str,
@@ -396,7 +410,8 @@ def _score(
     config: EvalConfig,
     truth: GroundTruth | None,
     truth_ctx: np.ndarray | None,
-) -> BundleEval:
+) -> tuple[BundleEval, np.ndarray | None]:
+    """The bundle's evaluation and which policy rows its choice matches (None: not scored)."""
     out = BundleEval(path, pred.version)
     catalog = pred.catalog
     if tuple(enc.context_columns) != tuple(pred.context_columns):
@@ -404,7 +419,7 @@ def _score(
             f"its context columns {list(pred.context_columns)} differ from the log's "
             f"{list(enc.context_columns)}"
         )
-        return out
+        return out, None
     test = enc.take(test_idx)
     if len(test) and 0 < test.click.sum() < len(test):
         bound = BoundModel(pred.reward, catalog, allow_unknown_ads=True)
@@ -421,7 +436,7 @@ def _score(
     out.predicted_ctr = float(scores.mean())
     if truth is not None:
         out.true_ctr = float(_true_ctr(truth, catalog, enc.ads[rows], combos, truth_ctx).mean())
-    return out
+    return out, match
 
 
 def _truth_ctx(truth: GroundTruth | None, enc: Encoded) -> np.ndarray | None:
@@ -474,6 +489,7 @@ def _truth_baselines(
 __all__ = [
     "GATE_FILE",
     "BundleEval",
+    "Difference",
     "EvalConfig",
     "EvalResult",
     "PolicyValue",
