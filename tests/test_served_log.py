@@ -44,10 +44,16 @@ def test_sample_shows_a_draw_with_its_exact_propensity(predictor):
         assert s.propensity >= 0.2 / 125 - 1e-12
 
 
-def test_draw_frequencies_match_propensities(predictor):
-    """n independent draws: each combination's share converges to its stated propensity."""
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_draw_frequencies_match_propensities(predictor, temperature):
+    """n independent draws: each combination's share converges to its stated propensity
+    (temperature 0: the greedy pick mixed with the exploration draw)."""
     ad = predictor.catalog.ad_code(AD0)
-    codes, prop = predictor.draw(ad, None, 40_000, np.random.default_rng(0), explore=0.3)
+    rng = np.random.default_rng(0)
+    codes, prop = predictor.draw(ad, None, 40_000, rng, explore=0.3, temperature=temperature)
+    if temperature == 0:
+        best = predictor.greedy(ad, None)
+        assert np.all(prop[np.all(codes == best, axis=1)] > 0.7)
     keys, counts = np.unique(codes, axis=0, return_counts=True)
     first = {tuple(c): p for c, p in zip(codes, prop, strict=True)}
     for key, n in zip(keys, counts, strict=True):

@@ -300,12 +300,36 @@ class Predictor:
         temperature: float = 1.0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """n impressions served to catalog ad ``ad`` in context ``x``: catalog codes (n, K)
-        and each one's exact propensity (n,), as ``serve`` in ``sample`` mode shows them."""
+        and each one's exact propensity (n,). Each impression is the exploration draw with
+        probability ``explore``, else the policy's: a generator sample at ``temperature``
+        (as ``serve`` in ``sample`` mode), or with ``temperature`` 0 the greedy pick (beam
+        mode's top-1), so that the propensity is ``(1 - explore) 1[c = greedy] + explore q(c)``.
+        """
         if n < 1:
             raise ConfigError(f"n must be >= 1, got {n}")
+        if temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {temperature}")
         policy, _ = self.tables(ad)
-        slots, propensity = self._draws(policy, x, n, rng, temperature, explore)
-        return policy.masks.to_codes(slots), propensity
+        if temperature > 0:
+            slots, propensity = self._draws(policy, x, n, rng, temperature, explore)
+            return policy.masks.to_codes(slots), propensity
+        eps = self.generator.config.explore if explore is None else explore
+        if not 0.0 <= eps <= 1.0:
+            raise ConfigError(f"explore must be in [0, 1], got {eps}")
+        masks = policy.masks
+        best_codes = self.greedy(ad, x)
+        best = np.array(
+            [int(np.flatnonzero(masks.codes[k] == c)[0]) for k, c in enumerate(best_codes)]
+        )
+        slots = np.tile(best, (n, 1))
+        wide = rng.random(n) < eps
+        if wide.any():
+            slots[wide] = policy.uniform(int(wide.sum()), rng)
+        propensity = (1 - eps) * np.all(slots == best, axis=1)
+        if eps:
+            propensity = propensity + eps * np.exp(policy.log_uniform(slots))
+        codes = masks.to_codes(slots)
+        return codes, propensity
 
     def greedy(self, ad: int, x: np.ndarray | None) -> np.ndarray:
         """The served policy's best combination (beam mode's top-1) as catalog codes (K,)."""
