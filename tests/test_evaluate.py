@@ -64,9 +64,20 @@ def bundles(world: SimulationOutputs, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
+# The estimator and gate mechanics below are checked on every row of the 8,000-row log
+# (value_rows="all"); the default, the 800 held-out rows, is checked on its own.
+ALL = EvalConfig(value_rows="all")
+
+
+def test_values_default_to_the_held_out_rows(bundles):
+    held = evaluate_bundle(bundles["good"], bundles["data"], bundles["bad"])
+    assert held.policy_rows == held.holdout_rows == 800
+    assert held.candidate.policy.rows == 800
+
+
 def test_good_candidate_beats_bad_production_and_not_the_reverse(bundles, world):
     truth = GroundTruth.load(world.ground_truth)
-    win = evaluate_bundle(bundles["good"], bundles["data"], bundles["bad"], truth=truth)
+    win = evaluate_bundle(bundles["good"], bundles["data"], bundles["bad"], ALL, truth=truth)
     assert win.passed and win.reason.startswith("candidate - production = +")
     assert win.candidate_value > win.production_value
     assert 0 < win.difference.lower_bound < win.difference.value
@@ -75,9 +86,9 @@ def test_good_candidate_beats_bad_production_and_not_the_reverse(bundles, world)
     assert win.candidate_digest == bundle_digest(bundles["good"])
     assert win.policy_rows == 8000 and win.holdout_rows == 800
     assert win.propensity_source == "logged"
-    lose = evaluate_bundle(bundles["bad"], bundles["data"], bundles["good"])
+    lose = evaluate_bundle(bundles["bad"], bundles["data"], bundles["good"], ALL)
     assert not lose.passed and "<= margin x production" in lose.reason
-    point = EvalConfig(rule="point")
+    point = EvalConfig(rule="point", value_rows="all")
     lose = evaluate_bundle(bundles["bad"], bundles["data"], bundles["good"], point)
     assert not lose.passed and " < production " in lose.reason
     # A negative margin tolerates a loss up to that share.
@@ -86,7 +97,7 @@ def test_good_candidate_beats_bad_production_and_not_the_reverse(bundles, world)
         bundles["bad"],
         bundles["data"],
         bundles["good"],
-        EvalConfig(margin=ratio - 1.001, rule="point"),
+        EvalConfig(margin=ratio - 1.001, rule="point", value_rows="all"),
     )
     assert tolerant.passed
 
@@ -133,7 +144,7 @@ def test_lcb_gate_table():
 
 def test_metrics_and_gate_file_shape(bundles):
     result = evaluate_bundle(
-        bundles["good"], bundles["data"], bundles["bad"], production_version="v0"
+        bundles["good"], bundles["data"], bundles["bad"], ALL, production_version="v0"
     )
     m = result.metrics()
     for who in ("candidate", "production"):
@@ -149,7 +160,7 @@ def test_metrics_and_gate_file_shape(bundles):
 
 def test_without_propensities_uses_per_ad_frequencies(bundles):
     frame = pd.read_parquet(bundles["data"]).drop(columns=["propensity"])
-    result = evaluate_bundle(bundles["good"], frame, bundles["bad"])
+    result = evaluate_bundle(bundles["good"], frame, bundles["bad"], ALL)
     assert result.propensity_source.startswith("estimated")
     assert result.candidate_value is not None and result.passed
 

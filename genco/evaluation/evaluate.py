@@ -1,19 +1,14 @@
 """Candidate vs production on the same logged data: the evaluation gate before deploy.
 
-Two questions, answered for both bundles on the same rows:
-
-* Is the click model good? Held-out AUC, log loss and calibration of each bundle's reward
-  model on the latest ``holdout_fraction`` of the log by time (the rows the candidate's
-  reward model did not train on).
-* Is the policy good? The off-policy value of each bundle's served policy (the top-1 of
-  ``Predictor.recommend``: beam search re-ranked by its reward model) on the logged data,
-  by self-normalised inverse propensity scoring (SNIPS):
-
-      V(pi) = sum_i w_i click_i / sum_i w_i,   w_i = 1[logged combo_i == pi(ad_i, ctx_i)] / p_i
-
-  with a delta-method normal confidence interval. p_i is the logged ``propensity``; a log
-  without one gets the per-ad empirical frequency of the combination (right for logging
-  policies that ignore context; documented in the result as ``propensity_source``).
+Both bundles are scored on the same rows. The click model: held-out AUC, log loss and
+calibration of each reward model on the latest ``holdout_fraction`` of the log by time (rows
+the candidate's reward model did not train on). The policy: the off-policy value of each
+served policy (the top-1 of ``Predictor.recommend``) by self-normalised IPS,
+``V(pi) = sum_i w_i click_i / sum_i w_i``, ``w_i = 1[logged combo_i == pi(ad_i, ctx_i)] / p_i``,
+with a delta-method interval, on those same held-out rows (``value_rows="holdout"``): on rows
+it trained on, a candidate whose reward model memorised lucky clicks looks better than it is
+(BENCHMARKS.md, "Closed loop"). p_i is the logged ``propensity``, else the per-ad frequency of
+the combination (``propensity_source``).
 
 The gate (``rule="lcb"``, the default) deploys only when the candidate wins by more than the
 noise: the paired difference D = V(candidate) - V(production) on the same rows
@@ -83,9 +78,9 @@ class EvalConfig:
         },
     )
     n_bins: int = field(default=10, metadata={"help": "Reliability curve bins."})
+    value_rows: str = field(default="holdout", metadata={"help": "Values on 'holdout' or 'all'."})
     rule: str = field(
-        default="lcb",
-        metadata={"help": "Gate: 'lcb' (lower bound of candidate - production) or 'point'."},
+        default="lcb", metadata={"help": "Gate: 'lcb' (bound of the gain) or 'point'."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the row subset."})
 
@@ -100,6 +95,8 @@ class EvalConfig:
             raise ConfigError(f"max_policy_contexts must be >= 1, got {self.max_policy_contexts}")
         if self.n_bins < 1:
             raise ConfigError(f"n_bins must be >= 1, got {self.n_bins}")
+        if self.value_rows not in ("holdout", "all"):
+            raise ConfigError(f"value_rows must be 'holdout' or 'all', got '{self.value_rows}'")
         if self.rule not in GATE_RULES:
             raise ConfigError(f"rule must be one of {', '.join(GATE_RULES)}, got '{self.rule}'")
 
@@ -203,7 +200,7 @@ def evaluate_bundle(
 
     enc = encode(frame, catalog)
     _, test_idx = holdout_split(enc, config.holdout_fraction, config.seed)
-    rows = _policy_rows(enc, config)
+    rows = _policy_rows(enc, config, test_idx)
     propensity, source = _propensities(enc)
     ctx = _truth_ctx(truth, enc)
 
@@ -355,13 +352,15 @@ def _read_impressions(impressions: str | pd.DataFrame, client: Client | None) ->
     return frame
 
 
-def _policy_rows(enc: Encoded, config: EvalConfig) -> np.ndarray:
-    """All rows, or a seeded subset when decoding every distinct key would take too long."""
-    keys = _keys(enc, np.arange(len(enc)))
+def _policy_rows(enc: Encoded, config: EvalConfig, held_out: np.ndarray) -> np.ndarray:
+    """The rows the values are estimated on (all, or the held-out ones: ``value_rows``), or
+    a seeded subset of them when decoding every distinct key would take too long."""
+    rows = np.sort(held_out) if config.value_rows == "holdout" else np.arange(len(enc))
+    keys = _keys(enc, rows)
     if len(np.unique(keys)) <= config.max_policy_contexts:
-        return np.arange(len(enc))
+        return rows
     rng = np.random.default_rng(config.seed)
-    return np.sort(rng.choice(len(enc), size=config.max_policy_contexts, replace=False))
+    return np.sort(rng.choice(rows, size=config.max_policy_contexts, replace=False))
 
 
 def _keys(enc: Encoded, rows: np.ndarray) -> np.ndarray:
