@@ -28,6 +28,7 @@ VERBS = [
     "versions",
     "serve",
     "archive",
+    "loop",
 ]
 
 

@@ -15,9 +15,11 @@ import pytest
 
 from genco.evaluation.evaluate import (
     BundleEval,
+    Difference,
     EvalConfig,
     PolicyValue,
     _snips,
+    _snips_difference,
     evaluate_bundle,
     gate,
 )
@@ -62,37 +64,87 @@ def bundles(world: SimulationOutputs, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
+# The estimator and gate mechanics below are checked on every row of the 8,000-row log
+# (value_rows="all"); the default, the 800 held-out rows, is checked on its own.
+ALL = EvalConfig(value_rows="all")
+
+
+def test_values_default_to_the_held_out_rows(bundles):
+    held = evaluate_bundle(bundles["good"], bundles["data"], bundles["bad"])
+    assert held.policy_rows == held.holdout_rows == 800
+    assert held.candidate.policy.rows == 800
+
+
 def test_good_candidate_beats_bad_production_and_not_the_reverse(bundles, world):
     truth = GroundTruth.load(world.ground_truth)
-    win = evaluate_bundle(bundles["good"], bundles["data"], bundles["bad"], truth=truth)
-    assert win.passed and win.reason.startswith("candidate value")
+    win = evaluate_bundle(bundles["good"], bundles["data"], bundles["bad"], ALL, truth=truth)
+    assert win.passed and win.reason.startswith("candidate - production = +")
     assert win.candidate_value > win.production_value
+    assert 0 < win.difference.lower_bound < win.difference.value
+    assert win.difference.value == pytest.approx(win.candidate_value - win.production_value)
     assert win.candidate.gap_closed > win.production.gap_closed
     assert win.candidate_digest == bundle_digest(bundles["good"])
     assert win.policy_rows == 8000 and win.holdout_rows == 800
     assert win.propensity_source == "logged"
-    lose = evaluate_bundle(bundles["bad"], bundles["data"], bundles["good"])
+    lose = evaluate_bundle(bundles["bad"], bundles["data"], bundles["good"], ALL)
+    assert not lose.passed and "<= margin x production" in lose.reason
+    point = EvalConfig(rule="point", value_rows="all")
+    lose = evaluate_bundle(bundles["bad"], bundles["data"], bundles["good"], point)
     assert not lose.passed and " < production " in lose.reason
     # A negative margin tolerates a loss up to that share.
     ratio = lose.candidate_value / lose.production_value
     tolerant = evaluate_bundle(
-        bundles["bad"], bundles["data"], bundles["good"], EvalConfig(margin=ratio - 1.001)
+        bundles["bad"],
+        bundles["data"],
+        bundles["good"],
+        EvalConfig(margin=ratio - 1.001, rule="point", value_rows="all"),
     )
     assert tolerant.passed
 
 
-def test_same_model_passes_at_zero_margin_and_fails_any_positive_margin(bundles):
+def test_same_model_never_passes_the_lcb_gate(bundles):
     same = evaluate_bundle(bundles["good"], bundles["data"], bundles["good"])
-    assert same.passed and same.candidate_value == same.production_value
+    assert not same.passed and same.candidate_value == same.production_value
+    assert same.difference.value == 0.0 and same.difference.se == 0.0
     assert same.candidate.auc == same.production.auc
+    point = evaluate_bundle(
+        bundles["good"], bundles["data"], bundles["good"], EvalConfig(rule="point")
+    )
+    assert point.passed  # the point rule lets a tie through at zero margin, not at 0.01
     assert not evaluate_bundle(
-        bundles["good"], bundles["data"], bundles["good"], EvalConfig(margin=0.01)
+        bundles["good"], bundles["data"], bundles["good"], EvalConfig(margin=0.01, rule="point")
     ).passed
+
+
+def test_snips_difference_by_hand_and_its_bound():
+    # candidate matches rows 0, 1; production rows 1, 2 (row 1: both, so it mostly cancels)
+    mc = np.array([1.0, 1.0, 0.0, 0.0])
+    mp = np.array([0.0, 1.0, 1.0, 0.0])
+    y = np.array([1.0, 0.0, 0.0, 1.0])
+    p = np.array([0.5, 0.5, 0.25, 0.5])
+    d = _snips_difference(mc, mp, y, p, 0.95)
+    # V_c = 2 / 4 = 0.5; V_p = 0 / 6 = 0
+    assert d.value == pytest.approx(0.5)
+    psi = np.array([2 * 0.5 / 4, 2 * -0.5 / 4 - 0.0, 0.0, 0.0])
+    assert d.se == pytest.approx(np.sqrt((psi**2).sum()))
+    assert d.lower_bound == pytest.approx(0.5 - 1.6448536 * d.se, rel=1e-6)
+    assert d.ci_low < d.lower_bound < d.value < d.ci_high
+    assert _snips_difference(np.zeros(4), mp, y, p, 0.95) is None
+
+
+def test_lcb_gate_table():
+    diff = Difference(0.01, 0.004, 0.002, 0.018, 0.0034, 0.95)
+    ok, why = gate(_be(0.11), _be(0.1), 0.0, diff)
+    assert ok and "lower bound +0.00340 > margin x production = +0.00000" in why
+    ok, why = gate(_be(0.11), _be(0.1), 0.05, diff)
+    assert not ok and "<= margin x production = +0.00500" in why
+    noisy = Difference(0.01, 0.02, -0.03, 0.05, -0.023, 0.95)
+    assert not gate(_be(0.11), _be(0.1), 0.0, noisy)[0]  # a lucky draw never ships
 
 
 def test_metrics_and_gate_file_shape(bundles):
     result = evaluate_bundle(
-        bundles["good"], bundles["data"], bundles["bad"], production_version="v0"
+        bundles["good"], bundles["data"], bundles["bad"], ALL, production_version="v0"
     )
     m = result.metrics()
     for who in ("candidate", "production"):
@@ -108,7 +160,7 @@ def test_metrics_and_gate_file_shape(bundles):
 
 def test_without_propensities_uses_per_ad_frequencies(bundles):
     frame = pd.read_parquet(bundles["data"]).drop(columns=["propensity"])
-    result = evaluate_bundle(bundles["good"], frame, bundles["bad"])
+    result = evaluate_bundle(bundles["good"], frame, bundles["bad"], ALL)
     assert result.propensity_source.startswith("estimated")
     assert result.candidate_value is not None and result.passed
 

@@ -485,6 +485,8 @@ def test_sample_gives_propensities_and_is_seeded(predictor: Predictor) -> None:
     req = {"ad_id": AD0, "top_k": 8, "mode": "sample", "seed": 3}
     first = rest.predict(predictor, rest.parse_request(req, predictor))
     again = rest.predict(predictor, rest.parse_request(req, predictor))
+    # the same draws; each response is its own impression
+    assert first.pop("impression_id") != again.pop("impression_id")
     assert first == again
     props = [r["propensity"] for r in first["recommendations"]]
     assert props and all(0.0 < p <= 1.0 for p in props)

@@ -81,6 +81,25 @@ def cmd_validate(args: argparse.Namespace) -> None:
     catalog = load_catalog(args.catalog)
     constraints = load_constraints(args.constraints, catalog)
     config = config_from_args(args, IngestConfig, _INGEST + _CHUNKS)
+    if (args.impressions is None) == (args.served_log is None):
+        raise ConfigError("give either --impressions or --served-log with --clicks")
+    if args.served_log is not None:
+        from genco.data.served import join_served_log
+
+        if args.clicks is None:
+            raise ConfigError("--served-log needs --clicks (impression_id, click)")
+        _print_json(
+            join_served_log(
+                args.served_log,
+                args.clicks,
+                catalog,
+                constraints,
+                args.out,
+                config,
+                progress=not args.quiet,
+            )
+        )
+        return
     summary = ingest(
         args.impressions, catalog, constraints, args.out, config, progress=not args.quiet
     )
@@ -176,11 +195,18 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     )
 
 
-def _add_io(p: argparse.ArgumentParser, out_help: str) -> None:
+def _add_io(p: argparse.ArgumentParser, out_help: str, served: bool = False) -> None:
     from genco.data.ingest import IngestConfig
 
     p.add_argument("--catalog", required=True, help="catalog CSV/Parquet (local or gs://)")
-    p.add_argument("--impressions", required=True, help="impressions CSV/Parquet")
+    p.add_argument("--impressions", required=not served, help="impressions CSV/Parquet")
+    if served:
+        p.add_argument(
+            "--served-log",
+            default=None,
+            help="instead of --impressions: the served log (README 'Served log')",
+        )
+        p.add_argument("--clicks", default=None, help="clicks CSV/Parquet: impression_id, click")
     p.add_argument("--constraints", default=None, help="forbidden pairs CSV/Parquet (optional)")
     p.add_argument("--out", required=True, help=out_help)
     add_config_args(p, IngestConfig, _INGEST)
@@ -239,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/impressions.parquet, rejected rows to OUT/quarantine.csv with a reason, counts to "
         "OUT/summary.json (also printed).",
     )
-    _add_io(v, "output directory (local or gs://)")
+    _add_io(v, "output directory (local or gs://)", served=True)
     add_config_args(v, IngestConfig, _CHUNKS)
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=cmd_validate)

@@ -1,5 +1,5 @@
 """``genco pipeline run|compile|schedule``, ``genco evaluate``, ``deploy``, ``rollback``,
-``versions``: the command-line verbs of the retraining loop.
+``versions``, ``loop``: the command-line verbs of the retraining loop.
 
 Registered on the main parser by ``add_commands`` so that ``genco.cli.main`` stays the single
 entry point and error policy (user mistakes -> one line on stderr, exit 2). Each handler
@@ -353,3 +353,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     vs = sub.add_parser("versions", help="list the versions in a model store")
     vs.add_argument("--store", required=True, help="model store (local dir or gs://)")
     vs.set_defaults(func=cmd_versions)
+
+    from genco.pipeline.loop import LOOP_FLAGS, LoopConfig
+
+    lp = sub.add_parser(
+        "loop",
+        help="closed loop on a simulated world: serve, log, retrain, gate, repeat",
+        description="Round 0 serves uniformly; each round then runs the retraining pipeline "
+        "(local runner) on every round's served log so far, deploys through the gate into "
+        "OUT/model_store and serves production with its exploration. Peers get the same "
+        "requests. Writes OUT/rounds.csv, rounds.json and loop.png.",
+    )
+    lp.add_argument("--out", required=True, help="working directory (local)")
+    add_config_args(lp, LoopConfig, LOOP_FLAGS)
+    lp.add_argument("--quiet", action="store_true", help="no per-round lines on stderr")
+    lp.set_defaults(func=cmd_loop)
+
+
+def cmd_loop(args: argparse.Namespace) -> None:
+    import sys
+
+    from genco.cli.common import config_from_args
+    from genco.pipeline.loop import LOOP_FLAGS, LoopConfig, run_loop
+
+    if args.out.startswith(("gs://", "s3://")):
+        raise ConfigError(f"{args.out}: the loop needs a local working directory")
+    config = config_from_args(args, LoopConfig, LOOP_FLAGS)
+    say = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    summary = run_loop(args.out, config, progress=say)
+    _print_json({"final": summary["final"], "out": args.out})

@@ -27,6 +27,15 @@ REVENUE = "revenue"
 FEATURE_PREFIX = "feat_"
 CONTEXT_PREFIX = "ctx_"
 ANY_AD = "*"
+# The served log (README "Served log"): one row per impression an ad server showed, as the
+# recommend response gave it (``genco.inference.predictor.Served.log_fields``), plus a clicks
+# file of impression ids; ``genco.data.served.join_served_log`` turns both into impressions.
+IMPRESSION_ID = "impression_id"
+MODEL_VERSION = "model_version"
+SERVED_MODE = "mode"
+SERVED_REQUIRED = (IMPRESSION_ID, MODEL_VERSION, AD, PROPENSITY)  # + one column per component
+SERVED_OPTIONAL = (SERVED_MODE, TIMESTAMP)  # + ctx_*
+CLICKS_COLUMNS = (IMPRESSION_ID, CLICK)
 CONSTRAINT_COLUMNS = (AD, "component_a", "element_a", "component_b", "element_b")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

@@ -1,28 +1,26 @@
 """Candidate vs production on the same logged data: the evaluation gate before deploy.
 
-Two questions, answered for both bundles on the same rows:
+Both bundles are scored on the same rows. The click model: held-out AUC, log loss and
+calibration of each reward model on the latest ``holdout_fraction`` of the log by time (rows
+the candidate's reward model did not train on). The policy: the off-policy value of each
+served policy (the top-1 of ``Predictor.recommend``) by self-normalised IPS,
+``V(pi) = sum_i w_i click_i / sum_i w_i``, ``w_i = 1[logged combo_i == pi(ad_i, ctx_i)] / p_i``,
+with a delta-method interval, on those same held-out rows (``value_rows="holdout"``): on rows
+it trained on, a candidate whose reward model memorised lucky clicks looks better than it is
+(BENCHMARKS.md, "Closed loop"). p_i is the logged ``propensity``, else the per-ad frequency of
+the combination (``propensity_source``).
 
-* Is the click model good? Held-out AUC, log loss and calibration of each bundle's reward
-  model on the latest ``holdout_fraction`` of the log by time (the rows the candidate's
-  reward model did not train on).
-* Is the policy good? The off-policy value of each bundle's served policy (the top-1 of
-  ``Predictor.recommend``: beam search re-ranked by its reward model) on the logged data,
-  by self-normalised inverse propensity scoring (SNIPS):
-
-      V(pi) = sum_i w_i click_i / sum_i w_i,   w_i = 1[logged combo_i == pi(ad_i, ctx_i)] / p_i
-
-  with a delta-method normal confidence interval. p_i is the logged ``propensity``; a log
-  without one gets the per-ad empirical frequency of the combination (right for logging
-  policies that ignore context; documented in the result as ``propensity_source``).
-
-The gate: ``passed = production is None or V(candidate) >= V(production) * (1 + margin)``.
-A positive margin demands a clear win; a negative one tolerates a small loss (e.g. to pick
-up new catalog elements). It needs no ground truth. The gate refuses when the candidate's
-or production's value cannot be estimated (no logged impression matches its choices), or
-production cannot be scored at all (another catalog's components, damaged files): an unknown
-is never taken for a win. Only "no production model yet" lets a candidate in unopposed.
-When a simulated world's ground truth is given, the true
-CTR of each policy and the share of the logging-to-oracle gap it closes are added for
+The gate (``rule="lcb"``, the default) deploys only when the candidate wins by more than the
+noise: the paired difference D = V(candidate) - V(production) on the same rows
+(``genco.evaluation.ope.snips_difference``) must have its one-sided ``confidence`` lower
+bound above ``margin * V(production)``; an identical candidate never passes, one no better
+than production at most 1 - confidence of the time. ``rule="point"`` compares point
+estimates, ``V(candidate) >= V(production) * (1 + margin)``. A negative margin tolerates a
+small loss (e.g. to pick up new catalog elements). The gate refuses when either value
+cannot be estimated (no logged impression matches its choices) or production cannot be
+scored at all (another catalog's components, damaged files): an unknown is never a win.
+Only "no production model yet" lets a candidate in unopposed. With a simulated world's
+ground truth, true CTRs and the share of the logging-to-oracle gap closed are added for
 information; they never decide the gate.
 """
 
@@ -32,7 +30,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from statistics import NormalDist
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,6 +41,9 @@ from genco.data.ingest import VALID_FILE
 from genco.data.space import legal_combinations
 from genco.errors import BundleError, CatalogMismatchError, ConfigError, ContractError
 from genco.evaluation.heldout import evaluate_reward, holdout_split
+from genco.evaluation.ope import Difference, PolicyValue
+from genco.evaluation.ope import snips as _snips
+from genco.evaluation.ope import snips_difference as _snips_difference
 from genco.inference.predictor import Predictor
 from genco.models.reward import BoundModel
 from genco.models.vocab import Encoded, encode
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from genco.worlds.simulate import GroundTruth
 
 GATE_FILE = "gate.json"
+GATE_RULES = ("lcb", "point")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ class EvalConfig:
         },
     )
     n_bins: int = field(default=10, metadata={"help": "Reliability curve bins."})
+    value_rows: str = field(default="holdout", metadata={"help": "Values on 'holdout' or 'all'."})
+    rule: str = field(
+        default="lcb", metadata={"help": "Gate: 'lcb' (bound of the gain) or 'point'."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the row subset."})
 
     def __post_init__(self) -> None:
@@ -90,18 +95,10 @@ class EvalConfig:
             raise ConfigError(f"max_policy_contexts must be >= 1, got {self.max_policy_contexts}")
         if self.n_bins < 1:
             raise ConfigError(f"n_bins must be >= 1, got {self.n_bins}")
-
-
-@dataclass
-class PolicyValue:
-    """SNIPS estimate of a policy's CTR on the logged rows."""
-
-    value: float | None  # None when no logged impression matches the policy
-    ci_low: float | None
-    ci_high: float | None
-    matched: int  # logged impressions whose combination is the policy's choice
-    effective_n: float  # (sum w)^2 / sum w^2
-    rows: int
+        if self.value_rows not in ("holdout", "all"):
+            raise ConfigError(f"value_rows must be 'holdout' or 'all', got '{self.value_rows}'")
+        if self.rule not in GATE_RULES:
+            raise ConfigError(f"rule must be one of {', '.join(GATE_RULES)}, got '{self.rule}'")
 
 
 @dataclass
@@ -137,6 +134,8 @@ class EvalResult:
     propensity_source: str
     truth: dict | None = None
     seconds: float = 0.0
+    difference: Difference | None = None
+    rule: str = "point"
 
     @property
     def candidate_value(self) -> float | None:
@@ -201,18 +200,25 @@ def evaluate_bundle(
 
     enc = encode(frame, catalog)
     _, test_idx = holdout_split(enc, config.holdout_fraction, config.seed)
-    rows = _policy_rows(enc, config)
+    rows = _policy_rows(enc, config, test_idx)
     propensity, source = _propensities(enc)
     ctx = _truth_ctx(truth, enc)
 
-    candidate = _score(cand, candidate_dir, enc, test_idx, rows, propensity, config, truth, ctx)
+    candidate, cand_match = _score(
+        cand, candidate_dir, enc, test_idx, rows, propensity, config, truth, ctx
+    )
     production = None
+    diff = None
     if production_dir is not None:
         try:
             prod = Predictor.load(production_dir, catalog, constraints, client=client)
-            production = _score(
+            production, prod_match = _score(
                 prod, production_dir, enc, test_idx, rows, propensity, config, truth, ctx
             )
+            if cand_match is not None and prod_match is not None:
+                diff = _snips_difference(
+                    cand_match, prod_match, enc.click[rows], propensity[rows], config.confidence
+                )
         except (CatalogMismatchError, BundleError) as exc:
             # Production was trained on other components/features, or its files are damaged:
             # it cannot be compared, so the gate fails closed (see ``gate``). Any other
@@ -220,7 +226,8 @@ def evaluate_bundle(
             production = BundleEval(production_dir, "unknown", error=str(exc))
         production.version = production_version or production.version
 
-    passed, reason = gate(candidate, production, config.margin)
+    lcb = diff if config.rule == "lcb" else None
+    passed, reason = gate(candidate, production, config.margin, lcb)
     truth_info = None
     if truth is not None:
         truth_info = _truth_baselines(truth, catalog, constraints, enc, rows, ctx)
@@ -243,11 +250,22 @@ def evaluate_bundle(
         propensity_source=source,
         truth=truth_info,
         seconds=time.perf_counter() - t0,
+        difference=diff,
+        rule=config.rule,
     )
 
 
-def gate(candidate: BundleEval, production: BundleEval | None, margin: float) -> tuple[bool, str]:
-    """The deploy decision and a sentence saying why (shown in the report and the pointer)."""
+def gate(
+    candidate: BundleEval,
+    production: BundleEval | None,
+    margin: float,
+    difference: Difference | None = None,
+) -> tuple[bool, str]:
+    """The deploy decision and a sentence saying why (shown in the report and the pointer).
+
+    With ``difference`` (the "lcb" rule) the candidate must win by more than the noise: the
+    lower bound of candidate - production above ``margin`` x production; without it, the
+    point estimates are compared."""
     if candidate.error is not None:
         return False, f"the candidate cannot score this data ({candidate.error})"
     if production is None:
@@ -262,6 +280,14 @@ def gate(candidate: BundleEval, production: BundleEval | None, margin: float) ->
         return False, "no logged impression matches the candidate's choices: value unknown"
     if p is None:
         return False, "no logged impression matches production's choices: value unknown"
+    if difference is not None:
+        need = margin * p
+        ok = difference.lower_bound > need
+        return ok, (
+            f"candidate - production = {difference.value:+.5f} (candidate {c:.5f}, production "
+            f"{p:.5f}); its {difference.confidence:.0%} lower bound {difference.lower_bound:+.5f}"
+            f" {'>' if ok else '<='} margin x production = {need:+.5f}"
+        )
     threshold = p * (1.0 + margin)
     # A value exactly at the threshold passes; isclose keeps float rounding of p * (1 + m)
     # from turning such a tie into a refusal.
@@ -332,13 +358,15 @@ def _read_impressions(impressions: str | pd.DataFrame, client: Client | None) ->
     return frame
 
 
-def _policy_rows(enc: Encoded, config: EvalConfig) -> np.ndarray:
-    """All rows, or a seeded subset when decoding every distinct key would take too long."""
-    keys = _keys(enc, np.arange(len(enc)))
+def _policy_rows(enc: Encoded, config: EvalConfig, held_out: np.ndarray) -> np.ndarray:
+    """The rows the values are estimated on (all, or the held-out ones: ``value_rows``), or
+    a seeded subset of them when decoding every distinct key would take too long."""
+    rows = np.sort(held_out) if config.value_rows == "holdout" else np.arange(len(enc))
+    keys = _keys(enc, rows)
     if len(np.unique(keys)) <= config.max_policy_contexts:
-        return np.arange(len(enc))
+        return rows
     rng = np.random.default_rng(config.seed)
-    return np.sort(rng.choice(len(enc), size=config.max_policy_contexts, replace=False))
+    return np.sort(rng.choice(rows, size=config.max_policy_contexts, replace=False))
 
 
 def _keys(enc: Encoded, rows: np.ndarray) -> np.ndarray:
@@ -377,21 +405,6 @@ def _choices(pred: Predictor, enc: Encoded, rows: np.ndarray) -> tuple[np.ndarra
     return key_combo[keys], key_score[keys]
 
 
-def _snips(
-    match: np.ndarray, click: np.ndarray, propensity: np.ndarray, confidence: float
-) -> PolicyValue:
-    w = match / propensity
-    total = w.sum()
-    if total <= 0:
-        return PolicyValue(None, None, None, 0, 0.0, len(match))
-    v = float((w * click).sum() / total)
-    se = float(np.sqrt((w**2 * (click - v) ** 2).sum()) / total)
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    return PolicyValue(
-        v, v - z * se, v + z * se, int(match.sum()), float(total**2 / (w**2).sum()), len(match)
-    )
-
-
 def _score(
     pred: Predictor,
     path: str,
@@ -402,7 +415,8 @@ def _score(
     config: EvalConfig,
     truth: GroundTruth | None,
     truth_ctx: np.ndarray | None,
-) -> BundleEval:
+) -> tuple[BundleEval, np.ndarray | None]:
+    """The bundle's evaluation and which policy rows its choice matches (None: not scored)."""
     out = BundleEval(path, pred.version)
     catalog = pred.catalog
     if tuple(enc.context_columns) != tuple(pred.context_columns):
@@ -410,7 +424,7 @@ def _score(
             f"its context columns {list(pred.context_columns)} differ from the log's "
             f"{list(enc.context_columns)}"
         )
-        return out
+        return out, None
     test = enc.take(test_idx)
     if len(test) and 0 < test.click.sum() < len(test):
         bound = BoundModel(pred.reward, catalog, allow_unknown_ads=True)
@@ -427,7 +441,7 @@ def _score(
     out.predicted_ctr = float(scores.mean())
     if truth is not None:
         out.true_ctr = float(_true_ctr(truth, catalog, enc.ads[rows], combos, truth_ctx).mean())
-    return out
+    return out, match
 
 
 def _truth_ctx(truth: GroundTruth | None, enc: Encoded) -> np.ndarray | None:
@@ -480,6 +494,7 @@ def _truth_baselines(
 __all__ = [
     "GATE_FILE",
     "BundleEval",
+    "Difference",
     "EvalConfig",
     "EvalResult",
     "PolicyValue",

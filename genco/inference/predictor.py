@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +75,39 @@ class Decoded:
     credit: np.ndarray
     propensity: np.ndarray | None
     scored: int
+    shown: int = 0  # the row an ad server shows: beam's best, or sample's first draw
+
+
+@dataclass(frozen=True)
+class Served:
+    """What an ad server shows for one request and must log to make the next training set.
+
+    ``propensity`` is the exact probability that the served policy shows ``elements``:
+    in ``sample`` mode the mixture ``(1 - explore) pi(c) + explore q(c)``; ``beam`` is
+    deterministic (``deterministic`` true, propensity 1). ``impression_id`` joins the clicks
+    file to the served log (README "Served log").
+    """
+
+    impression_id: str
+    model_version: str
+    mode: str
+    ad_id: str
+    elements: dict[str, str]
+    propensity: float
+    deterministic: bool
+    explore: float
+    recommendations: list[Recommendation]
+
+    def log_fields(self) -> dict:
+        """The served-log row's fields (without ``ctx_*`` and ``timestamp``)."""
+        return {
+            "impression_id": self.impression_id,
+            "model_version": self.model_version,
+            "ad_id": self.ad_id,
+            **self.elements,
+            "propensity": self.propensity,
+            "mode": self.mode,
+        }
 
 
 @dataclass
@@ -220,19 +254,10 @@ class Predictor:
                 better, refined = reward.refine(slots[best], x, policy.masks, pairs)
                 slots = distinct(np.concatenate([slots, better]))[0]
         else:
-            eps = self.generator.config.explore if explore is None else explore
-            if not 0.0 <= eps <= 1.0:
-                raise ConfigError(f"explore must be in [0, 1], got {eps}")
             rng = np.random.default_rng(seed)
-            slots, _ = policy.sample(x, top_k, rng, temperature)
-            wide = rng.random(top_k) < eps
-            if wide.any():
-                slots[wide] = policy.uniform(int(wide.sum()), rng)
-            slots, _ = distinct(slots)
-            # Exact: the policy's probability mixed with the exploration draw's.
-            propensity = (1 - eps) * np.exp(policy.log_prob(x, slots, temperature))
-            if eps:
-                propensity = propensity + eps * np.exp(policy.log_uniform(slots))
+            slots, propensity = self._draws(policy, x, top_k, rng, temperature, explore)
+            slots, first = distinct(slots)
+            propensity = propensity[first]
         base, credit = reward.credit(slots, x)
         score = 1.0 / (1.0 + np.exp(-(base + credit.sum(1, dtype=np.float64))))
         order = np.argsort(-score, kind="stable")[:top_k]
@@ -242,7 +267,78 @@ class Predictor:
             credit=credit[order],
             propensity=None if propensity is None else propensity[order],
             scored=len(slots) + refined,
+            # distinct keeps first occurrences in order: row 0 is the first draw
+            shown=int(np.flatnonzero(order == 0)[0]) if propensity is not None else 0,
         )
+
+    def _draws(
+        self,
+        policy: PolicyTables,
+        x: np.ndarray | None,
+        n: int,
+        rng: np.random.Generator,
+        temperature: float,
+        explore: float | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """n independent draws (n, K slots) of the served policy and their exact propensities:
+        each from the generator with probability 1 - explore, else from the exploration draw."""
+        eps = self.generator.config.explore if explore is None else explore
+        if not 0.0 <= eps <= 1.0:
+            raise ConfigError(f"explore must be in [0, 1], got {eps}")
+        slots, _ = policy.sample(x, n, rng, temperature)
+        wide = rng.random(n) < eps
+        if wide.any():
+            slots[wide] = policy.uniform(int(wide.sum()), rng)
+        # Exact: the policy's probability mixed with the exploration draw's.
+        propensity = (1 - eps) * np.exp(policy.log_prob(x, slots, temperature))
+        if eps:
+            propensity = propensity + eps * np.exp(policy.log_uniform(slots))
+        return slots, propensity
+
+    def draw(
+        self,
+        ad: int,
+        x: np.ndarray | None,
+        n: int,
+        rng: np.random.Generator,
+        explore: float | None = None,
+        temperature: float = 1.0,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """n impressions served to catalog ad ``ad`` in context ``x``: catalog codes (n, K)
+        and each one's exact propensity (n,). Each impression is the exploration draw with
+        probability ``explore``, else the policy's: a generator sample at ``temperature``
+        (as ``serve`` in ``sample`` mode), or with ``temperature`` 0 the greedy pick (beam
+        mode's top-1), so that the propensity is ``(1 - explore) 1[c = greedy] + explore q(c)``.
+        """
+        if n < 1:
+            raise ConfigError(f"n must be >= 1, got {n}")
+        if temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {temperature}")
+        policy, _ = self.tables(ad)
+        if temperature > 0:
+            slots, propensity = self._draws(policy, x, n, rng, temperature, explore)
+            return policy.masks.to_codes(slots), propensity
+        eps = self.generator.config.explore if explore is None else explore
+        if not 0.0 <= eps <= 1.0:
+            raise ConfigError(f"explore must be in [0, 1], got {eps}")
+        masks = policy.masks
+        best_codes = self.greedy(ad, x)
+        best = np.array(
+            [int(np.flatnonzero(masks.codes[k] == c)[0]) for k, c in enumerate(best_codes)]
+        )
+        slots = np.tile(best, (n, 1))
+        wide = rng.random(n) < eps
+        if wide.any():
+            slots[wide] = policy.uniform(int(wide.sum()), rng)
+        propensity = (1 - eps) * np.all(slots == best, axis=1)
+        if eps:
+            propensity = propensity + eps * np.exp(policy.log_uniform(slots))
+        codes = masks.to_codes(slots)
+        return codes, propensity
+
+    def greedy(self, ad: int, x: np.ndarray | None) -> np.ndarray:
+        """The served policy's best combination (beam mode's top-1) as catalog codes (K,)."""
+        return self.decode(ad, x, top_k=1, mode="beam").codes[0]
 
     def recommend(
         self,
@@ -259,6 +355,9 @@ class Predictor:
         ad = self.catalog.ad_code(ad_id)
         x = self.context_vector(ctx)
         d = self.decode(ad, x, top_k, mode, temperature, seed, refine, explore)
+        return self._recommendations(d, explain)
+
+    def _recommendations(self, d: Decoded, explain: bool) -> list[Recommendation]:
         comps = self.catalog.components
         out = []
         for r in range(len(d.codes)):
@@ -275,6 +374,42 @@ class Predictor:
                 )
             )
         return out
+
+    def serve(
+        self,
+        ad_id: str,
+        ctx: dict[str, float] | np.ndarray | None = None,
+        top_k: int = 5,
+        mode: str = "beam",
+        explain: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        refine: str | None = None,
+        explore: float | None = None,
+        impression_id: str | None = None,
+    ) -> Served:
+        """``recommend`` plus what the ad server shows and logs (``Served``).
+
+        impression_id: the caller's id for this impression; a fresh uuid4 hex when None.
+        """
+        ad = self.catalog.ad_code(ad_id)
+        x = self.context_vector(ctx)
+        d = self.decode(ad, x, top_k, mode, temperature, seed, refine, explore)
+        recs = self._recommendations(d, explain)
+        shown = recs[d.shown]
+        sampled = mode == "sample"
+        eps = (self.generator.config.explore if explore is None else explore) if sampled else 0.0
+        return Served(
+            impression_id=impression_id or uuid.uuid4().hex,
+            model_version=self.version,
+            mode=mode,
+            ad_id=ad_id,
+            elements=dict(shown.elements),
+            propensity=float(shown.propensity) if sampled else 1.0,
+            deterministic=not sampled,
+            explore=float(eps),
+            recommendations=recs,
+        )
 
     def recommend_frame(self, contexts: pd.DataFrame | None, top_k: int = 1) -> pd.DataFrame:
         """Recommendations in the contract format: one block of top_k rows per input row."""

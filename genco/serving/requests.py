@@ -338,7 +338,7 @@ def predict(predictor: Predictor, req: RecommendRequest) -> dict[str, Any]:
     if scoped:
         p, ad = _scoped(predictor, req)
     try:
-        recs = p.recommend(
+        served = p.serve(
             ad,
             req.context,
             top_k=req.top_k,
@@ -357,7 +357,15 @@ def predict(predictor: Predictor, req: RecommendRequest) -> dict[str, Any]:
     out: dict[str, Any] = {"model_version": predictor.version, "mode": req.mode}
     if req.ad_id is not None:
         out["ad_id"] = req.ad_id
-    out["recommendations"] = [r.to_dict() for r in recs]
+    # What the ad server shows and logs (README "Served log"): beam is deterministic.
+    out["impression_id"] = served.impression_id
+    out["shown"] = {
+        "elements": served.elements,
+        "propensity": served.propensity,
+        "deterministic": served.deterministic,
+        "explore": served.explore,
+    }
+    out["recommendations"] = [r.to_dict() for r in served.recommendations]
     return out
 
 

@@ -1,0 +1,375 @@
+"""The closed loop: serve with exploration, log, retrain on the policy's own logs, repeat.
+
+``genco loop`` runs the whole platform against a world with ground truth. Round 0 is served
+uniformly (no model yet). After each round the served log and its clicks file (the REST
+response's log fields, ``genco.data.served``) are joined and validated; the retraining
+pipeline (``pipelines/retraining.py``, the same function a cluster runs, under the KFP local
+runner) retrains on every round's log so far, each row with the propensity of the policy
+that served it, warm-started from production, and deploys through the gate into a local
+store. The next round is served in-process by the store's production bundle
+(``Predictor.draw``: by default the greedy pick mixed with the exploration draw, or a
+generator sample mixed likewise; exact propensities either way).
+
+Peers (``genco.evaluation.bandits``) are served the same requests, with the same uniform
+numbers deciding clicks (common random numbers: a combination shown by two arms to the same
+request is clicked by both or neither). Each peer runs twice: updating once per round, after
+it, on the same cadence as GenCO's retraining (``element_ts``, ``vw_squarecb``), and online,
+after every ``chunks``-th of a round (``element_ts_online``, ``vw_squarecb_online``).
+
+Per round (``OUT/rounds.csv``, ``rounds.json``, ``loop.png``): the true CTR of the served
+policy (exploration included), of its greedy pick, of the oracle; expected regret (oracle
+CTR minus the shown combination's, summed over impressions) and its running total; the
+gate's decision, estimate and interval; the exploration rate and whether the floor held
+(every shown combination's propensity at least ``explore / prod(candidates)``); the
+true greedy CTR of each gated candidate next to production's (the gate audit).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from genco.data import storage
+from genco.data.contract import AD, CLICK, IMPRESSION_ID, MODEL_VERSION, PROPENSITY, TIMESTAMP
+from genco.data.ingest import VALID_FILE
+from genco.data.served import join_served_log
+from genco.errors import ConfigError
+from genco.evaluation.bandits import ElementThompson, UniformPeer
+from genco.evaluation.evaluate import EvalConfig
+from genco.inference.predictor import Predictor
+from genco.models.generator import GeneratorConfig
+from genco.models.reward import RewardModelConfig
+from genco.pipeline.runner import LOCAL_RL_STEPS, run_local
+from genco.store import current, current_version
+from genco.worlds.simulate import T0
+from genco.worlds.traffic import Traffic, load_traffic
+
+# "_online" peers update ``chunks`` times a round; the others once, after the round, as GenCO
+PEERS = (
+    "element_ts", "element_ts_online", "vw_squarecb", "vw_squarecb_online", "uniform",
+)  # fmt: skip
+# LoopConfig fields that `genco loop` exposes as flags (all of them)
+LOOP_FLAGS = (
+    "world", "rounds", "impressions_per_round", "seed", "explore", "temperature", "rl_steps",
+    "reward_epochs", "margin", "tolerance", "peers", "chunks", "eval_rows",
+)  # fmt: skip
+DAY = 86_400.0
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    world: str = field(default="default", metadata={"help": "World: a preset or 'aes'."})
+    rounds: int = field(default=5, metadata={"help": "Rounds of serving and retraining."})
+    impressions_per_round: int = field(
+        default=100_000, metadata={"help": "Impressions served per round (each arm)."}
+    )
+    seed: int = field(default=0, metadata={"help": "World, traffic and training seed."})
+    explore: float = field(
+        default=GeneratorConfig.explore,
+        metadata={"help": "Exploration share of the served policy in every round: its floor."},
+    )
+    temperature: float = field(
+        default=0.0,
+        metadata={
+            "help": "Served policy: 0 = the greedy pick (beam top-1) mixed with the "
+            "exploration draw; > 0 = a generator sample at this temperature, mixed likewise."
+        },
+    )
+    rl_steps: int = field(default=LOCAL_RL_STEPS, metadata={"help": "Generator updates."})
+    reward_epochs: int = field(
+        default=RewardModelConfig.epochs, metadata={"help": "Reward model epochs."}
+    )
+    margin: float = field(default=EvalConfig.margin, metadata={"help": "Gate margin."})
+    tolerance: float = field(
+        default=0.01,
+        metadata={
+            "help": "Gate audit: a deploy whose true greedy CTR is below production's by "
+            "more than this share counts as a gate failure."
+        },
+    )
+    peers: str = field(
+        default=",".join(PEERS), metadata={"help": "Peers on the same traffic (comma list)."}
+    )
+    chunks: int = field(default=10, metadata={"help": "Updates per round of _online peers."})
+    eval_rows: int = field(
+        default=5000, metadata={"help": "Requests per round scored for greedy true CTR."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "impressions_per_round", "chunks", "eval_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.explore <= 1.0:
+            raise ConfigError(f"explore must be in (0, 1], got {self.explore}")
+        unknown = [p for p in self.peer_names if p not in PEERS]
+        if unknown:
+            raise ConfigError(f"unknown peer '{unknown[0]}'; choose from {', '.join(PEERS)}")
+
+    @property
+    def peer_names(self) -> tuple[str, ...]:
+        return tuple(p for p in self.peers.split(",") if p)
+
+
+@dataclass
+class Arm:
+    name: str
+    regret: float = 0.0  # expected clicks lost to the oracle so far
+
+
+def _serve(
+    pred: Predictor, ads: np.ndarray, ctx: np.ndarray | None, rng, cfg: LoopConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """The production policy on each request: codes (n, K) and exact propensities (n,)."""
+    combos = np.zeros((len(ads), pred.catalog.n_components), dtype=np.int64)
+    prop = np.zeros(len(ads))
+    if ctx is None:
+        for a in np.unique(ads):
+            rows = np.flatnonzero(ads == a)
+            combos[rows], prop[rows] = pred.draw(
+                int(a), None, len(rows), rng, cfg.explore, cfg.temperature
+            )
+    else:
+        for i in range(len(ads)):
+            x = pred.context_vector(ctx[i])
+            c, p = pred.draw(int(ads[i]), x, 1, rng, cfg.explore, cfg.temperature)
+            combos[i], prop[i] = c[0], p[0]
+    return combos, prop
+
+
+def _greedy_ctr(pred: Predictor, t: Traffic, ads: np.ndarray, ctx: np.ndarray | None) -> float:
+    """True CTR of the bundle's greedy pick (beam top-1, what the gate judges) on requests."""
+    combos = np.zeros((len(ads), t.catalog.n_components), dtype=np.int64)
+    if ctx is None:
+        for a in np.unique(ads):
+            combos[ads == a] = pred.greedy(int(a), None)
+    else:
+        for i in range(len(ads)):
+            combos[i] = pred.greedy(int(ads[i]), pred.context_vector(ctx[i]))
+    return float(t.ctr(ads, combos, ctx).mean())
+
+
+def _served_frames(
+    t: Traffic, r: int, ads, ctx, combos, prop, clicks, version: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The served log (README "Served log") and the clicks file of one round."""
+    cat, n = t.catalog, len(ads)
+    ids = np.array([f"r{r}-{i}" for i in range(n)], dtype=object)
+    data: dict = {IMPRESSION_ID: ids, MODEL_VERSION: version}
+    data[AD] = np.asarray(cat.ads, dtype=object)[ads]
+    for k, comp in enumerate(cat.components):
+        data[comp] = np.asarray(cat.elements[k], dtype=object)[combos[:, k]]
+    data[PROPENSITY] = prop
+    data["mode"] = "sample"
+    data[TIMESTAMP] = T0 + r * DAY + np.arange(n) * (DAY / n)
+    for j, col in enumerate(t.context_columns):
+        data[col] = ctx[:, j]
+    served = pd.DataFrame(data)
+    clicked = pd.DataFrame({IMPRESSION_ID: ids[clicks == 1], CLICK: 1})
+    return served, clicked
+
+
+def _floor(t: Traffic, ads: np.ndarray, prop: np.ndarray, explore: float) -> float:
+    """min over shown combinations of propensity / (explore / prod(candidates of the ad)):
+    the exploration floor holds when this is >= 1."""
+    sizes = np.array([math.prod(len(c) for c in t.catalog.candidates[a]) for a in ads])
+    return float(np.min(prop * sizes / explore))
+
+
+def _peers(cfg: LoopConfig, t: Traffic) -> dict:
+    out: dict = {}
+    for name in cfg.peer_names:
+        if name == "uniform":
+            out[name] = UniformPeer(t.legal)
+        elif name.startswith("element_ts"):
+            out[name] = ElementThompson(t.catalog, t.constraints, t.legal)
+        else:
+            try:
+                from genco.evaluation.bandits_vw import VWOnline
+            except ModuleNotFoundError as exc:
+                raise ConfigError(
+                    f"peer '{name}' needs {exc.name}: pip install 'genco[bench]', or leave it "
+                    "out of --peers"
+                ) from None
+            out[name] = VWOnline(t.catalog, t.legal, len(t.context_columns))
+    return out
+
+
+def run_loop(
+    out_dir: str, config: LoopConfig, progress: Callable[[str], None] | None = None
+) -> dict:
+    """Run ``config.rounds`` rounds into ``out_dir`` (local); returns the summary it writes."""
+    cfg, say = config, progress or (lambda _: None)
+    t = load_traffic(cfg.world, cfg.seed)
+    world_dir = os.path.join(out_dir, "world")
+    storage.makedirs(world_dir)
+    catalog_path = os.path.join(world_dir, "catalog.csv")
+    storage.write_table(t.catalog.to_frame(), catalog_path)
+    constraints_path = ""
+    if len(t.constraints):
+        constraints_path = os.path.join(world_dir, "constraints.csv")
+        storage.write_table(t.constraints.to_frame(t.catalog), constraints_path)
+    store = os.path.join(out_dir, "model_store")
+    rng_traffic = np.random.default_rng([cfg.seed, 101])
+    rng_serve = np.random.default_rng([cfg.seed, 102])
+    peers = _peers(cfg, t)
+    peer_rng = {name: np.random.default_rng([cfg.seed, 103, i]) for i, name in enumerate(peers)}
+    arms = {"genco": Arm("genco"), **{name: Arm(name) for name in peers}}
+    pred: Predictor | None = None
+    logs: list[pd.DataFrame] = []
+    rows: list[dict] = []
+    try:
+        for r in range(cfg.rounds):
+            t0 = time.perf_counter()
+            n = cfg.impressions_per_round
+            ads, ctx = t.requests(n, rng_traffic)
+            u = rng_traffic.random(n)  # common random numbers for every arm's clicks
+            _, oracle = t.oracle(ads, ctx)
+            ev = slice(0, min(cfg.eval_rows, n))
+            row: dict = {"round": r, "impressions": n, "oracle_true_ctr": float(oracle.mean())}
+            if pred is None:
+                combos, prop = t.uniform(ads, rng_serve)
+                version, explore = "uniform", 1.0
+                row["greedy_true_ctr"] = None
+            else:
+                combos, prop = _serve(pred, ads, ctx, rng_serve, cfg)
+                version, explore = pred.version, cfg.explore
+                row["greedy_true_ctr"] = _greedy_ctr(
+                    pred, t, ads[ev], None if ctx is None else ctx[ev]
+                )
+            ctr = t.ctr(ads, combos, ctx)
+            clicks = (u < ctr).astype(np.int8)
+            arms["genco"].regret += float((oracle - ctr).sum())
+            shown = pd.DataFrame(combos).assign(ad=ads).drop_duplicates()
+            row.update(
+                model_version=version,
+                served_true_ctr=float(ctr.mean()),
+                served_clicks=int(clicks.sum()),
+                explore=explore,
+                floor_ratio_min=_floor(t, ads, prop, explore),
+                distinct_shown_per_ad=len(shown) / len(np.unique(ads)),
+            )
+            row["floor_holds"] = row["floor_ratio_min"] >= 1.0 - 1e-9
+            for name, peer in peers.items():
+                total = 0.0
+                chunks = cfg.chunks if name.endswith("_online") else 1
+                for part in np.array_split(np.arange(n), chunks):
+                    pc = None if ctx is None else ctx[part]
+                    c, p = peer.choose(ads[part], pc, peer_rng[name])
+                    pctr = t.ctr(ads[part], c, pc)
+                    peer.update(ads[part], pc, c, (u[part] < pctr).astype(float), p)
+                    arms[name].regret += float((oracle[part] - pctr).sum())
+                    total += float(pctr.sum())
+                row[f"{name}_true_ctr"] = total / n
+            # The served log and clicks file, joined and validated like production traffic.
+            rdir = os.path.join(out_dir, f"round_{r:02d}")
+            served, clicked = _served_frames(t, r, ads, ctx, combos, prop, clicks, version)
+            storage.makedirs(rdir)
+            storage.write_table(served, os.path.join(rdir, "served.parquet"))
+            storage.write_table(clicked, os.path.join(rdir, "clicks.parquet"))
+            joined = join_served_log(
+                os.path.join(rdir, "served.parquet"),
+                os.path.join(rdir, "clicks.parquet"),
+                t.catalog,
+                t.constraints,
+                os.path.join(rdir, "data"),
+            )
+            row["rows_valid"] = joined["rows_valid"]
+            logs.append(storage.read_table(os.path.join(rdir, "data", VALID_FILE)))
+            for name, arm in arms.items():
+                row[f"{name}_cum_regret"] = arm.regret
+            if r < cfg.rounds - 1:
+                pred = _retrain(cfg, t, out_dir, r, logs, catalog_path, constraints_path, store,
+                                pred, row, ads[ev], None if ctx is None else ctx[ev])  # fmt: skip
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            _write(out_dir, cfg, rows)
+            say(
+                f"round {r}: served {row['served_true_ctr']:.4f} greedy "
+                f"{row['greedy_true_ctr'] or float('nan'):.4f} oracle {row['oracle_true_ctr']:.4f}"
+                f" gate {row.get('gate_passed')} ({row['seconds']:.0f} s)"
+            )
+    finally:
+        for peer in peers.values():
+            if hasattr(peer, "close"):
+                peer.close()
+    return _write(out_dir, cfg, rows, plot=True)
+
+
+def _retrain(cfg, t, out_dir, r, logs, catalog_path, constraints_path, store, pred, row,
+             ev_ads, ev_ctx) -> Predictor | None:  # fmt: skip
+    """Run the retraining pipeline on every round's log so far; audit its gate decision."""
+    log_path = os.path.join(out_dir, f"round_{r:02d}", "train_log.parquet")
+    storage.write_table(pd.concat(logs, ignore_index=True), log_path)
+    before = current_version(store)
+    run_dir = run_local(
+        {
+            "catalog": catalog_path,
+            "impressions": log_path,
+            "constraints": constraints_path,
+            "model_store": store,
+            "reward_epochs": cfg.reward_epochs,
+            "rl_steps": cfg.rl_steps,
+            "seed": cfg.seed + r,
+            "margin": cfg.margin,
+            "serving": False,
+        },
+        os.path.join(out_dir, "pipeline_root"),
+    )
+    gate = storage.read_json(os.path.join(run_dir, "evaluate", "gate"))
+    diff = gate.get("difference") or {}
+    after = current_version(store)
+    row.update(
+        gate_passed=bool(gate["passed"]),
+        deployed=after != before,
+        gate_reason=gate["reason"],
+        gate_candidate_value=gate.get("candidate_value"),
+        gate_production_value=gate.get("production_value"),
+        gate_difference=diff.get("value"),
+        gate_difference_lower_bound=diff.get("lower_bound"),
+        gate_difference_ci=[diff.get("ci_low"), diff.get("ci_high")] if diff else None,
+    )
+    candidate = Predictor.load(gate["candidate"]["path"])
+    row["candidate_greedy_true_ctr"] = _greedy_ctr(candidate, t, ev_ads, ev_ctx)
+    if pred is not None:
+        row["production_greedy_true_ctr"] = _greedy_ctr(pred, t, ev_ads, ev_ctx)
+        worse = row["candidate_greedy_true_ctr"] < row["production_greedy_true_ctr"] * (
+            1 - cfg.tolerance
+        )
+        row["gate_shipped_worse"] = bool(row["deployed"] and worse)
+    return Predictor.load(current(store)) if after != before or pred is None else pred
+
+
+def _write(out_dir: str, cfg: LoopConfig, rows: list[dict], plot: bool = False) -> dict:
+    frame = pd.DataFrame(rows)
+    storage.write_table(frame, os.path.join(out_dir, "rounds.csv"))
+    last = rows[-1] if rows else {}
+    summary = {
+        "config": asdict(cfg),
+        "rounds": rows,
+        "final": {
+            "served_over_oracle": last.get("served_true_ctr", 0) / last["oracle_true_ctr"]
+            if rows
+            else None,
+            "greedy_over_oracle": (last.get("greedy_true_ctr") or 0) / last["oracle_true_ctr"]
+            if rows
+            else None,
+            "cum_regret": {
+                k[: -len("_cum_regret")]: v for k, v in last.items() if k.endswith("_cum_regret")
+            },
+            "floor_held_every_round": all(x["floor_holds"] for x in rows),
+            "gate_shipped_worse": sum(bool(x.get("gate_shipped_worse")) for x in rows),
+            "deploys": sum(bool(x.get("deployed")) for x in rows),
+        },
+    }
+    storage.write_json(os.path.join(out_dir, "rounds.json"), summary)
+    if plot and rows:
+        from genco.pipeline.loop_plot import plot_rounds
+
+        summary["plot"] = plot_rounds(frame, os.path.join(out_dir, "loop.png"), cfg.world)
+    return summary
