@@ -36,14 +36,16 @@ import numpy as np
 import pandas as pd
 
 from genco.data import storage
-from genco.data.contract import Catalog, Constraints
 from genco.data.ingest import VALID_FILE
-from genco.data.space import legal_combinations
 from genco.errors import BundleError, CatalogMismatchError, ConfigError, ContractError
 from genco.evaluation.heldout import evaluate_reward, holdout_split
 from genco.evaluation.ope import Difference, PolicyValue
 from genco.evaluation.ope import snips as _snips
 from genco.evaluation.ope import snips_difference as _snips_difference
+from genco.evaluation.truth_eval import row_keys as _keys
+from genco.evaluation.truth_eval import true_ctr as _true_ctr
+from genco.evaluation.truth_eval import truth_baselines as _truth_baselines
+from genco.evaluation.truth_eval import truth_ctx as _truth_ctx
 from genco.inference.predictor import Predictor
 from genco.models.reward import BoundModel
 from genco.models.vocab import Encoded, encode
@@ -369,13 +371,6 @@ def _policy_rows(enc: Encoded, config: EvalConfig, held_out: np.ndarray) -> np.n
     return np.sort(rng.choice(rows, size=config.max_policy_contexts, replace=False))
 
 
-def _keys(enc: Encoded, rows: np.ndarray) -> np.ndarray:
-    """One integer per distinct (ad, context) among rows."""
-    table = np.column_stack([enc.ads[rows].astype(np.float64), enc.ctx[rows].astype(np.float64)])
-    _, inverse = np.unique(table, axis=0, return_inverse=True)
-    return inverse.reshape(-1)
-
-
 def _propensities(enc: Encoded) -> tuple[np.ndarray, str]:
     if enc.propensity is not None:
         return enc.propensity, "logged"
@@ -442,53 +437,6 @@ def _score(
     if truth is not None:
         out.true_ctr = float(_true_ctr(truth, catalog, enc.ads[rows], combos, truth_ctx).mean())
     return out, match
-
-
-def _truth_ctx(truth: GroundTruth | None, enc: Encoded) -> np.ndarray | None:
-    if truth is None or not truth.n_context:
-        return None
-    return enc.ctx.astype(np.float64)
-
-
-def _true_ctr(
-    truth: GroundTruth,
-    catalog: Catalog,
-    ads: np.ndarray,
-    combos: np.ndarray,
-    ctx: np.ndarray | None,
-) -> np.ndarray:
-    ad_map, elem_maps = truth.aligned(catalog)
-    world = np.column_stack([elem_maps[k][combos[:, k]] for k in range(catalog.n_components)])
-    return truth.ctr(ad_map[ads], world, ctx)
-
-
-def _truth_baselines(
-    truth: GroundTruth,
-    catalog: Catalog,
-    constraints: Constraints,
-    enc: Encoded,
-    rows: np.ndarray,
-    ctx_all: np.ndarray | None,
-) -> dict:
-    """True CTR of the logging policy (the logged combinations) and of the oracle (the best
-    legal combination for each row), averaged over the evaluated rows."""
-    ctx = None if ctx_all is None else ctx_all[rows]
-    logging = _true_ctr(truth, catalog, enc.ads[rows], enc.combos[rows], ctx)
-    keys = _keys(enc, rows)
-    _, first = np.unique(keys, return_index=True)
-    best = np.zeros(len(first))
-    legal: dict[int, np.ndarray] = {}
-    for j, r in enumerate(rows[first]):
-        a = int(enc.ads[r])
-        if a not in legal:
-            legal[a] = legal_combinations(catalog, constraints, a)
-        combos = legal[a]
-        c = None if ctx_all is None else np.repeat(ctx_all[r][None, :], len(combos), 0)
-        best[j] = _true_ctr(truth, catalog, np.full(len(combos), a), combos, c).max()
-    return {
-        "logging_true_ctr": float(logging.mean()),
-        "oracle_true_ctr": float(best[keys].mean()),
-    }
 
 
 __all__ = [
