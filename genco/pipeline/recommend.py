@@ -12,7 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from genco.data import storage
-from genco.errors import ConfigError, GencoError
+from genco.errors import ConfigError
 
 
 def shard_numbers(n_shards: int) -> list[int]:
@@ -49,16 +49,9 @@ def recommend_step(
 
 
 def _module() -> ModuleType:
-    try:
-        import pipelines.batch_recommend as module
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("pipelines", "components"):
-            raise
-        raise GencoError(
-            "the pipeline definition (pipelines/, components/) is not installed; install genco "
-            "from a source checkout (pip install -e .)"
-        ) from None
-    return module
+    from genco.pipeline.runner import pipeline_module
+
+    return pipeline_module("batch_recommend")
 
 
 def compile_recommend(out_path: str, image: str | None = None, local: bool = False) -> str:

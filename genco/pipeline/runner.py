@@ -26,18 +26,25 @@ from genco.pipeline.logs import RunLog, failed_step, root_cause
 LOCAL_RL_STEPS = 100
 
 
-def retraining_module() -> ModuleType:
-    """The pipeline module (``compile_pipeline`` sets the image in the YAML it writes)."""
+def pipeline_module(name: str) -> ModuleType:
+    """``pipelines.<name>`` (the KFP pipeline definitions ship beside the library, in a source
+    checkout or the project image)."""
+    import importlib
+
     try:
-        import pipelines.retraining as module
+        return importlib.import_module(f"pipelines.{name}")
     except ModuleNotFoundError as exc:
-        if exc.name not in ("pipelines", "components"):
+        if exc.name not in ("pipelines", f"pipelines.{name}", "components"):
             raise
         raise GencoError(
             "the pipeline definition (pipelines/, components/) is not installed; install genco "
             "from a source checkout (pip install -e .)"
         ) from None
-    return module
+
+
+def retraining_module() -> ModuleType:
+    """The pipeline module (``compile_pipeline`` sets the image in the YAML it writes)."""
+    return pipeline_module("retraining")
 
 
 def compile_pipeline(out_path: str, image: str | None = None, local: bool = False) -> str:

@@ -187,6 +187,25 @@ def _rows(bound: BoundModel, enc: Encoded, idx: np.ndarray, weights: np.ndarray)
     )
 
 
+def l2_penalty(model: RewardModel, ad, elem, config: RewardModelConfig) -> torch.Tensor:
+    """The L2 terms of a step (in memory and streamed): the id rows the batch touched, per
+    impression, and the dense feature maps."""
+    out = torch.zeros((), device=elem.device)
+    if config.l2_id:
+        out = out + config.l2_id * (
+            model.id_main(elem).pow(2).sum()
+            + model.id_ffm(elem).pow(2).sum()
+            + model.appeal(ad).pow(2).sum()
+        ) / len(elem)
+    if config.l2_dense:
+        out = out + config.l2_dense * (
+            model.w_main.pow(2).sum()
+            + model.w_ffm.pow(2).sum()
+            + sum(p.pow(2).sum() for t in model.tower for p in t.parameters())
+        )
+    return out
+
+
 def _fit_structure(
     model: RewardModel,
     train: _Rows,
@@ -230,18 +249,7 @@ def _fit_structure(
             raw = (bce(model(ad, elem, feats, x), y) * w).sum()
             total, seen_w = total + float(raw.detach()), seen_w + float(w.sum())
             loss = raw / w.sum()
-            if config.l2_id:
-                loss = loss + config.l2_id * (
-                    model.id_main(elem).pow(2).sum()
-                    + model.id_ffm(elem).pow(2).sum()
-                    + model.appeal(ad).pow(2).sum()
-                ) / len(y)
-            if config.l2_dense:
-                loss = loss + config.l2_dense * (
-                    model.w_main.pow(2).sum()
-                    + model.w_ffm.pow(2).sum()
-                    + sum(p.pow(2).sum() for t in model.tower for p in t.parameters())
-                )
+            loss = loss + l2_penalty(model, ad, elem, config)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -45,7 +45,7 @@ from genco.models.reward import BoundModel, RewardModel, RewardModelConfig, row_
 from genco.models.vocab import Encoded, Vocab, fit_scalers
 from genco.training.log_reader import ChunkEncoder, concat, open_log
 from genco.training.residuals import fit_residuals
-from genco.training.reward_fit import TrainReport, _fit_tuned, train_reward_model
+from genco.training.reward_fit import TrainReport, _fit_tuned, l2_penalty, train_reward_model
 
 # Logs with at most this many impressions are read into memory and fitted there (faster:
 # identical impressions merge, and no epoch re-reads the files); larger ones stream.
@@ -321,7 +321,7 @@ def _stream_epochs(
                 raw = (bce(net(ad, elem, feats, x), y) * w).sum()
                 total, seen_w = total + float(raw.detach()), seen_w + float(w.sum())
                 loss = raw / w.sum().clamp_min(1e-12)
-                loss = loss + _penalty(model, ad, elem, config)
+                loss = loss + l2_penalty(model, ad, elem, config)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -359,25 +359,6 @@ def _stream_epochs(
     model.to("cpu")
     model.eval()
     return history, best_epoch
-
-
-def _penalty(model: RewardModel, ad, elem, config: RewardModelConfig) -> torch.Tensor:
-    """The same L2 terms as the in-memory trainer: id rows the batch touched, and the dense
-    feature maps."""
-    out = torch.zeros((), device=elem.device)
-    if config.l2_id:
-        out = out + config.l2_id * (
-            model.id_main(elem).pow(2).sum()
-            + model.id_ffm(elem).pow(2).sum()
-            + model.appeal(ad).pow(2).sum()
-        ) / len(elem)
-    if config.l2_dense:
-        out = out + config.l2_dense * (
-            model.w_main.pow(2).sum()
-            + model.w_ffm.pow(2).sum()
-            + sum(p.pow(2).sum() for t in model.tower for p in t.parameters())
-        )
-    return out
 
 
 @torch.no_grad()
