@@ -107,6 +107,8 @@ def test_predict(server: torchserve.ServeHandle, http: requests.Session) -> None
 def test_explain_field_and_endpoint(server: torchserve.ServeHandle, http: requests.Session) -> None:
     asked = _post(server, http, {"ad_id": AD0, "top_k": 2, "explain": True}).json()
     endpoint = _post(server, http, {"ad_id": AD0, "top_k": 2}, path="explanations/genco").json()
+    # Two impressions, two ids; everything else is the same answer.
+    assert asked.pop("impression_id") != endpoint.pop("impression_id")
     assert asked == endpoint
     for r in asked["recommendations"]:
         assert set(r["attribution"]) == set(r["elements"])
@@ -115,7 +117,8 @@ def test_explain_field_and_endpoint(server: torchserve.ServeHandle, http: reques
 def test_sample_with_propensities(server: torchserve.ServeHandle, http: requests.Session) -> None:
     req = {"ad_id": AD0, "mode": "sample", "top_k": 6, "seed": 11}
     first, again = (_post(server, http, req).json() for _ in range(2))
-    assert first == again
+    assert first.pop("impression_id") != again.pop("impression_id")  # one id per impression
+    assert first == again  # the same seed draws the same combinations
     assert all(0.0 < r["propensity"] <= 1.0 for r in first["recommendations"])
 
 
