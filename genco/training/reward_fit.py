@@ -206,6 +206,32 @@ def l2_penalty(model: RewardModel, ad, elem, config: RewardModelConfig) -> torch
     return out
 
 
+class Plateau:
+    """Early stopping shared by the in-memory and streamed fits: keeps the best weights; each
+    epoch that does not improve the score goes back to them with half the step (noisy Adam
+    steps around the optimum, not the model, were what stopped the improvement), and
+    ``patience`` such epochs stop the fit. ``start_loss``: the score of the weights the fit
+    starts from, kept as the best so far (a warm start); None: no best yet."""
+
+    def __init__(self, model: RewardModel, patience: int, start_loss: float | None = None):
+        self.patience, self.bad_epochs, self.best_epoch = patience, 0, 0
+        self.best = None if start_loss is None else copy.deepcopy(model.state_dict())
+        self.best_loss = float("inf") if start_loss is None else start_loss
+
+    def update(self, model: RewardModel, opt, score: float, epoch: int) -> bool:
+        """After epoch ``epoch`` (1-based) scored ``score``: True when the fit should stop."""
+        if score < self.best_loss - 1e-6:
+            self.best = copy.deepcopy(model.state_dict())
+            self.best_loss, self.best_epoch, self.bad_epochs = score, epoch, 0
+            return False
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.patience:
+            return True
+        model.load_state_dict(self.best)
+        opt.scale_lr(0.5)
+        return False
+
+
 def _fit_structure(
     model: RewardModel,
     train: _Rows,
@@ -233,7 +259,7 @@ def _fit_structure(
     opt = Optimizers(model, config.lr)
     bce = nn.BCEWithLogitsLoss(reduction="none")
     g = torch.Generator().manual_seed(config.seed)
-    best, best_loss, best_epoch, bad_epochs = None, float("inf"), 0, 0
+    plateau = Plateau(model, config.patience)
     history: list[dict] = []
     from tqdm import tqdm
 
@@ -262,23 +288,14 @@ def _fit_structure(
         history.append(record)
         bar.set_postfix({k: round(v, 5) for k, v in record.items() if k != "epoch"})
         score = record.get("val_loss", record["train_loss"])
-        if score < best_loss - 1e-6:
-            best = copy.deepcopy(model.state_dict())
-            best_loss, best_epoch, bad_epochs = score, epoch + 1, 0
-        else:
-            # Back to the best weights with half the step size: noisy Adam steps around the
-            # optimum, not the model, were what stopped the improvement.
-            bad_epochs += 1
-            if bad_epochs >= config.patience:
-                break
-            model.load_state_dict(best)
-            opt.scale_lr(0.5)
+        if plateau.update(model, opt, score, epoch + 1):
+            break
     bar.close()
-    model.load_state_dict(best)
+    model.load_state_dict(plateau.best)
     with torch.no_grad():
         # Elements never seen in training carry no evidence: score them from features only.
         model.id_main.weight[~model.seen] = 0.0
         model.id_ffm.weight[~model.seen] = 0.0
     model.to("cpu")
     model.eval()
-    return history, best_epoch
+    return history, plateau.best_epoch

@@ -27,7 +27,6 @@ data layer's) can replace it.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Iterator
@@ -45,7 +44,13 @@ from genco.models.reward import BoundModel, RewardModel, RewardModelConfig, row_
 from genco.models.vocab import Encoded, Vocab, fit_scalers
 from genco.training.log_reader import ChunkEncoder, concat, open_log
 from genco.training.residuals import fit_residuals
-from genco.training.reward_fit import TrainReport, _fit_tuned, l2_penalty, train_reward_model
+from genco.training.reward_fit import (
+    Plateau,
+    TrainReport,
+    _fit_tuned,
+    l2_penalty,
+    train_reward_model,
+)
 
 # Logs with at most this many impressions are read into memory and fitted there (faster:
 # identical impressions merge, and no epoch re-reads the files); larger ones stream.
@@ -296,9 +301,8 @@ def _stream_epochs(
     opt = Optimizers(model, config.lr)
     bce = nn.BCEWithLogitsLoss(reduction="none")
     rng = np.random.default_rng([config.seed, 11])
-    best = copy.deepcopy(model.state_dict())
-    best_loss, n_val = _val_loss(model, bound, stream, rank, world, device)  # the warm start's
-    best_epoch, bad_epochs = 0, 0
+    start_loss, n_val = _val_loss(model, bound, stream, rank, world, device)  # the warm start's
+    plateau = Plateau(model, config.patience, start_loss)
     seen = torch.zeros(model.n_elements + 1, dtype=torch.bool, device=device)
     history: list[dict] = []
     for epoch in range(config.epochs):
@@ -338,16 +342,9 @@ def _stream_epochs(
         history.append(record)
         if progress and rank == 0:
             print(f"reward model (streamed) {record}", flush=True)
-        if score < best_loss - 1e-6:
-            best = copy.deepcopy(model.state_dict())
-            best_loss, best_epoch, bad_epochs = score, epoch + 1, 0
-        else:
-            bad_epochs += 1
-            if bad_epochs >= config.patience:
-                break
-            model.load_state_dict(best)
-            opt.scale_lr(0.5)
-    model.load_state_dict(best)
+        if plateau.update(model, opt, score, epoch + 1):
+            break
+    model.load_state_dict(plateau.best)
     with torch.no_grad():
         if world > 1:  # an element is seen when any rank saw it
             seen = seen.to(torch.uint8)
@@ -358,7 +355,7 @@ def _stream_epochs(
         model.id_ffm.weight[~model.seen] = 0.0
     model.to("cpu")
     model.eval()
-    return history, best_epoch
+    return history, plateau.best_epoch
 
 
 @torch.no_grad()
