@@ -156,8 +156,16 @@ def test_pipeline_fans_out_over_ad_shards(predictor, tmp_path):
     model = tmp_path / "m"
     _save_bundle(predictor, model)
     out = tmp_path / "recs"
+    import builtins
+    import logging
+
+    root = logging.getLogger()
+    handlers, level, print_ = root.handlers[:], root.level, builtins.print
     rows = run_recommend_local(str(model), str(out), n_shards=3, top_k=2, refine="none")
     assert rows == 2 * 23
+    # kfp's per-task print and logger swaps, entered from ParallelFor's threads, leave the
+    # process as it was (else later prints are indented and log lines land on stdout).
+    assert root.handlers == handlers and root.level == level and builtins.print is print_
     files = sorted(os.listdir(out))
     assert files == [f"shard-{i:05d}-of-00003.parquet" for i in range(3)]
     got = pd.concat(pd.read_parquet(out / f) for f in files)

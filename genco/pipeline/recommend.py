@@ -5,9 +5,13 @@ with KFP ``dsl.ParallelFor``, each shard one ``genco.inference.batch.write_recom
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -68,6 +72,23 @@ def compile_recommend(out_path: str, image: str | None = None, local: bool = Fal
     return out_path
 
 
+@contextlib.contextmanager
+def _process_output_kept() -> Iterator[None]:
+    """``print`` and the root logger's handlers and level as they were before, whatever
+    happens inside. kfp's local runner swaps them (an indenting ``builtins.print``, a stdout
+    log handler at INFO) in contexts per task, and ParallelFor enters those contexts from
+    concurrent threads: the one that exits last can restore another task's swap, and every
+    later print of the process is indented, every log line lands on stdout."""
+    root = logging.getLogger()
+    handlers, level, print_ = root.handlers[:], root.level, builtins.print
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        builtins.print = print_
+
+
 def run_recommend_local(
     model: str,
     out_dir: str,
@@ -84,7 +105,7 @@ def run_recommend_local(
     shard_numbers(n_shards)
     root = os.path.abspath(pipeline_root or tempfile.mkdtemp(prefix="genco-recommend-"))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root)
-    with warnings.catch_warnings():
+    with _process_output_kept(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         task = _module().batch_recommend(
