@@ -171,3 +171,18 @@ def test_world_config_validates_itself(overrides, message):
 def test_unknown_world_lists_presets():
     with pytest.raises(ValueError, match="unknown world 'nope'; choose one of: default, additive"):
         world_config("nope")
+
+
+@pytest.mark.parametrize("name", ["per_product", "interactions"])
+def test_idiosyncratic_part_is_what_the_features_do_not_explain(name):
+    """World.idiosyncratic: the share (1 - feature_share) of the main effects' variance, and
+    the rest of truth.main is a function of the features (equal features, equal remainder)."""
+    config = world_config(name)
+    w = make_world(config, 3)
+    for k in range(w.catalog.n_components):
+        idio = w.idiosyncratic[k]
+        assert idio.shape == w.truth.main[k].shape
+        expected = config.main_scale * np.sqrt(1 - config.feature_share)
+        assert idio.std() == pytest.approx(expected, rel=1e-6)
+    no_idio = make_world(world_config(name, feature_share=1.0), 3)
+    assert all(np.all(d == 0) for d in no_idio.idiosyncratic)

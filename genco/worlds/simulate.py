@@ -45,6 +45,9 @@ class World:
     warm: list[list[np.ndarray]]  # per ad, per component: candidates the logger may show
     n_legal_warm: np.ndarray  # (n_ads,) legal combinations over warm candidates
     popularity: np.ndarray  # (n_ads,) share of impressions
+    # per component (n_elements_k,): the part of each element's main effect that its features
+    # do not explain (``truth.main`` = feature part + this); what only its own clicks can tell
+    idiosyncratic: list[np.ndarray]
 
 
 def make_world(config: WorldConfig, seed: int) -> World:
@@ -57,7 +60,7 @@ def make_world(config: WorldConfig, seed: int) -> World:
     P = [len(e) for e in elements]
     feats = [rng.normal(size=(P[k], config.n_features)) for k in range(K)]
     effects = _nonlinear_effects if config.per_product else _linear_effects
-    main, style = effects(config, feats, rng)
+    main, style, idiosyncratic = effects(config, feats, rng)
     inter, inter3 = _interaction_weights(config, rng)
     appeal = config.appeal_scale * rng.normal(size=config.n_ads)
     ctx_appeal = np.array([0.2, 0.0]) if config.contextual else np.zeros(0)
@@ -95,7 +98,18 @@ def make_world(config: WorldConfig, seed: int) -> World:
     greedy = _greedy_combinations(config, catalog, constraints, truth, warm, rng)
     ranks = np.argsort(np.argsort(-appeal))  # most appealing ads are the most shown
     pop = 1.0 / (1.0 + ranks) ** config.popularity_skew
-    return World(config, catalog, constraints, truth, greedy, warm, n_legal_warm, pop / pop.sum())
+    idiosyncratic = [idiosyncratic[k][emap[k]] for k in range(K)]
+    return World(
+        config,
+        catalog,
+        constraints,
+        truth,
+        greedy,
+        warm,
+        n_legal_warm,
+        pop / pop.sum(),
+        idiosyncratic,
+    )
 
 
 def _element_ids(config: WorldConfig, components) -> tuple[tuple[str, ...], ...]:
@@ -112,40 +126,46 @@ def _element_ids(config: WorldConfig, components) -> tuple[tuple[str, ...], ...]
     return tuple(tuple(f"{c[:3]}_{j:03d}" for j in range(config.pool_size)) for c in components)
 
 
-def _mix(from_feat: np.ndarray, config: WorldConfig, rng) -> np.ndarray:
-    """Main effects: a share of their variance from the features, the rest idiosyncratic."""
+def _mix(from_feat: np.ndarray, config: WorldConfig, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Main effects: a share of their variance from the features, the rest idiosyncratic.
+    Returns (main effects, their idiosyncratic part)."""
     from_feat = (from_feat - from_feat.mean()) / (from_feat.std() + 1e-9)
     noise = rng.normal(size=len(from_feat))
     noise = (noise - noise.mean()) / (noise.std() + 1e-9)
     m = np.sqrt(config.feature_share) * from_feat + np.sqrt(1 - config.feature_share) * noise
-    return config.main_scale * m
+    return config.main_scale * m, config.main_scale * np.sqrt(1 - config.feature_share) * noise
 
 
-def _linear_effects(config: WorldConfig, feats, rng) -> tuple[list, list]:
-    """Main effects and interaction styles linear in the features."""
+def _linear_effects(config: WorldConfig, feats, rng) -> tuple[list, list, list]:
+    """Main effects and interaction styles linear in the features (and the main effects'
+    idiosyncratic parts)."""
     F, R = config.n_features, config.style_rank
-    main, style = [], []
+    main, style, idio = [], [], []
     for f in feats:
         beta = rng.normal(size=F) / np.sqrt(F)
-        main.append(_mix(f @ beta, config, rng))
+        m, i = _mix(f @ beta, config, rng)
+        main.append(m)
+        idio.append(i)
         proj = rng.normal(size=(F, R)) / np.sqrt(F)
         style.append(f @ proj)
-    return main, style
+    return main, style, idio
 
 
-def _nonlinear_effects(config: WorldConfig, feats, rng, hidden: int = 8) -> tuple[list, list]:
+def _nonlinear_effects(config: WorldConfig, feats, rng, hidden: int = 8) -> tuple[list, list, list]:
     """Quality a random one-hidden-layer function of the features; styles a saturating
     projection of them (compatibility between components is then nonlinear in features)."""
     F, R = config.n_features, config.style_rank
-    main, style = [], []
+    main, style, idio = [], [], []
     for f in feats:
         w1 = rng.normal(size=(F, hidden)) / np.sqrt(F)
         b1 = rng.normal(size=hidden) * 0.5
         w2 = rng.normal(size=hidden) / np.sqrt(hidden)
-        main.append(_mix(np.tanh(f @ w1 + b1) @ w2, config, rng))
+        m, i = _mix(np.tanh(f @ w1 + b1) @ w2, config, rng)
+        main.append(m)
+        idio.append(i)
         proj = rng.normal(size=(F, R)) * 1.5 / np.sqrt(F)
         style.append(np.tanh(f @ proj) * np.sqrt(2.0))
-    return main, style
+    return main, style, idio
 
 
 def _interaction_weights(config: WorldConfig, rng) -> tuple[dict, dict]:
