@@ -230,3 +230,10 @@ def test_cli_serves_a_layout_once(layout: Path, capsys: pytest.CaptureFixture[st
 
     assert main(["serve", "--layout", str(layout), "--no-auth"]) == 2
     assert "--no-auth applies to --model" in capsys.readouterr().err
+    # A token file that cannot serve is refused before Java starts, in one line.
+    missing = layout / "no-such-token"
+    assert main(["serve", "--layout", str(layout), "--token-file", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"token file {missing}: cannot be read" in err and len(err.strip().splitlines()) == 2
+    assert main(["serve", "--model", str(layout), "--token-file", OLD, "--no-auth"]) == 2
+    assert "--token-file replaces TorchServe's keys" in capsys.readouterr().err
