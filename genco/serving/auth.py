@@ -101,21 +101,21 @@ class TokenFile:
                 logger.info("genco inference tokens read again from %s", self.path)
             return self._tokens
 
-    def accepts(self, credential: str | bytes | None) -> bool:
-        """Whether ``credential`` (an Authorization value) carries one of the tokens."""
-        tokens = self.tokens()
-        presented = bearer(credential)
-        if presented is None:
-            return False
-        # compare_digest against every token, so the time taken says nothing of which matched
-        matches = [hmac.compare_digest(presented.encode(), t.encode()) for t in tokens]
-        return any(matches)
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> TokenFile | None:
         """The server's token file when ``GENCO_INFERENCE_TOKEN_FILE`` names one."""
         path = environ.get(TOKEN_FILE_ENV)
         return cls(path) if path else None
+
+
+def accepts(tokens: Sequence[str], credential: str | bytes | None) -> bool:
+    """Whether ``credential`` (an Authorization value) carries one of ``tokens``."""
+    presented = bearer(credential)
+    if presented is None:
+        return False
+    # compare_digest against every token, so the time taken says nothing of which matched
+    matches = [hmac.compare_digest(presented.encode(), t.encode()) for t in tokens]
+    return any(matches)
 
 
 def bearer(credential: str | bytes | bytearray | None) -> str | None:
@@ -157,14 +157,14 @@ def screen(
     if tokens is None:
         return [None] * len(credentials)
     try:
-        tokens.tokens()
+        accepted = tokens.tokens()  # one stat per batch
     except ConfigError as exc:
         logger.error("genco inference auth: %s", exc)
         refusal = RequestError("authorization", "the server's token file cannot be read", 503)
         return [_refusal(refusal)] * len(credentials)
     out: list[Reply | None] = []
     for given in credentials:
-        if tokens.accepts(given):
+        if accepts(accepted, given):
             out.append(None)
             continue
         why = "missing" if given is None else "not accepted"
