@@ -34,7 +34,7 @@ def _curl(url: str, body: dict, key_file: str | None, token_file: str | None = N
         read = "import json,sys; print(json.load(open(sys.argv[1]))['inference']['key'])"
         lines.append(f'TOKEN=$(python3 -c "{read}" {key_file})')
     elif token_file:
-        lines.append(f"TOKEN=$(grep -m1 . {token_file})")
+        lines.append(f"TOKEN=$(grep -m1 '[^[:space:]]' {token_file})")  # its first token
     if key_file or token_file:
         auth = '-H "Authorization: Bearer $TOKEN" '
     body_json = json.dumps(body)
@@ -119,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 "management_url": handle.management_url,
                 "metrics_url": handle.metrics_url,
                 "grpc_target": handle.grpc_target,
-                "token_auth": handle.key_file is not None,
+                "token_auth": handle.key_file is not None or handle.token_file is not None,
                 "key_file": handle.key_file,
                 "token_file": handle.token_file,
                 "token_expires": _expiry(handle),
