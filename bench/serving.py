@@ -221,6 +221,13 @@ def main() -> None:
         default=[],
         help="extra TorchServe property key=value (repeatable)",
     )
+    p.add_argument(
+        "--env",
+        type=_property,
+        action="append",
+        default=[],
+        help="environment variable KEY=VALUE for TorchServe and its worker (repeatable)",
+    )
     p.add_argument("--label", default="", help="a name for this configuration in the JSON")
     p.add_argument("--bundle", default=None, help="a trained bundle (default: train the world's)")
     args = p.parse_args()
@@ -253,6 +260,7 @@ def main() -> None:
         }
         t = time.perf_counter()
         extra = dict(args.set)
+        os.environ.update(dict(args.env))  # serve() hands its environment to TorchServe
         with torchserve.serve(
             bundle,
             workers=args.workers,
@@ -273,6 +281,7 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "max_batch_delay_ms": args.max_batch_delay_ms,
                 "properties": extra,
+                "env": dict(args.env),
                 "load_average_1m_at_end": round(os.getloadavg()[0], 2),
             }
             result.update(runs)

@@ -23,6 +23,7 @@ from genco.serving.config import (
     check_layout_config,
     checked_members,
     kserve_properties,
+    local_properties,
     mar_name,
     parse_properties,
     properties_text,
@@ -44,7 +45,7 @@ def _props(text: str) -> dict[str, str]:
 
 def _local(tmp_path: Path, **kw: object) -> dict[str, str]:
     store = str(tmp_path / "model-store")
-    return _props(torchserve.local_properties(store, "v1", [1, 2, 3, 4, 5], **kw))  # type: ignore[arg-type]
+    return _props(local_properties(store, "v1", [1, 2, 3, 4, 5], **kw))  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------ configs

@@ -26,13 +26,16 @@ if TYPE_CHECKING:
 RENEW_BEFORE_S = 60.0
 
 
-def _curl(url: str, body: dict, key_file: str | None) -> str:
-    """A copy-pasteable request; the key is read from the key file, never printed."""
+def _curl(url: str, body: dict, key_file: str | None, token_file: str | None = None) -> str:
+    """A copy-pasteable request; the key is read from its file, never printed."""
     lines = []
     auth = ""
     if key_file:
         read = "import json,sys; print(json.load(open(sys.argv[1]))['inference']['key'])"
         lines.append(f'TOKEN=$(python3 -c "{read}" {key_file})')
+    elif token_file:
+        lines.append(f"TOKEN=$(grep -m1 '[^[:space:]]' {token_file})")  # its first token
+    if key_file or token_file:
         auth = '-H "Authorization: Bearer $TOKEN" '
     body_json = json.dumps(body)
     lines.append(f"curl -s {url} {auth}-H 'Content-Type: application/json' -d '{body_json}'")
@@ -88,8 +91,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         ):
             if value:
                 raise ConfigError(f"{flag} applies to --model; a layout brings its own config")
-        handle = serve_layout(args.layout, startup_timeout_s=args.startup_timeout)
+        handle = serve_layout(
+            args.layout, startup_timeout_s=args.startup_timeout, token_file=args.token_file
+        )
     else:
+        if args.token_file and (args.no_auth or args.token_expiry_min is not None):
+            raise ConfigError("--token-file replaces TorchServe's keys: no --no-auth, no expiry")
         expiry = (
             {} if args.token_expiry_min is None else {"token_expiry_min": args.token_expiry_min}
         )
@@ -101,6 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             startup_timeout_s=args.startup_timeout,
             enable_model_api=args.enable_model_api,
             model_store=_model_store(args.store),
+            token_file=args.token_file,
             **expiry,
         )
     with handle:
@@ -111,14 +119,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 "management_url": handle.management_url,
                 "metrics_url": handle.metrics_url,
                 "grpc_target": handle.grpc_target,
-                "token_auth": handle.key_file is not None,
+                "token_auth": handle.key_file is not None or handle.token_file is not None,
                 "key_file": handle.key_file,
+                "token_file": handle.token_file,
                 "token_expires": _expiry(handle),
                 "workdir": handle.workdir,
             }
         )
         print("\n# one REST request:", file=sys.stderr)
-        print(_curl(handle.predictions_url(), handle.sample_request, handle.key_file))
+        print(
+            _curl(
+                handle.predictions_url(), handle.sample_request, handle.key_file, handle.token_file
+            )
+        )
         print("# its response:", file=sys.stderr)
         _print_json(handle.sample_response)
         if args.once:
@@ -181,6 +194,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--no-auth",
         action="store_true",
         help="disable TorchServe token authorization (local demos only)",
+    )
+    s.add_argument(
+        "--token-file",
+        default=None,
+        help="the cluster's auth (serving/kserve.yaml): TorchServe's token auth off, the genco "
+        "handler accepts 'Authorization: Bearer T' for each token T (a line) of this file, a "
+        "mounted Kubernetes Secret, read again when it changes; 401 otherwise. Works with "
+        "--model and --layout",
     )
     s.add_argument(
         "--token-expiry-min",

@@ -2,8 +2,9 @@
 
 * writing: ``properties_text`` (Java ``.properties``), ``allowed_urls`` (registration only
   from the model store), ``model_snapshot_entry`` (one default version of "genco", archived
-  as ``mar_name(version)``) and ``kserve_properties``, the config of a KServe layout (secure
-  by default: token auth, loopback management, genco's JVM arguments only);
+  as ``mar_name(version)``), ``kserve_properties``, the config of a KServe layout (secure
+  by default: token auth, loopback management, genco's JVM arguments only), and
+  ``local_properties``, a private server's on loopback (``genco serve``);
 * checking what a layout holds before anything runs it: ``parse_properties``,
   ``check_layout_config`` (only the keys genco writes, each with a value of its kind) and
   ``checked_members`` (a .mar that cannot unpack outside its directory nor into a zip bomb).
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from genco.models.checkpoint import check_version
 from genco.serving.management import MODEL_NAME
@@ -156,6 +157,61 @@ def kserve_properties(
             "max_request_size": MAX_REQUEST_BYTES,
             "model_store": KSERVE_MODEL_STORE,
             "model_snapshot": json.dumps(snapshot, separators=(",", ":")),
+        }
+    )
+
+
+def local_properties(
+    model_store: str,
+    version: str,
+    ports: Sequence[int],
+    *,
+    token_auth: bool = True,
+    token_expiry_min: float = TOKEN_EXPIRY_MIN,
+    enable_model_api: bool = False,
+    workers: int = 1,
+    batch_size: int = 8,
+    max_batch_delay_ms: int = 1,
+    response_timeout_s: int = 30,
+) -> str:
+    """``config.properties`` for a private TorchServe on loopback.
+
+    Every listener, gRPC included, gets its own port, so several servers (tests, a demo, a
+    benchmark) can run side by side. max_batch_delay_ms bounds what a lone request waits
+    for batch-mates: TorchServe holds the first request that long whenever batch_size > 1.
+    Keys last ``token_expiry_min`` (TorchServe's own default, 60, would lock clients out of
+    a server that keeps running); models can be registered only from ``model_store``.
+    """
+    if not 0 < token_expiry_min <= TOKEN_EXPIRY_MIN:
+        raise ValueError(
+            f"token_expiry_min must be in (0, {TOKEN_EXPIRY_MIN}], got {token_expiry_min}"
+        )
+    inference, management, metrics, grpc_inference, grpc_management = ports
+    return properties_text(
+        {
+            "vmargs": JVM_ARGS,
+            "inference_address": f"http://127.0.0.1:{inference}",
+            "management_address": f"http://127.0.0.1:{management}",
+            "metrics_address": f"http://127.0.0.1:{metrics}",
+            "grpc_inference_address": "127.0.0.1",
+            "grpc_management_address": "127.0.0.1",
+            "grpc_inference_port": grpc_inference,
+            "grpc_management_port": grpc_management,
+            "model_store": model_store,
+            "load_models": mar_name(version),
+            "models": model_snapshot_entry(
+                version, workers, batch_size, max_batch_delay_ms, response_timeout_s
+            ),
+            "default_workers_per_model": workers,
+            "install_py_dep_per_model": "false",
+            "decode_input_request": "false",  # raw bytes for genco.serving's bounded parser
+            "disable_token_authorization": str(not token_auth).lower(),
+            "token_expiration_min": token_expiry_min,
+            "enable_model_api": str(enable_model_api).lower(),
+            "allowed_urls": allowed_urls(model_store),
+            "max_request_size": MAX_REQUEST_BYTES,
+            "async_logging": "true",
+            **METRICS_PROPERTIES,
         }
     )
 

@@ -27,17 +27,15 @@ from genco.data import storage
 from genco.inference.predictor import Predictor
 from genco.models.checkpoint import bundle_version, check_version
 from genco.serving.archive import LOG_CONFIG, build_mar
+from genco.serving.auth import TOKEN_FILE_ENV, read_tokens
 from genco.serving.config import (
-    JVM_ARGS,
     MAX_ARCHIVE_BYTES,
-    MAX_REQUEST_BYTES,
-    METRICS_PROPERTIES,
     TOKEN_EXPIRY_MIN,
     allowed_urls,
     check_layout_config,
     checked_members,
+    local_properties,
     mar_name,
-    model_snapshot_entry,
     properties_text,
 )
 from genco.serving.management import MODEL_NAME, ManagementClient, ManagementError, read_token
@@ -57,61 +55,6 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def local_properties(
-    model_store: str,
-    version: str,
-    ports: Sequence[int],
-    *,
-    token_auth: bool = True,
-    token_expiry_min: float = TOKEN_EXPIRY_MIN,
-    enable_model_api: bool = False,
-    workers: int = 1,
-    batch_size: int = 8,
-    max_batch_delay_ms: int = 1,
-    response_timeout_s: int = 30,
-) -> str:
-    """``config.properties`` for a private TorchServe on loopback.
-
-    Every listener, gRPC included, gets its own port, so several servers (tests, a demo, a
-    benchmark) can run side by side. max_batch_delay_ms bounds what a lone request waits
-    for batch-mates: TorchServe holds the first request that long whenever batch_size > 1.
-    Keys last ``token_expiry_min`` (TorchServe's own default, 60, would lock clients out of
-    a server that keeps running); models can be registered only from ``model_store``.
-    """
-    if not 0 < token_expiry_min <= TOKEN_EXPIRY_MIN:
-        raise ValueError(
-            f"token_expiry_min must be in (0, {TOKEN_EXPIRY_MIN}], got {token_expiry_min}"
-        )
-    inference, management, metrics, grpc_inference, grpc_management = ports
-    return properties_text(
-        {
-            "vmargs": JVM_ARGS,
-            "inference_address": f"http://127.0.0.1:{inference}",
-            "management_address": f"http://127.0.0.1:{management}",
-            "metrics_address": f"http://127.0.0.1:{metrics}",
-            "grpc_inference_address": "127.0.0.1",
-            "grpc_management_address": "127.0.0.1",
-            "grpc_inference_port": grpc_inference,
-            "grpc_management_port": grpc_management,
-            "model_store": model_store,
-            "load_models": mar_name(version),
-            "models": model_snapshot_entry(
-                version, workers, batch_size, max_batch_delay_ms, response_timeout_s
-            ),
-            "default_workers_per_model": workers,
-            "install_py_dep_per_model": "false",
-            "decode_input_request": "false",  # raw bytes for genco.serving's bounded parser
-            "disable_token_authorization": str(not token_auth).lower(),
-            "token_expiration_min": token_expiry_min,
-            "enable_model_api": str(enable_model_api).lower(),
-            "allowed_urls": allowed_urls(model_store),
-            "max_request_size": MAX_REQUEST_BYTES,
-            "async_logging": "true",
-            **METRICS_PROPERTIES,
-        }
-    )
 
 
 def _java() -> str:
@@ -141,10 +84,14 @@ class ServeHandle:
     sample_response: dict[str, Any] | None = None
     owns_workdir: bool = True
     grpc_target: str = ""  # host:port of TorchServe's gRPC inference API
+    token_file: str | None = None  # the handler's bearer tokens (TorchServe's auth off)
     _stopped: bool = field(default=False, repr=False)
 
     def token(self, api: str = "inference") -> str | None:
-        """Read fresh each time: TorchServe rewrites the key file when a key is regenerated."""
+        """Read fresh each time: TorchServe rewrites the key file when a key is regenerated,
+        an operator the token file when a Secret rotates (its first token; no other APIs)."""
+        if self.token_file:
+            return read_tokens(self.token_file)[0] if api == "inference" else None
         return read_token(self.key_file, api) if self.key_file else None
 
     def headers(self, api: str = "inference") -> dict[str, str]:
@@ -256,6 +203,7 @@ def serve(
     session: requests.Session | None = None,
     model_store: str | None = None,
     properties: dict[str, object] | None = None,
+    token_file: str | None = None,
 ) -> ServeHandle:
     """Start TorchServe on 127.0.0.1 serving ``model_dir``; return once a real prediction
     succeeded (TorchServe's ``/ping`` says Healthy before the worker has loaded the model).
@@ -271,11 +219,15 @@ def serve(
     default. model_store: TorchServe's model store (default ``workdir/model-store``); a
     store's ``STORE/kserve/model-store``, so that ``genco deploy``/``rollback`` with this
     server's management URL register the archives they publish there. properties: more
-    ``config.properties`` entries, over genco's (benchmarks and experiments).
+    ``config.properties`` entries, over genco's (benchmarks and experiments). token_file:
+    the cluster's auth instead of TorchServe's (``genco.serving.auth``): TorchServe's token
+    auth off, the handler accepts the bearer tokens in this file, read again when it changes.
     """
     _java()  # no Java, no TorchServe: say so before any work
     predictor = Predictor.load(model_dir)  # fail on a bad bundle before starting Java
     version = check_version(version) if version else bundle_version(model_dir)
+    token_file = _checked_token_file(token_file)
+    token_auth = token_auth and token_file is None
     with _private_workdir(workdir, "genco-ts-") as (workdir, store, owns):
         if model_store is not None:
             store = os.path.abspath(model_store)
@@ -302,7 +254,17 @@ def serve(
         key_file = os.path.join(workdir, "key_file.json") if token_auth else None
         timing = (startup_timeout_s, session)
         return _launch(
-            workdir, version, ports, predictor, key_file, owns, log_config, *timing, None, store
+            workdir,
+            version,
+            ports,
+            predictor,
+            key_file,
+            owns,
+            log_config,
+            *timing,
+            None,
+            store,
+            token_file,
         )
 
 
@@ -313,6 +275,7 @@ def serve_layout(
     startup_timeout_s: float = 180.0,
     log_config: str | os.PathLike[str] | None = LOG_CONFIG,
     session: requests.Session | None = None,
+    token_file: str | None = None,
 ) -> ServeHandle:
     """Start TorchServe on a published KServe layout (``STORE/kserve``, local or gs://) the
     way the InferenceService's pod does: its ``config/config.properties`` (model snapshot,
@@ -321,8 +284,11 @@ def serve_layout(
     ``allowed_urls`` to the local model store. The config is validated first
     (``genco.serving.config.check_layout_config``: genco's keys only, no foreign JVM arguments) and
     the archive's members and sizes before anything is unpacked. Serves the version the
-    layout points at; returns once a real prediction succeeded."""
+    layout points at; returns once a real prediction succeeded. token_file: run it as
+    ``serving/kserve.yaml``'s pod does, with the token Secret mounted there
+    (``torchserve --disable-token-auth``, ``GENCO_INFERENCE_TOKEN_FILE``)."""
     _java()  # no Java, no TorchServe: say so before any work
+    token_file = _checked_token_file(token_file)
     config_uri = storage.join(root, "config", "config.properties")
     if not storage.exists(config_uri):
         raise FileNotFoundError(f"{config_uri}: no published layout (see genco deploy --serving)")
@@ -354,9 +320,30 @@ def serve_layout(
             "TS_GRPC_MANAGEMENT_PORT": str(ports[4]),
         }
         token_auth = props.get("disable_token_authorization", "false") != "true"
-        key_file = os.path.join(workdir, "key_file.json") if token_auth else None
+        key_file = os.path.join(workdir, "key_file.json") if token_auth and not token_file else None
         timing = (startup_timeout_s, session)
-        return _launch(workdir, version, ports, predictor, key_file, owns, log_config, *timing, env)
+        return _launch(
+            workdir,
+            version,
+            ports,
+            predictor,
+            key_file,
+            owns,
+            log_config,
+            *timing,
+            env,
+            None,
+            token_file,
+        )
+
+
+def _checked_token_file(token_file: str | None) -> str | None:
+    """An absolute path to a readable token file (a ConfigError naming it otherwise),
+    checked before Java starts: the worker would only fail to load."""
+    if token_file is None:
+        return None
+    read_tokens(token_file)
+    return os.path.abspath(token_file)
 
 
 @contextlib.contextmanager
@@ -388,9 +375,12 @@ def _launch(
     session: requests.Session | None,
     extra_env: dict[str, str] | None = None,
     store: str | None = None,
+    token_file: str | None = None,
 ) -> ServeHandle:
     """Run ``torchserve --foreground`` on ``workdir``'s config.properties and model-store/, in
-    its own process group and TMPDIR, and wait for a real prediction."""
+    its own process group and TMPDIR, and wait for a real prediction. With ``token_file``,
+    TorchServe's token auth is off on its command line and the handler checks that file's
+    tokens, as in ``serving/kserve.yaml``'s pod."""
     java = _java()
     config = os.path.join(workdir, "config.properties")
     store = store or os.path.join(workdir, "model-store")
@@ -406,8 +396,12 @@ def _launch(
         "TS_DECODE_INPUT_REQUEST": "false",
         **(extra_env or {}),
     }
+    env.pop(TOKEN_FILE_ENV, None)
     cmd = [sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs"]
     cmd += ["--ts-config", config, "--model-store", store]
+    if token_file:
+        env[TOKEN_FILE_ENV] = token_file
+        cmd.append("--disable-token-auth")
     if log_config is not None:
         cmd += ["--log-config", os.fspath(log_config)]
     with open(os.path.join(workdir, "logs", "launcher.log"), "wb") as log:
@@ -426,6 +420,7 @@ def _launch(
         sample_request=sample_request(predictor),
         owns_workdir=owns,
         grpc_target=f"127.0.0.1:{ports[3]}",
+        token_file=token_file,
     )
     atexit.register(handle.stop)
     try:
