@@ -245,8 +245,11 @@ class Predictor:
             )
         if mode == "beam":
             slots, _ = policy.beam(x, max(self.generator.config.beam_width, top_k))
-            if len(reward.residual_top):  # the ad's best-evidenced combinations compete too
-                slots = distinct(np.concatenate([slots, reward.residual_top]))[0]
+            # The ad's best-evidenced combinations compete too, those legal under the
+            # constraints served now (residuals may predate a constraint).
+            top = reward.residual_top[policy.masks.legal(reward.residual_top)]
+            if len(top):
+                slots = distinct(np.concatenate([slots, top]))[0]
             if refine != "none":
                 _, credit = reward.credit(slots, x)
                 best = np.argsort(-credit.sum(1), kind="stable")[:top_k]
