@@ -122,10 +122,6 @@ class ChunkMasks:
         return np.stack([c[u[:, None], slots[..., k]] for k, c in enumerate(self.codes)], -1)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free
-
-
 def _top(total: np.ndarray, width: int) -> np.ndarray:
     """(n, min(width, N)) per row, the indices of the largest entries of ``total`` (n, N),
     largest first and ties in index order: ``np.argsort(-total, kind="stable")[:, :width]``,
@@ -180,9 +176,18 @@ def beam(
             gi = p.gi[k][u[:, None], slot]
             gh = s @ p.w_hh + p.b_hh
             H = s.shape[-1]
-            rz = _sigmoid(gi[..., : 2 * H] + gh[..., : 2 * H])
-            new = np.tanh(gi[..., 2 * H :] + rz[..., :H] * gh[..., 2 * H :])
-            state = new + rz[..., H:] * (s - new)
+            # PolicyTables.step's arithmetic, in place (the same values, fewer temporaries)
+            rz = gi[..., : 2 * H] + gh[..., : 2 * H]
+            rz *= 0.5
+            np.tanh(rz, out=rz)
+            rz += 1.0
+            rz *= 0.5  # sigmoid, overflow-free
+            new = rz[..., :H] * gh[..., 2 * H :]
+            new += gi[..., 2 * H :]
+            np.tanh(new, out=new)
+            state = s - new
+            state *= rz[..., H:]
+            state += new  # (1 - z) * n + z * h
     return picks, np.isfinite(score)
 
 
