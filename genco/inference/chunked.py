@@ -2,8 +2,8 @@
 with the models folded for a block of ads in one computation and the beam, scoring and local
 search run over (rows x candidates) arrays (``genco.models.chunk_tables``).
 
-Ads small enough for exact decoding (at most ``Predictor.exact_max`` combinations) take
-``Predictor.decode``; every other row is decoded here.
+Ads small enough for exact decoding (at most ``Predictor.exact_max`` combinations) are
+decoded exactly, every legal combination scored, as ``Predictor.decode`` does.
 """
 
 from __future__ import annotations
@@ -20,13 +20,18 @@ from genco.models.tables import REFINES
 FOLD_BYTES = 48 * 2**20
 
 
-def fold_block(sizes: list[int], hidden: int, contexts: int, budget: int = FOLD_BYTES) -> int:
-    """Ads per block: ``budget`` bytes over one ad's tables (``sizes``: M_k per component)."""
+def fold_block(
+    sizes: list[int], hidden: int, contexts: int, budget: int = FOLD_BYTES, rows: int = 0
+) -> int:
+    """Ads per block: ``budget`` bytes over one ad's tables (``sizes``: M_k per component;
+    ``hidden``: the generator's, 0 when it is not folded) and, with ``rows`` combinations
+    scored exactly per ad, their gathered terms."""
     K, T, M = len(sizes), sum(sizes), max(sizes)
     policy = 4 * T * (hidden + 3 * hidden + 1)
     reward = 4 * T * (T + 1 + contexts) + T * T
     search = 8 * (K * M * T + K * (K - 1) // 2 * M * M + K * M * (1 + contexts))
-    return max(1, budget // (policy + reward + search))
+    exact = 8 * rows * K * (K + 2 + contexts)
+    return max(1, budget // (policy + reward + (0 if rows else search) + exact))
 
 
 def decode_rows(
@@ -46,24 +51,34 @@ def decode_rows(
     if refine not in REFINES:
         raise ConfigError(f"refine must be one of {', '.join(REFINES)}, got '{refine}'")
     reward, gen = predictor.bound()
-    masks = gen.masks
+    masks, m = gen.masks, gen.model
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(codes)
-    counts = np.stack([v[codes].sum(1).numpy() for v in masks.valid], 1).astype(np.float64)
-    small = np.prod(counts, 1) <= predictor.exact_max
-    for i in np.flatnonzero(small):  # exact decoding, one ad at a time
-        d = predictor.decode(int(codes[i]), None if x is None else x[i], top_k, refine=refine)
-        out[i] = (d.codes, d.score)
-    rest = np.flatnonzero(~small)
-    rest = rest[np.argsort(codes[rest], kind="stable")]  # grouped by ad
-    ads = np.unique(codes[rest])
-    m = gen.model
+    counts = np.stack([v[codes].sum(1).numpy() for v in masks.valid], 1)  # (n, K)
+    small = np.prod(counts.astype(np.float64), 1) <= predictor.exact_max
+    # Small spaces are decoded exactly (every legal combination scored), grouped by their
+    # candidate counts so that a group shares one grid of combinations.
+    sizes, group = np.unique(counts[small], axis=0, return_inverse=True)
+    for g, size in enumerate(sizes):
+        grid = np.stack(np.meshgrid(*map(np.arange, size), indexing="ij"), -1).reshape(
+            -1, len(size)
+        )
+        step = fold_block(masks.M, 0, m.C, fold_bytes, rows=len(grid))
+        rows = np.flatnonzero(small)[group.reshape(-1) == g]
+        for block, at, u in _blocks(codes, rows, step):
+            cm = ChunkMasks.of(masks, block)
+            scorer = Scorer(reward.fold(block, cm.codes), cm)
+            z = scorer.exhaustive(u, scorer.x(None if x is None else x[at], len(at)), grid)
+            top = np.argsort(-z, axis=1, kind="stable")[:, :top_k]
+            z = np.take_along_axis(z, top, 1)
+            for j, r in enumerate(at):
+                keep = np.isfinite(z[j])
+                if not keep.any():  # no legal combination: the per-ad path says why
+                    predictor.decode(int(codes[r]), None if x is None else x[r], top_k)
+                picks = cm.to_codes(u[j : j + 1], grid[None, top[j]])[0]
+                out[r] = (picks[keep], 1.0 / (1.0 + np.exp(-z[j][keep])))
     step = fold_block(masks.M, m.H, m.C, fold_bytes)
     width = max(m.config.beam_width, top_k)
-    for lo in range(0, len(ads), step):
-        block = ads[lo : lo + step]
-        first = np.searchsorted(codes[rest], block[0], side="left")
-        rows = rest[first : np.searchsorted(codes[rest], block[-1], side="right")]
-        u = np.searchsorted(block, codes[rows])
+    for block, rows, u in _blocks(codes, np.flatnonzero(~small), step):
         cm = ChunkMasks.of(masks, block)
         scorer = Scorer(reward.fold(block, cm.codes), cm)
         ctx = None if x is None else x[rows]
@@ -73,6 +88,18 @@ def decode_rows(
             keep = np.isfinite(scores[j])
             out[r] = (cm.to_codes(u[j : j + 1], picks[j : j + 1])[0][keep], scores[j][keep])
     return out  # type: ignore[return-value]
+
+
+def _blocks(codes: np.ndarray, rows: np.ndarray, step: int):
+    """Blocks of at most ``step`` ads among the rows' ads: (ads (U,), their rows, each row's
+    ad as an index into the block)."""
+    rows = rows[np.argsort(codes[rows], kind="stable")]  # grouped by ad, input order within
+    ads = np.unique(codes[rows])
+    for lo in range(0, len(ads), step):
+        block = ads[lo : lo + step]
+        first = np.searchsorted(codes[rows], block[0], side="left")
+        at = rows[first : np.searchsorted(codes[rows], block[-1], side="right")]
+        yield block, at, np.searchsorted(block, codes[at])
 
 
 def _rank(

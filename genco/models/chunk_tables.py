@@ -268,6 +268,23 @@ class Scorer:
             out = out + self.residual(u, slots)[..., None] / self.K
         return base, out
 
+    def exhaustive(self, u: np.ndarray, x: np.ndarray, grid: np.ndarray) -> np.ndarray:
+        """(n, N) the logit of every combination of ``grid`` (N, K) slots for rows of ads
+        ``u`` (n,) in contexts ``x`` (n, C), -inf where it is not legal: exact decoding
+        (``RewardTables.exhaustive`` then ``_Exhaustive.logits``), same arithmetic."""
+        r = self.r
+        cols = grid + self.off  # (N, K)
+        m = r.main[u[:, None, None], cols[None]].sum(2, dtype=np.float64)  # (n, N, 1 + C)
+        slots = np.broadcast_to(grid, (len(u), *grid.shape))
+        static = r.base[u][:, None] + m[..., 0] + self.residual(u, slots)
+        if r.inter is not None:
+            pair = r.inter[u[:, None, None, None], cols[None, :, :, None], cols[None, :, None, :]]
+            static = static + 0.5 * pair.sum((2, 3), dtype=np.float64)
+        z = static + (x @ r.ctx_w).astype(np.float64)[:, None]
+        if x.shape[1]:
+            z = z + (m[..., 1:] @ x[:, :, None])[..., 0]
+        return np.where(self.masks.legal(u, slots), z, -np.inf)
+
     def _tables(self) -> tuple:
         """``RewardTables._search_tables`` for every ad of the chunk, float64, forbidden pairs
         and padded rows penalised. The pairwise terms are symmetric (the fold writes block
