@@ -14,7 +14,7 @@ component: ads/s vs candidates per component and vs components, for the generato
 (refine none; refine pairs, ``genco recommend``'s default) decoded a chunk of ads at a time
 (``chunked``, what ``genco recommend`` runs) and one ad at a time (``beam``, what serving
 runs), and for exhaustive scoring of every combination (where the space has at most
-``--exhaustive-max``).
+``--exhaustive-max``), chunked and per ad.
 Throughput does not depend on the weights' values, only on the sizes.
 
     .venv/bin/python bench/scale_data.py [--ads 100000] [--rows 1000000 10000000]
@@ -140,7 +140,7 @@ def _predictor(K: int, C: int, n_ads: int) -> Predictor:
 
 
 def _rate(predictor: Predictor, n_ads: int, mode: str) -> float:
-    predictor.exact_max = 10**9 if mode == "exhaustive" else 0
+    predictor.exact_max = 10**9 if mode.endswith("exhaustive") else 0
     refine = "pairs" if mode.endswith("+pairs") else "none"
     predictor._bound = None  # fresh per-ad table caches: every ad's tables built in the run
     predictor._reward_tables.clear()
@@ -154,8 +154,10 @@ def _rate(predictor: Predictor, n_ads: int, mode: str) -> float:
     return n_ads / (time.process_time() - t)
 
 
-# chunked: ``genco recommend``'s path (``decode_rows``); beam: one ad at a time (serving's).
-MODES = ("chunked", "chunked+pairs", "beam", "beam+pairs", "exhaustive")
+# chunked: ``genco recommend``'s path (``decode_rows``; it decodes spaces of at most
+# ``Predictor.exact_max`` combinations exhaustively, others by beam + pairs); the others one ad
+# at a time (``Predictor.decode``, serving's path).
+MODES = ("chunked", "chunked+pairs", "chunked exhaustive", "beam", "beam+pairs", "exhaustive")
 
 
 def bench_recommend(n_ads: int, exhaustive_max: int) -> list[dict]:
@@ -169,10 +171,12 @@ def bench_recommend(n_ads: int, exhaustive_max: int) -> list[dict]:
         predictor.bound()
         row["bind_s"] = round(time.perf_counter() - t, 2)
         for mode in MODES:
-            if mode == "exhaustive" and row["combinations"] > exhaustive_max:
+            if mode.endswith("exhaustive") and row["combinations"] > exhaustive_max:
                 row[f"{mode}_ads_per_s"] = None
                 continue
             n = n_ads if mode != "exhaustive" else max(20, min(n_ads, 2 * 10**7 // C**K))
+            if mode == "chunked exhaustive":
+                n = max(20, min(n_ads, 2 * 10**8 // C**K))
             row[f"{mode}_ads_per_s"] = round(_rate(predictor, n, mode), 1)
         out.append(row)
         print(json.dumps(row), file=sys.stderr)
