@@ -8,11 +8,13 @@ the catalog's load is timed and measured apart from the log's validation. A line
 ``--extrapolate`` rows, marked as extrapolated.
 
 recommend: decoding throughput on one thread, in ads per CPU-second of the process (ads/s per
-core, robust to other jobs sharing the machine), per-ad tables built once per ad (the first
-decode of each ad pays for them), untrained models on catalog-world blocks with a fixed
-number of candidates per component: ads/s vs candidates per component and vs components, for
-the generator's beam (refine none; refine pairs, ``genco recommend``'s default) and for
-exhaustive scoring of every combination (where the space has at most ``--exhaustive-max``).
+core, robust to other jobs sharing the machine), the models bound and every ad's tables built
+in the run, untrained models on catalog-world blocks with a fixed number of candidates per
+component: ads/s vs candidates per component and vs components, for the generator's beam
+(refine none; refine pairs, ``genco recommend``'s default) decoded a chunk of ads at a time
+(``chunked``, what ``genco recommend`` runs) and one ad at a time (``beam``, what serving
+runs), and for exhaustive scoring of every combination (where the space has at most
+``--exhaustive-max``), chunked and per ad.
 Throughput does not depend on the weights' values, only on the sizes.
 
     .venv/bin/python bench/scale_data.py [--ads 100000] [--rows 1000000 10000000]
@@ -30,9 +32,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 from genco.data.contract import Catalog, Constraints
+from genco.inference.chunked import decode_rows
 from genco.inference.predictor import Predictor
 from genco.models.generator import Generator, GeneratorConfig
 from genco.models.reward import RewardModel, RewardModelConfig
@@ -136,15 +140,24 @@ def _predictor(K: int, C: int, n_ads: int) -> Predictor:
 
 
 def _rate(predictor: Predictor, n_ads: int, mode: str) -> float:
-    predictor.exact_max = 10**9 if mode == "exhaustive" else 0
-    refine = "pairs" if mode == "beam+pairs" else "none"
+    predictor.exact_max = 10**9 if mode.endswith("exhaustive") else 0
+    refine = "pairs" if mode.endswith("+pairs") else "none"
     predictor._bound = None  # fresh per-ad table caches: every ad's tables built in the run
     predictor._reward_tables.clear()
     # CPU seconds of this (single-threaded) process: ads per core, whatever else shares it.
     t = time.process_time()
-    for ad in range(n_ads):
-        predictor.decode(ad, None, top_k=1, refine=refine)
+    if mode.startswith("chunked"):  # genco recommend's path: a block of ads at a time
+        decode_rows(predictor, np.arange(n_ads), None, 1, refine)
+    else:  # one ad at a time, as serving decodes a request
+        for ad in range(n_ads):
+            predictor.decode(ad, None, top_k=1, refine=refine)
     return n_ads / (time.process_time() - t)
+
+
+# chunked: ``genco recommend``'s path (``decode_rows``; it decodes spaces of at most
+# ``Predictor.exact_max`` combinations exhaustively, others by beam + pairs); the others one ad
+# at a time (``Predictor.decode``, serving's path).
+MODES = ("chunked", "chunked+pairs", "chunked exhaustive", "beam", "beam+pairs", "exhaustive")
 
 
 def bench_recommend(n_ads: int, exhaustive_max: int) -> list[dict]:
@@ -157,11 +170,13 @@ def bench_recommend(n_ads: int, exhaustive_max: int) -> list[dict]:
         t = time.perf_counter()
         predictor.bound()
         row["bind_s"] = round(time.perf_counter() - t, 2)
-        for mode in ("beam", "beam+pairs", "exhaustive"):
-            if mode == "exhaustive" and row["combinations"] > exhaustive_max:
+        for mode in MODES:
+            if mode.endswith("exhaustive") and row["combinations"] > exhaustive_max:
                 row[f"{mode}_ads_per_s"] = None
                 continue
             n = n_ads if mode != "exhaustive" else max(20, min(n_ads, 2 * 10**7 // C**K))
+            if mode == "chunked exhaustive":
+                n = max(20, min(n_ads, 2 * 10**8 // C**K))
             row[f"{mode}_ads_per_s"] = round(_rate(predictor, n, mode), 1)
         out.append(row)
         print(json.dumps(row), file=sys.stderr)

@@ -55,7 +55,13 @@ def test_shards_cover_every_ad_once():
 
 
 def test_sharded_output_is_the_predictors_answer_for_every_ad(predictor, tmp_path):
-    want = predictor.recommend_frame(None, top_k=3)
+    # The contract format of the predictor's per-ad answers (what serving returns).
+    rows = [
+        {"ad_id": ad, "rank": r.rank, **r.elements, "score": r.score}
+        for ad in predictor.catalog.ads
+        for r in predictor.recommend(ad, top_k=3)
+    ]
+    want = pd.DataFrame(rows, columns=["ad_id", "rank", *predictor.catalog.components, "score"])
     parts = []
     for i in range(3):
         out = str(tmp_path / f"recs-{i}.parquet")

@@ -1,11 +1,11 @@
 """Batch recommendation at catalog scale: every ad of a shard (or every context row of it),
-decoded ad by ad and written a chunk of ads at a time.
+decoded a chunk of ads at a time (``genco.inference.chunked``) and written as it goes.
 
 A shard ``i/n`` is the i-th of n contiguous blocks of the catalog's ads, so n workers (the
 pipeline's ``ParallelFor``, or n ``genco recommend --shard i/n``) split the catalog with no
-overlap and no coordination. Within a shard each ad's tables (generator and reward model
-folded for it) are built once and serve all of the ad's context rows; memory is one chunk of
-output plus the bounded table caches, whatever the catalog's size.
+overlap and no coordination. Within a shard the models are folded for a block of ads at once
+and each ad's tables serve all of its context rows; memory is one chunk of output plus one
+block's tables (``chunked.FOLD_BYTES``), whatever the catalog's size.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from genco.data import storage
 from genco.data.contract import AD
 from genco.errors import ConfigError, UnknownIdError
+from genco.inference.chunked import decode_rows
 from genco.inference.predictor import Predictor
 
 CHUNK_ADS = 1024
@@ -136,12 +137,11 @@ def _chunks(predictor: Predictor, plan: _Plan, top_k: int, chunk_ads: int) -> It
     for lo, hi in zip(starts, [*starts[1:], len(plan.codes)]):
         if lo == hi:
             continue
-        src, picks, scores = [], [], []
-        for i in range(lo, hi):
-            d = predictor.decode(int(plan.codes[i]), None if x32 is None else x32[i], top_k)
-            src.append(np.full(len(d.codes), i))
-            picks.append(d.codes)
-            scores.append(d.score)
+        x = None if x32 is None else x32[lo:hi]
+        decoded = decode_rows(predictor, plan.codes[lo:hi], x, top_k)
+        src = [np.full(len(c), lo + i) for i, (c, _) in enumerate(decoded)]
+        picks = [c for c, _ in decoded]
+        scores = [s for _, s in decoded]
         take = np.concatenate(src)
         combo = np.concatenate(picks)
         cols: list[pa.Array] = [pc.take(ad_ids, pa.array(plan.codes[take]))]

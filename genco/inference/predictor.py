@@ -21,7 +21,6 @@ from genco.data import storage
 from genco.data.contract import (
     AD,
     COMPONENT,
-    CONTEXT_PREFIX,
     ELEMENT,
     Catalog,
     Constraints,
@@ -245,8 +244,11 @@ class Predictor:
             )
         if mode == "beam":
             slots, _ = policy.beam(x, max(self.generator.config.beam_width, top_k))
-            if len(reward.residual_top):  # the ad's best-evidenced combinations compete too
-                slots = distinct(np.concatenate([slots, reward.residual_top]))[0]
+            # The ad's best-evidenced combinations compete too, those legal under the
+            # constraints served now (residuals may predate a constraint).
+            top = reward.residual_top[policy.masks.legal(reward.residual_top)]
+            if len(top):
+                slots = distinct(np.concatenate([slots, top]))[0]
             if refine != "none":
                 _, credit = reward.credit(slots, x)
                 best = np.argsort(-credit.sum(1), kind="stable")[:top_k]
@@ -410,24 +412,6 @@ class Predictor:
             explore=float(eps),
             recommendations=recs,
         )
-
-    def recommend_frame(self, contexts: pd.DataFrame | None, top_k: int = 1) -> pd.DataFrame:
-        """Recommendations in the contract format: one block of top_k rows per input row."""
-        if contexts is None:
-            contexts = pd.DataFrame({AD: list(self.catalog.ads)})
-        if AD not in contexts.columns:
-            raise ConfigError("contexts: missing required column 'ad_id'")
-        ctx_cols = [c for c in contexts.columns if c.startswith(CONTEXT_PREFIX)]
-        rows = []
-        for rec in contexts.to_dict("records"):
-            ad_id = str(rec[AD])
-            ctx = {c: rec[c] for c in ctx_cols} if ctx_cols else None
-            for r in self.recommend(ad_id, ctx, top_k=top_k):
-                rows.append(
-                    {AD: ad_id, **(ctx or {}), "rank": r.rank, **r.elements, "score": r.score}
-                )
-        cols = [AD, *ctx_cols, "rank", *self.catalog.components, "score"]
-        return pd.DataFrame(rows, columns=cols)
 
 
 def distinct(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from genco.data.contract import Catalog, Constraints
+from genco.models.chunk_tables import PolicyFold
 from genco.models.legal import LegalMasks
 from genco.models.optim import Optimizers, set_sparse
 from genco.models.policy_tables import PolicyTables, no_legal_element
@@ -277,6 +278,29 @@ class BoundGenerator:
         )
         self._tables.put(ad, tables, tables.nbytes)
         return tables
+
+    @torch.inference_mode()
+    def fold(self, ads: np.ndarray) -> PolicyFold:
+        """``tables`` for a chunk of U ads at once (each component padded to M_k)."""
+        m = self.model
+        a = torch.as_tensor(ads)
+        cands = [c[a] for c in self.candidate_vectors()]  # (U, M_k, H)
+        scale = math.sqrt(m.H)
+        wq, bq = m.query.weight, m.query.bias
+        has_ctx = bool(m.C)
+        return PolicyFold(
+            init=m.ad.weight[self.ad_map[a]].numpy(),
+            ctx_w=m.ctx.weight.T.numpy().copy() if has_ctx else None,
+            ctx_b=m.ctx.bias.numpy().copy() if has_ctx else None,
+            ctx_mean=m.ctx_mean.numpy().copy(),
+            ctx_std=m.ctx_std.numpy().copy(),
+            A=[(wq.T @ c.transpose(1, 2) / scale).numpy() for c in cands],
+            b=[(c @ bq / scale).numpy() for c in cands],
+            # the beam's GRU never reads the last component's
+            gi=[(c @ m.gru.weight_ih.T + m.gru.bias_ih).numpy() for c in cands[:-1]],
+            w_hh=m.gru.weight_hh.T.numpy().copy(),
+            b_hh=m.gru.bias_hh.numpy().copy(),
+        )
 
     def beam(
         self, ad: int, ctx: np.ndarray | None = None, width: int | None = None

@@ -56,6 +56,15 @@ class AdMasks:
                 self._conflicts.append(rows)
         return self._conflicts
 
+    def legal(self, slots: np.ndarray) -> np.ndarray:
+        """(B,) whether each combination (B, K) of slots is real and has no forbidden pair."""
+        ok = np.ones(len(slots), bool)
+        for k, valid in enumerate(self.valid):
+            ok &= valid[slots[:, k]]
+        for (j, k), f in self.forbid.items():
+            ok &= ~f[slots[:, j], slots[:, k]]
+        return ok
+
     def to_codes(self, slots: np.ndarray) -> np.ndarray:
         """(B, K) slots -> (B, K) catalog element codes."""
         return np.stack([self.codes[k][slots[:, k]] for k in range(len(self.codes))], 1)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from genco.data.contract import Catalog
+from genco.models.chunk_tables import RewardFold
 from genco.models.optim import set_sparse
 from genco.models.tables import RewardTables
 from genco.models.vocab import Vocab, check_catalog, register_vocab_buffers
@@ -375,9 +376,9 @@ class BoundModel:
         pair = {}  # no pairwise terms: no tables
         if m.config.use_interactions:
             for k in range(K):
-                for l_ in range(K):
-                    if l_ != k:
-                        pair[(k, l_)] = (vec[k][:, l_] @ vec[l_][:, k].T).numpy()
+                for l_ in range(k + 1, K):  # symmetric: (l, k) is (k, l) transposed
+                    pair[(k, l_)] = (vec[k][:, l_] @ vec[l_][:, k].T).numpy()
+                    pair[(l_, k)] = pair[(k, l_)].T
         base = m.bias
         if m.config.use_appeal:
             base = base + m.appeal.weight[self.ad_map[ad], 0]
@@ -389,6 +390,48 @@ class BoundModel:
             main=main,
             pair=pair,
             residual=self._slot_residuals(ad, slot_codes),
+        )
+
+    @torch.inference_mode()
+    def fold(self, ads: np.ndarray, slot_codes: list[np.ndarray]) -> RewardFold:
+        """``tables`` for a chunk of U ads at once, padded: ``slot_codes[k]`` (U, M_k)."""
+        m = self.model
+        K, U = len(slot_codes), len(ads)
+        main, vec = [], []
+        for k, codes in enumerate(slot_codes):
+            g = torch.as_tensor(np.maximum(codes, 0) + self.cat_offsets[k]).reshape(-1)
+            elem, f = self.elem_map[g], self.feat_table[g]
+            f = (f - m.feat_mean[k]) / m.feat_std[k] if m.F else torch.zeros(len(g), 1)
+            fm, fv = self._component_features(k, f)
+            main.append((m.id_main(elem) + fm).view(U, codes.shape[1], -1))  # (U, M_k, 1 + C)
+            vec.append((m.id_ffm(elem) + fv).view(U, codes.shape[1], K, m.d))
+        sizes = [c.shape[1] for c in slot_codes]
+        off = np.cumsum([0, *sizes[:-1]])
+        inter = None
+        if m.config.use_interactions:
+            inter = torch.empty(U, sum(sizes), sum(sizes))  # (U, T, T), zero blocks k = l
+            for k in range(K):
+                inter[:, off[k] : off[k] + sizes[k], off[k] : off[k] + sizes[k]] = 0.0
+                for l_ in range(k + 1, K):  # symmetric: (l, k) is (k, l) transposed
+                    block = vec[k][:, :, l_] @ vec[l_][:, :, k].transpose(1, 2)
+                    inter[:, off[k] : off[k] + sizes[k], off[l_] : off[l_] + sizes[l_]] = block
+                    inter[:, off[l_] : off[l_] + sizes[l_], off[k] : off[k] + sizes[k]] = block.mT
+        base = m.bias.expand(U)
+        if m.config.use_appeal:
+            base = base + m.appeal.weight[self.ad_map[torch.as_tensor(ads)], 0]
+        residuals = None
+        if len(m.residual_values):
+            residuals = [
+                self._slot_residuals(int(a), [c[i] for c in slot_codes]) for i, a in enumerate(ads)
+            ]
+        return RewardFold(
+            base=base.numpy().astype(np.float64),
+            ctx_w=m.ctx_w.numpy().copy(),
+            ctx_mean=m.ctx_mean.numpy().copy(),
+            ctx_std=m.ctx_std.numpy().copy(),
+            main=torch.cat(main, 1).numpy(),
+            inter=None if inter is None else inter.numpy(),
+            residuals=residuals,
         )
 
     def _slot_residuals(self, ad: int, slot_codes: list[np.ndarray]):
