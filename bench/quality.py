@@ -80,12 +80,15 @@ def load(name: str, n: int, seed: int):
     return w.catalog, w.constraints, w.truth, log_impressions(w, n, seed), points
 
 
-def run_world(name: str, n: int, seed: int, with_vw: bool, baselines: bool = True) -> dict:
+def run_world(
+    name: str, n: int, seed: int, with_vw: bool, baselines: bool = True, reward: dict | None = None
+) -> dict:
+    """reward: RewardModelConfig fields to override (e.g. {"feature_hidden": 8})."""
     catalog, constraints, truth, log, points = load(name, n, seed)
     enc = encode(log, catalog)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    rm, rep = train_reward_model(catalog, enc, RewardModelConfig(seed=seed))
+    rm, rep = train_reward_model(catalog, enc, RewardModelConfig(seed=seed, **(reward or {})))
     seconds["reward_model"] = time.perf_counter() - t
     bound = BoundModel(rm, catalog)
     big = any(catalog.n_combinations(a) > EXACT_MAX for a in range(catalog.n_ads))
@@ -200,23 +203,33 @@ def main() -> None:
         action="store_true",
         help="GenCO alone (the baselines do not depend on GenCO's code: reuse their runs)",
     )
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. + seeds - 1")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override GenCO's RewardModelConfig fields (JSON values), e.g. feature_hidden=8",
+    )
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
+    reward = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     out: dict = {
         "benchmark": "quality",
         "machine": f"{platform.machine()} {os.cpu_count()} cores, "
         f"python {platform.python_version()}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "seeds": args.seeds,
+        "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
+        "reward_model_overrides": reward,
         "results": [],
         "learning_curves": [],
     }
 
     def series(name: str, n: int) -> dict:
         runs = []
-        for seed in range(args.seeds):
-            runs.append(run_world(name, n, seed, args.vw, not args.genco_only))
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            runs.append(run_world(name, n, seed, args.vw, not args.genco_only, reward))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
         return {"world": name, "impressions": n, "gap_closed": summarise(runs), "runs": runs}
 
