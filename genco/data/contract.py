@@ -167,9 +167,7 @@ class Catalog:
         from genco.data.catalog_table import catalog_parts  # it reads this module's names
 
         p = catalog_parts(table, path)
-        return Catalog(
-            p.components, p.ads, p.elements, p.feature_names, p.features, p.candidates
-        )
+        return Catalog(p.components, p.ads, p.elements, p.feature_names, p.features, p.candidates)
 
     @staticmethod
     def from_frame(df: pd.DataFrame, path: str = "catalog") -> Catalog:
@@ -352,9 +350,7 @@ def _row_error(rec: pd.Series, i: int, catalog: Catalog, comp_index: dict, path:
         if comp not in comp_index:
             return _fail(path, f"row {i}: {cname} '{comp}' is not a catalog component")
         if not catalog.has_element(comp_index[comp], elem):
-            return _fail(
-                path, f"row {i}: {ename} '{elem}' is not an element of component '{comp}'"
-            )
+            return _fail(path, f"row {i}: {ename} '{elem}' is not an element of component '{comp}'")
     return _fail(path, f"row {i}: component_a and component_b are both '{ca}'")
 
 
@@ -367,7 +363,10 @@ def load_catalog(path: str, client=None) -> Catalog:
         raise ContractError(f"{path}: file not found") from exc
     except (ValueError, OSError) as exc:  # the reader's (or storage's) word for a bad file
         raise ContractError(f"{path}: cannot read: {exc}") from exc
-    return Catalog.from_arrow(table, path)
+    catalog = Catalog.from_arrow(table, path)
+    del table
+    pa.default_memory_pool().release_unused()  # the file's table: back to the system now
+    return catalog
 
 
 def load_constraints(path: str | None, catalog: Catalog, client=None) -> Constraints:

@@ -153,8 +153,10 @@ class Ids(Sequence[str]):
     def take(self, codes: Any) -> np.ndarray:
         """(n,) object array of the ids of (n,) codes."""
         codes = np.asarray(codes, np.int64)
-        return self.array.take(pa.array(codes.ravel())).to_numpy(zero_copy_only=False).reshape(
-            codes.shape
+        return (
+            self.array.take(pa.array(codes.ravel()))
+            .to_numpy(zero_copy_only=False)
+            .reshape(codes.shape)
         )
 
     def __iter__(self) -> Iterator[str]:
