@@ -46,6 +46,7 @@ def test_colliding_hashes_never_pass_a_wrong_id():
     codes = Codes(values, hash_fn=lambda v: np.zeros(len(v), np.uint64))
     want = [49, 0, 17, -1, 17, -1]
     assert codes.lookup(["id49", "id0", "id17", "id50", "id17", ""]).tolist() == want
+    assert [codes.lookup_one(v) for v in ("id49", "id0", "id17", "id50", "")] == [49, 0, 17, -1, -1]
     some = Codes(values, hash_fn=lambda v: np.array([len(s) % 2 for s in v], np.uint64))
     assert some.lookup(["id3", "id33", "nope"]).tolist() == [3, 33, -1]
 

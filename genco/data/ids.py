@@ -96,6 +96,17 @@ class Codes:
             at[rows] += 1
         return out
 
+    def lookup_one(self, value: str) -> int:
+        """Code of one str value, -1 when absent (a request's id: no Arrow call per lookup)."""
+        h = np.asarray(self.hash_fn(np.array([value], dtype=object)), np.uint64)[0]
+        at = int(np.searchsorted(self.hashes, h))
+        while at < len(self.hashes) and self.hashes[at] == h:
+            code = int(self.order[at])
+            if self.values[code].as_py() == value:
+                return code
+            at += 1
+        return -1
+
     def __call__(self, col: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """(n,) int64 codes of an Arrow string column, -1 where absent or null."""
         enc = pc.dictionary_encode(col)
@@ -168,7 +179,7 @@ class Ids(Sequence[str]):
 
     def code(self, x: str) -> int:
         """Code of one id, -1 when absent."""
-        return int(self.hash_index.lookup(np.array([x], dtype=object))[0])
+        return self.hash_index.lookup_one(x)
 
     def index(self, x: object, start: int = 0, stop: int | None = None) -> int:
         """Code of one id (``Sequence.index``); ValueError when absent."""
