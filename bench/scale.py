@@ -40,7 +40,16 @@ EPSILON = 0.1
 
 def build(n_ads: int, seed: int = 0):
     """(catalog, truth effects) of the synthetic per-product catalog."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     from genco.data.contract import Catalog
+    from genco.data.ids import Candidates, Ids
+
+    def ids(prefix: str, n: int) -> Ids:  # Arrow strings, no Python str per id
+        return Ids(
+            pc.binary_join_element_wise(prefix, pc.cast(pa.array(np.arange(n)), pa.string()), "")
+        )
 
     rng = np.random.default_rng(seed)
     n_el = n_ads * M
@@ -48,14 +57,15 @@ def build(n_ads: int, seed: int = 0):
     feats = [
         np.column_stack([e + rng.normal(0, 0.3, n_el), rng.normal(0, 1, n_el)]) for e in effects
     ]
-    slots = np.arange(M)
+    # ad a's candidates of every component: elements a * M .. a * M + M - 1
+    values = (np.arange(n_ads)[:, None, None] * M + np.arange(M)[None, None, :]).repeat(K, 1)
     catalog = Catalog(
         components=tuple(f"c{k}" for k in range(K)),
-        ads=tuple(f"a{a}" for a in range(n_ads)),
-        elements=tuple(tuple(f"e{k}_{i}" for i in range(n_el)) for k in range(K)),
+        ads=ids("a", n_ads),
+        elements=tuple(ids(f"e{k}_", n_el) for k in range(K)),
         feature_names=("feat_0", "feat_1"),
         features=tuple(feats),
-        candidates=tuple(tuple(a * M + slots for _ in range(K)) for a in range(n_ads)),
+        candidates=Candidates(np.arange(0, n_ads * K * M + 1, M), values.ravel(), K),
     )
     return catalog, effects, rng.normal(0, 0.3, n_ads)
 

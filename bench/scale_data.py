@@ -54,16 +54,21 @@ def kb(key):
             return int(line.split()[1])
 
 world, out = sys.argv[1], sys.argv[2]
-t = time.perf_counter()
+t, cpu = time.perf_counter(), time.process_time()
 cat = load_catalog(world + "/catalog.parquet")
+nbytes = cat.nbytes  # before any hash index
 cons = load_constraints(world + "/constraints.csv", cat)
-load_s = time.perf_counter() - t
+load_s, load_cpu = time.perf_counter() - t, time.process_time() - cpu
 base, base_peak = kb("VmRSS:"), kb("VmHWM:")
-t = time.perf_counter()
+with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on: the log's own
+    f.write("5")
+t, cpu = time.perf_counter(), time.process_time()
 s = ingest(world + "/impressions", cat, cons, out)
-print(json.dumps({"catalog_load_s": load_s, "seconds": time.perf_counter() - t,
+print(json.dumps({"catalog_load_s": load_s, "catalog_load_cpu_s": load_cpu,
+                  "seconds": time.perf_counter() - t, "cpu_s": time.process_time() - cpu,
                   "rows": s.rows_in, "valid": s.rows_valid, "rss_after_catalog_kb": base,
-                  "peak_after_catalog_load_kb": base_peak, "peak_rss_kb": kb("VmHWM:")}))
+                  "peak_after_catalog_load_kb": base_peak, "peak_rss_kb": kb("VmHWM:"),
+                  "catalog_nbytes": nbytes, "catalog_nbytes_with_indexes": cat.nbytes}))
 """
 
 
@@ -97,12 +102,18 @@ def bench_ingest(ads: int, sizes: list[int], work: str, extrapolate: int) -> dic
                 "files": sum(len(fs) for _, _, fs in os.walk(os.path.join(world, "impressions"))),
                 "generate_s": round(gen_s, 1),
                 "catalog_load_s": round(r["catalog_load_s"], 1),
+                "catalog_load_cpu_s": round(r["catalog_load_cpu_s"], 1),
                 "ingest_s": round(r["seconds"], 1),
+                "ingest_cpu_s": round(r["cpu_s"], 1),
                 "rows_per_s": round(n / r["seconds"]),
+                "rows_per_cpu_s": round(n / r["cpu_s"]),
                 "all_valid": r["valid"] == r["rows"] == n,
                 "rss_after_catalog_mb": round(r["rss_after_catalog_kb"] / 1024),
-                "peak_rss_mb": round(r["peak_rss_kb"] / 1024),
+                "peak_rss_mb": round(max(r["peak_rss_kb"], r["peak_after_catalog_load_kb"]) / 1024),
                 "peak_rss_of_catalog_load_mb": round(r["peak_after_catalog_load_kb"] / 1024),
+                "peak_rss_of_ingest_mb": round(r["peak_rss_kb"] / 1024),
+                "catalog_arrays_mb": round(r["catalog_nbytes"] / 2**20),
+                "catalog_arrays_with_indexes_mb": round(r["catalog_nbytes_with_indexes"] / 2**20),
             }
         )
         print(json.dumps(runs[-1]), file=sys.stderr)
@@ -131,7 +142,7 @@ def _predictor(K: int, C: int, n_ads: int) -> Predictor:
     )
     world = CatalogWorld(config, seed=0)
     blk = world.block(0)
-    catalog = Catalog.from_frame(world.catalog_block(blk)[0].to_pandas())
+    catalog = Catalog.from_arrow(world.catalog_block(blk)[0])
     cons = Constraints.from_frame(world.constraint_rows(blk).to_pandas(), catalog)
     torch.manual_seed(0)
     vocab = Vocab.from_catalog(catalog, ())

@@ -7,14 +7,15 @@ component's vocabulary ``Catalog.elements[c]``. Ids are always strings on the wa
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from genco.data import storage
+from genco.data.ids import Candidates, Ids
 from genco.errors import ContractError, UnknownIdError
 
 AD = "ad_id"
@@ -37,46 +38,58 @@ SERVED_REQUIRED = (IMPRESSION_ID, MODEL_VERSION, AD, PROPENSITY)  # + one column
 SERVED_OPTIONAL = (SERVED_MODE, TIMESTAMP)  # + ctx_*
 CLICKS_COLUMNS = (IMPRESSION_ID, CLICK)
 CONSTRAINT_COLUMNS = (AD, "component_a", "element_a", "component_b", "element_b")
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _fail(path: str, message: str) -> ContractError:
     return ContractError(f"{path}: {message}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Catalog:
-    """Candidate elements of every ad, integer coded.
+    """Candidate elements of every ad, integer coded, held in arrays (no Python object per
+    id or per row, so a 15M-row catalog fits in a few hundred MB).
 
     components: component names in order of first appearance (the generator's decoding order).
-    ads: ad ids in order of first appearance.
-    elements[c]: vocabulary of element ids of component c (shared by all ads).
+    ads: ad ids in order of first appearance (``Ids``: one Arrow string array, a sequence of
+        str; codes through its hash index).
+    elements[c]: vocabulary of element ids of component c (shared by all ads), an ``Ids``.
     features[c]: (n_elements[c], n_features) float64, the ``feat_*`` columns (zeros when absent).
-    candidates[a][c]: sorted int64 codes of the elements ad a may show in component c.
+    candidates[a][c]: sorted int64 codes of the elements ad a may show in component c
+        (``Candidates``: one ragged array; ``candidates.component(c)`` gives them all at once).
+
+    Built from tuples of str and nested tuples of arrays too (small catalogs, tests).
     """
 
     components: tuple[str, ...]
-    ads: tuple[str, ...]
-    elements: tuple[tuple[str, ...], ...]
+    ads: Ids
+    elements: tuple[Ids, ...]
     feature_names: tuple[str, ...]
     features: tuple[np.ndarray, ...]
-    candidates: tuple[tuple[np.ndarray, ...], ...]
-    _ad_index: dict[str, int] = field(repr=False, compare=False, default_factory=dict)
-    _element_index: tuple[dict[str, int], ...] = field(
-        repr=False, compare=False, default_factory=tuple
-    )
+    candidates: Candidates
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_ad_index", {a: i for i, a in enumerate(self.ads)})
+        set_ = object.__setattr__
+        set_(self, "components", tuple(self.components))
+        set_(self, "feature_names", tuple(self.feature_names))
+        if not isinstance(self.ads, Ids):
+            set_(self, "ads", Ids(self.ads))
+        set_(self, "elements", tuple(e if isinstance(e, Ids) else Ids(e) for e in self.elements))
+        if not isinstance(self.candidates, Candidates):
+            set_(self, "candidates", Candidates.from_nested(self.candidates, len(self.components)))
 
-    def _elements_index(self) -> tuple[dict[str, int], ...]:
-        """Element id -> code per component, built on first use: at catalog scale (millions
-        of elements) it is the catalog's largest structure, and bulk readers (ingest, batch
-        recommend) look ids up in hash indexes of their own instead."""
-        if not self._element_index:
-            index = tuple({e: i for i, e in enumerate(v)} for v in self.elements)
-            object.__setattr__(self, "_element_index", index)
-        return self._element_index
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Catalog):
+            return NotImplemented
+        return (
+            self.components == other.components
+            and self.feature_names == other.feature_names
+            and self.ads == other.ads
+            and self.elements == other.elements
+            and self.candidates == other.candidates
+            and all(np.array_equal(a, b) for a, b in zip(self.features, other.features))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
     @property
     def n_components(self) -> int:
@@ -86,23 +99,33 @@ class Catalog:
     def n_ads(self) -> int:
         return len(self.ads)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the catalog's arrays (and the hash indexes built so far)."""
+        return (
+            self.ads.nbytes
+            + sum(e.nbytes for e in self.elements)
+            + sum(f.nbytes for f in self.features)
+            + self.candidates.nbytes
+        )
+
     def ad_code(self, ad_id: str) -> int:
-        """Code of an ad id; KeyError with the id when it is not in the catalog."""
-        try:
-            return self._ad_index[ad_id]
-        except KeyError:
-            raise UnknownIdError(f"ad_id '{ad_id}' is not in the catalog") from None
+        """Code of an ad id; UnknownIdError with the id when it is not in the catalog."""
+        code = self.ads.code(ad_id) if isinstance(ad_id, str) else -1
+        if code < 0:
+            raise UnknownIdError(f"ad_id '{ad_id}' is not in the catalog")
+        return code
 
     def element_code(self, component: int, element_id: str) -> int:
-        try:
-            return self._elements_index()[component][element_id]
-        except KeyError:
+        code = self.elements[component].code(element_id) if isinstance(element_id, str) else -1
+        if code < 0:
             raise UnknownIdError(
                 f"element '{element_id}' is not in component '{self.components[component]}'"
-            ) from None
+            )
+        return code
 
     def has_element(self, component: int, element_id: str) -> bool:
-        return element_id in self._elements_index()[component]
+        return element_id in self.elements[component]
 
     def n_combinations(self, ad: int) -> int:
         """Size of the ad's combination space before constraints."""
@@ -110,159 +133,50 @@ class Catalog:
 
     def candidate_keys(self, component: int) -> np.ndarray:
         """Sorted int64 keys ``ad * n_elements + element`` of every (ad, candidate) pair."""
-        n = len(self.elements[component])
-        keys = [a * n + cands[component] for a, cands in enumerate(self.candidates)]
-        return np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+        ads, elems = self.candidates.component(component)
+        return np.sort(ads * len(self.elements[component]) + elems)
+
+    def to_arrow(self) -> pa.Table:
+        """The catalog back in contract form (one row per ad x candidate, ad-major)."""
+        K, cands = self.n_components, self.candidates
+        sizes = np.diff(cands.offsets)  # (n_ads * K,) in (ad, component) order
+        comp = np.tile(np.arange(K), self.n_ads).repeat(sizes)
+        ad = np.arange(self.n_ads).repeat(sizes.reshape(self.n_ads, K).sum(1))
+        elem_ids = pa.chunked_array(
+            [self.elements[k].array.cast(pa.large_string()) for k in range(K)]
+        ).combine_chunks()
+        offsets = np.cumsum([0, *(len(e) for e in self.elements[:-1])])
+        glob = offsets[comp] + cands.values  # position in the concatenated vocabularies
+        cols = {
+            AD: self.ads.array.take(pa.array(ad)),
+            COMPONENT: pa.array(np.asarray(self.components, dtype=object)[comp], pa.string()),
+            ELEMENT: elem_ids.take(pa.array(glob)).cast(pa.string()),
+        }
+        feats = np.concatenate(self.features) if K else np.zeros((0, 0))
+        for j, name in enumerate(self.feature_names):
+            cols[name] = pa.array(feats[glob, j])
+        return pa.table(cols)
 
     def to_frame(self) -> pd.DataFrame:
         """The catalog back in contract form (one row per ad x candidate)."""
-        rows: list[tuple] = []
-        for a, ad in enumerate(self.ads):
-            for c, comp in enumerate(self.components):
-                for e in self.candidates[a][c]:
-                    rows.append((ad, comp, self.elements[c][e], *self.features[c][e].tolist()))
-        cols = [AD, COMPONENT, ELEMENT, *self.feature_names]
-        return pd.DataFrame(rows, columns=cols)
+        return self.to_arrow().to_pandas()
+
+    @staticmethod
+    def from_arrow(table: pa.Table, path: str = "catalog") -> Catalog:
+        """Build and validate a catalog from its contract table. Errors name path, row, value."""
+        from genco.data.catalog_table import catalog_parts  # it reads this module's names
+
+        p = catalog_parts(table, path)
+        return Catalog(p.components, p.ads, p.elements, p.feature_names, p.features, p.candidates)
 
     @staticmethod
     def from_frame(df: pd.DataFrame, path: str = "catalog") -> Catalog:
         """Build and validate a catalog from its contract table. Errors name path, row, value."""
-        ids = _checked_ids(df, path)
-        feature_names, feats = _checked_features(df, path)
-        components = tuple(pd.unique(ids[COMPONENT]))
-        ads = tuple(pd.unique(ids[AD]))
-        comp_code = pd.Categorical(ids[COMPONENT], categories=list(components)).codes
-        ad_code = pd.Categorical(ids[AD], categories=list(ads)).codes
-        elements, features, elem_codes = [], [], np.zeros(len(df), dtype=np.int64)
-        for c in range(len(components)):
-            rows = np.flatnonzero(comp_code == c)
-            vocab, codes, f = _element_vocabulary(ids[ELEMENT].to_numpy()[rows], feats[rows])
-            # The same element must carry the same features wherever it appears.
-            mismatch = np.any(np.abs(f[codes] - feats[rows]) > 1e-9, axis=1)
-            if mismatch.any():
-                row = int(rows[np.flatnonzero(mismatch)[0]]) + 1
-                raise _fail(
-                    path,
-                    f"row {row}: element '{ids[ELEMENT].iloc[row - 1]}' of component "
-                    f"'{components[c]}' has features that differ from its earlier rows",
-                )
-            elem_codes[rows] = codes
-            elements.append(vocab)
-            features.append(f)
-        candidates = _ad_candidates(ad_code, comp_code, elem_codes, len(ads), len(components))
-        empty = [
-            (a, c) for a, per in enumerate(candidates) for c, e in enumerate(per) if not len(e)
-        ]
-        if empty:
-            a, c = empty[0]
-            raise _fail(path, f"ad_id '{ads[a]}' has no candidate for component '{components[c]}'")
-        return Catalog(
-            components=components,
-            ads=ads,
-            elements=tuple(elements),
-            feature_names=feature_names,
-            features=tuple(features),
-            candidates=tuple(candidates),
-        )
-
-
-def _checked_ids(df: pd.DataFrame, path: str) -> pd.DataFrame:
-    """The id columns as strings, after the table-level checks: columns, empties, component
-    names, duplicates."""
-    for col in (AD, COMPONENT, ELEMENT):
-        if col not in df.columns:
-            raise _fail(path, f"missing required column '{col}'")
-    if len(df) == 0:
-        raise _fail(path, "file has no rows")
-    extra = [
-        c
-        for c in df.columns
-        if c not in (AD, COMPONENT, ELEMENT) and not c.startswith(FEATURE_PREFIX)
-    ]
-    if extra:
-        raise _fail(
-            path,
-            f"unexpected column '{extra[0]}' (allowed: ad_id, component, element_id, feat_*)",
-        )
-    ids = df[[AD, COMPONENT, ELEMENT]].astype("string")
-    for col in (AD, COMPONENT, ELEMENT):
-        empty = ids[col].isna() | (ids[col].str.strip() == "")
-        if empty.any():
-            row = int(np.flatnonzero(empty.to_numpy())[0]) + 1
-            raise _fail(path, f"row {row}: column '{col}' is empty")
-    bad_comp = ~ids[COMPONENT].str.match(_NAME_RE.pattern)
-    if bad_comp.any():
-        row = int(np.flatnonzero(bad_comp.to_numpy())[0]) + 1
-        raise _fail(
-            path,
-            f"row {row}: component '{ids[COMPONENT].iloc[row - 1]}' must be a column-safe "
-            "name (letters, digits, underscore; not starting with a digit)",
-        )
-    reserved = {AD, CLICK, PROPENSITY, TIMESTAMP, REVENUE, "rank", "score"}
-    for comp in ids[COMPONENT].unique():
-        if comp in reserved or comp.startswith((CONTEXT_PREFIX, FEATURE_PREFIX)):
-            raise _fail(path, f"component '{comp}' clashes with a contract column name")
-    dup = ids.duplicated(keep="first")
-    if dup.any():
-        row = int(np.flatnonzero(dup.to_numpy())[0]) + 1
-        r = ids.iloc[row - 1]
-        raise _fail(
-            path,
-            f"row {row}: duplicate candidate (ad_id '{r[AD]}', component '{r[COMPONENT]}', "
-            f"element_id '{r[ELEMENT]}')",
-        )
-    return ids
-
-
-def _checked_features(df: pd.DataFrame, path: str) -> tuple[tuple[str, ...], np.ndarray]:
-    """The ``feat_*`` column names and values, (n_rows, n_features) float64, all finite."""
-    feature_names = tuple(c for c in df.columns if c.startswith(FEATURE_PREFIX))
-    feats = np.zeros((len(df), len(feature_names)), dtype=np.float64)
-    for j, col in enumerate(feature_names):
-        raw = df[col]
-        num = pd.to_numeric(raw, errors="coerce")
-        bad = num.isna() | ~np.isfinite(num.to_numpy(dtype=np.float64, na_value=np.nan))
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0]) + 1
-            raise _fail(
-                path, f"row {row}: column '{col}' value '{raw.iloc[row - 1]}' is not numeric"
-            )
-        feats[:, j] = num.to_numpy(dtype=np.float64)
-    return feature_names, feats
-
-
-def _element_vocabulary(
-    element_ids: np.ndarray, feats: np.ndarray
-) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
-    """One component's rows -> (vocabulary in first-appearance order, each row's element code,
-    (n_elements, n_features) features of each element's first row).
-
-    First-appearance order keeps codes stable for a given file."""
-    vocab, inv = np.unique(element_ids.astype(str), return_inverse=True)
-    first = np.full(len(vocab), len(element_ids), dtype=np.int64)
-    np.minimum.at(first, inv, np.arange(len(element_ids)))
-    order = np.argsort(first, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    f = np.zeros((len(vocab), feats.shape[1]), dtype=np.float64)
-    f[rank] = feats[first]
-    return tuple(vocab[order].tolist()), rank[inv], f
-
-
-def _ad_candidates(
-    ad_code: np.ndarray, comp_code: np.ndarray, elem_codes: np.ndarray, n_ads: int, n_comp: int
-) -> tuple[tuple[np.ndarray, ...], ...]:
-    """Rows -> per ad, per component, the sorted element codes (empty where it has none): one
-    sort of the rows by (ad, component, element), then slices, so the cost grows with the
-    rows, not with ads x rows."""
-    order = np.lexsort((elem_codes, comp_code, ad_code))
-    key = ad_code[order].astype(np.int64) * n_comp + comp_code[order]
-    bounds = np.searchsorted(key, np.arange(n_ads * n_comp + 1))
-    codes = elem_codes[order]
-    return tuple(
-        tuple(codes[bounds[a * n_comp + c] : bounds[a * n_comp + c + 1]] for c in range(n_comp))
-        for a in range(n_ads)
-    )
+        df = df.copy(deep=False)
+        for col in df.columns:  # ids as text; a mixed feature column as text, checked per row
+            if col in (AD, COMPONENT, ELEMENT) or not pd.api.types.is_numeric_dtype(df[col]):
+                df[col] = df[col].astype("string")
+        return Catalog.from_arrow(pa.Table.from_pandas(df, preserve_index=False), path)
 
 
 def code_maps(
@@ -273,13 +187,21 @@ def code_maps(
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Maps from ``catalog``'s codes to the codes of the same ids in (ads, components,
     elements): ad code map (n_ads,) and, per catalog component, an element code map."""
-    ad_index = {a: i for i, a in enumerate(ads)}
-    ad_map = np.array([ad_index[a] for a in catalog.ads], dtype=np.int64)
-    elem_maps = []
-    for k, comp in enumerate(catalog.components):
-        index = {e: i for i, e in enumerate(elements[list(components).index(comp)])}
-        elem_maps.append(np.array([index[e] for e in catalog.elements[k]], dtype=np.int64))
+    ad_map = _code_map(ads, catalog.ads)
+    elem_maps = [
+        _code_map(elements[list(components).index(comp)], catalog.elements[k])
+        for k, comp in enumerate(catalog.components)
+    ]
     return ad_map, elem_maps
+
+
+def _code_map(target: Sequence[str], ids: Ids) -> np.ndarray:
+    """(len(ids),) code in ``target`` of each of ``ids``; KeyError naming one that is absent."""
+    target = target if isinstance(target, Ids) else Ids(target)
+    codes = target.codes(ids.array)
+    if (codes < 0).any():
+        raise KeyError(ids[int(np.flatnonzero(codes < 0)[0])])
+    return codes
 
 
 @dataclass(frozen=True)
@@ -380,46 +302,71 @@ class Constraints:
         extra = [c for c in df.columns if c not in CONSTRAINT_COLUMNS]
         if extra:
             raise _fail(path, f"unexpected column '{extra[0]}'")
-        cols: dict[str, list[int]] = {k: [] for k in ("ad", "ca", "ea", "cb", "eb")}
-        comp_index = {c: i for i, c in enumerate(catalog.components)}
-        for i, rec in enumerate(df.astype("string").itertuples(index=False), start=1):
-            ad, ca, ea, cb, eb = (None if pd.isna(v) else str(v) for v in rec)
-            for name, v in zip(CONSTRAINT_COLUMNS, (ad, ca, ea, cb, eb)):
-                if v is None or v.strip() == "":
-                    raise _fail(path, f"row {i}: column '{name}' is empty")
-            if ad == ANY_AD:
-                a = -1
-            elif ad in catalog._ad_index:
-                a = catalog._ad_index[ad]
-            else:
-                raise _fail(path, f"row {i}: ad_id '{ad}' is not in the catalog")
-            codes = []
-            for cname, ename, comp, elem in (
-                ("component_a", "element_a", ca, ea),
-                ("component_b", "element_b", cb, eb),
-            ):
-                if comp not in comp_index:
-                    raise _fail(path, f"row {i}: {cname} '{comp}' is not a catalog component")
-                c = comp_index[comp]
-                if not catalog.has_element(c, elem):
-                    raise _fail(
-                        path, f"row {i}: {ename} '{elem}' is not an element of component '{comp}'"
-                    )
-                codes.append((c, catalog.element_code(c, elem)))
-            (c1, e1), (c2, e2) = codes
-            if c1 == c2:
-                raise _fail(path, f"row {i}: component_a and component_b are both '{ca}'")
-            if c1 > c2:
-                (c1, e1), (c2, e2) = (c2, e2), (c1, e1)
-            for k, v in zip(cols, (a, c1, e1, c2, e2)):
-                cols[k].append(v)
-        arr = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
-        return Constraints(arr["ad"], arr["ca"], arr["ea"], arr["cb"], arr["eb"])
+        return _constraints(df.astype("string"), catalog, path)
+
+
+def _constraints(df: pd.DataFrame, catalog: Catalog, path: str) -> Constraints:
+    """Code every row at once (the catalog's hash indexes); on a bad row, the row-by-row
+    checks of the first one name it."""
+    text = {c: df[c].to_numpy(dtype=object, na_value=None) for c in CONSTRAINT_COLUMNS}
+    bad = np.zeros(len(df), bool)
+    for c in CONSTRAINT_COLUMNS:
+        bad |= df[c].isna().to_numpy() | (df[c].str.strip() == "").fillna(True).to_numpy()
+    text = {c: np.where(bad, "", v) for c, v in text.items()}
+    any_ad = text[AD] == ANY_AD
+    ad = np.where(any_ad, -1, catalog.ads.codes(text[AD]))
+    bad |= ~any_ad & (ad < 0)
+    comp_index = {c: i for i, c in enumerate(catalog.components)}
+    comp, elem = {}, {}
+    for side in ("a", "b"):
+        comp[side] = np.array([comp_index.get(c, -1) for c in text[f"component_{side}"]], np.int64)
+        elem[side] = np.full(len(df), -1, np.int64)
+        for k in range(catalog.n_components):
+            rows = np.flatnonzero(comp[side] == k)
+            elem[side][rows] = catalog.elements[k].codes(text[f"element_{side}"][rows])
+        bad |= (comp[side] < 0) | (elem[side] < 0)
+    bad |= comp["a"] == comp["b"]
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise _row_error(df.iloc[i], i + 1, catalog, comp_index, path)
+    swap = comp["a"] > comp["b"]
+    ca, cb = np.where(swap, comp["b"], comp["a"]), np.where(swap, comp["a"], comp["b"])
+    ea, eb = np.where(swap, elem["b"], elem["a"]), np.where(swap, elem["a"], elem["b"])
+    return Constraints(ad.astype(np.int64), ca, ea, cb, eb)
+
+
+def _row_error(rec: pd.Series, i: int, catalog: Catalog, comp_index: dict, path: str):
+    """The first failing check of one constraints row, as its ContractError."""
+    ad, ca, ea, cb, eb = (None if pd.isna(rec[c]) else str(rec[c]) for c in CONSTRAINT_COLUMNS)
+    for name, v in zip(CONSTRAINT_COLUMNS, (ad, ca, ea, cb, eb)):
+        if v is None or v.strip() == "":
+            return _fail(path, f"row {i}: column '{name}' is empty")
+    if ad != ANY_AD and ad not in catalog.ads:
+        return _fail(path, f"row {i}: ad_id '{ad}' is not in the catalog")
+    for cname, ename, comp, elem in (
+        ("component_a", "element_a", ca, ea),
+        ("component_b", "element_b", cb, eb),
+    ):
+        if comp not in comp_index:
+            return _fail(path, f"row {i}: {cname} '{comp}' is not a catalog component")
+        if not catalog.has_element(comp_index[comp], elem):
+            return _fail(path, f"row {i}: {ename} '{elem}' is not an element of component '{comp}'")
+    return _fail(path, f"row {i}: component_a and component_b are both '{ca}'")
 
 
 def load_catalog(path: str, client=None) -> Catalog:
-    """Read and validate a catalog file (CSV or Parquet, local or gs://)."""
-    return Catalog.from_frame(_read_strings(path, client), path)
+    """Read and validate a catalog file (CSV or Parquet, local or gs://), with pyarrow
+    directly: no pandas frame of the catalog's rows."""
+    try:
+        table = storage.read_arrow(path, client=client)
+    except FileNotFoundError as exc:
+        raise ContractError(f"{path}: file not found") from exc
+    except (ValueError, OSError) as exc:  # the reader's (or storage's) word for a bad file
+        raise ContractError(f"{path}: cannot read: {exc}") from exc
+    catalog = Catalog.from_arrow(table, path)
+    del table
+    pa.default_memory_pool().release_unused()  # the file's table: back to the system now
+    return catalog
 
 
 def load_constraints(path: str | None, catalog: Catalog, client=None) -> Constraints:
@@ -430,7 +377,8 @@ def load_constraints(path: str | None, catalog: Catalog, client=None) -> Constra
 
 
 def _read_strings(path: str, client=None) -> pd.DataFrame:
-    """Read a small table with every id column as string (``0`` stays ``"0"``)."""
+    """Read a small table (constraints) with every id column as string (``0`` stays
+    ``"0"``)."""
     try:
         if storage.table_format(path) == "csv":
             # Read everything as text; numeric columns are converted by the caller so that a

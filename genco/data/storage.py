@@ -24,6 +24,8 @@ project, credentials and endpoint are reused; by default one shared filesystem p
 from __future__ import annotations
 
 import contextlib
+import csv
+import gzip
 import json
 import os
 import tempfile
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
@@ -351,14 +354,55 @@ def read_table(
     return df.astype(dtype) if dtype else df
 
 
-def write_table(df: pd.DataFrame, path: str, client: Client | None = None) -> None:
-    """Atomically write a table in the format its extension names."""
+def read_arrow(path: str, client: Client | None = None) -> pa.Table:
+    """Read a csv / csv.gz / parquet table as an Arrow table, without pandas (catalog scale:
+    15M rows as a frame of Python strings cost GiBs). CSV columns are all read as text, with
+    only the empty field as missing, as ``read_table(dtype=str)``; parquet keeps its types."""
+    if table_format(path) == "parquet":
+        if is_remote(path):
+            return pq.read_table(pa.BufferReader(read_bytes(path, client)))
+        return pq.read_table(path)
+    with open_read(path, client) as raw:
+        f = gzip.GzipFile(fileobj=raw) if path.lower().endswith(".gz") else raw
+        header = f.readline().decode("utf-8-sig").rstrip("\r\n")
+        if not header:
+            raise ValueError("no header line")
+        names = next(csv.reader([header]))
+        try:
+            return pacsv.read_csv(
+                f,
+                read_options=pacsv.ReadOptions(column_names=names),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={n: pa.string() for n in names},
+                    null_values=[""],
+                    strings_can_be_null=True,
+                ),
+            )
+        except pa.ArrowInvalid as exc:
+            if not str(exc).startswith("Empty CSV file"):
+                raise
+            return pa.table({n: pa.array([], pa.string()) for n in names})  # a header alone
+
+
+def write_table(df: pd.DataFrame | pa.Table, path: str, client: Client | None = None) -> None:
+    """Atomically write a table in the format its extension names. An Arrow table is
+    written by pyarrow (no pandas frame: a catalog snapshot at scale)."""
     fmt = table_format(path)
     # Through a temp file rather than bytes in memory: click-log tables can be
     # large, and a file lets the stores use resumable / multipart uploads for them.
     suffix = ".csv.gz" if path.lower().endswith(".gz") else f".{fmt}"
     with atomic_local_path(path, client, suffix=suffix) as tmp:
-        if fmt == "csv":
+        if isinstance(df, pa.Table):
+            if fmt != "csv":
+                pq.write_table(df, tmp)
+                return
+            options = pacsv.WriteOptions(quoting_style="needed")
+            if suffix.endswith(".gz"):
+                with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+                    pacsv.write_csv(df, f, options)
+            else:
+                pacsv.write_csv(df, tmp, options)
+        elif fmt == "csv":
             # mtime=0 keeps .csv.gz bytes identical for identical tables.
             compression = {"method": "gzip", "mtime": 0} if suffix.endswith(".gz") else None
             df.to_csv(tmp, index=False, compression=compression)

@@ -88,9 +88,8 @@ def _plan(predictor: Predictor, shard: tuple[int, int], contexts: pd.DataFrame |
     missing = [c for c in want if c not in contexts.columns]
     if missing:
         raise ConfigError(f"contexts: missing column '{missing[0]}' the model needs")
-    index = pd.Index(np.asarray(predictor.catalog.ads, dtype=object), dtype=object)
     ids = contexts[AD].astype(str)
-    codes = index.get_indexer(pd.Index(ids.to_numpy(dtype=object), dtype=object))
+    codes = predictor.catalog.ads.codes(ids.to_numpy(dtype=object))
     if (codes < 0).any():
         row = int(np.flatnonzero(codes < 0)[0])
         raise UnknownIdError(
@@ -125,8 +124,8 @@ def _chunks(predictor: Predictor, plan: _Plan, top_k: int, chunk_ads: int) -> It
         raise ConfigError(f"chunk_ads must be >= 1, got {chunk_ads}")
     cat = predictor.catalog
     schema = _schema(predictor, plan)
-    ad_ids = pa.array(cat.ads, pa.string())
-    vocab = [pa.array(v, pa.string()) for v in cat.elements]
+    ad_ids = cat.ads.array
+    vocab = [v.array for v in cat.elements]
     x32 = None if plan.x is None else plan.x.astype(np.float32)
     # Chunk boundaries fall between ads, so an ad's context rows share one chunk.
     edges = np.flatnonzero(np.diff(plan.codes)) + 1

@@ -26,7 +26,13 @@ from genco.models.legal import LegalMasks
 from genco.models.optim import Optimizers, set_sparse
 from genco.models.policy_tables import PolicyTables, no_legal_element
 from genco.models.tables import TableCache
-from genco.models.vocab import Vocab, check_catalog, fit_scalers, register_vocab_buffers
+from genco.models.vocab import (
+    Vocab,
+    check_catalog,
+    fit_scalers,
+    id_map,
+    register_vocab_buffers,
+)
 
 CREDITS = ("combination", "element", "counterfactual")
 
@@ -123,16 +129,15 @@ class BoundGenerator:
         check_catalog(vocab, catalog, "generator")
         self.model, self.catalog = model, catalog
         self.masks = LegalMasks(catalog, constraints)
-        ad_index = {a: i for i, a in enumerate(vocab.ads)}
-        self.ad_map = torch.tensor([ad_index.get(a, len(vocab.ads)) for a in catalog.ads])
+        ad_codes = id_map(vocab.ads, catalog.ads)
+        self.ad_map = torch.as_tensor(np.where(ad_codes < 0, len(vocab.ads), ad_codes))
         # Per component: (n_ads, M_k) model element index and (n_ads, M_k, F) raw features.
         self.slot_elem, self.slot_feat = [], []
         for k in range(catalog.n_components):
-            index = {e: i for i, e in enumerate(vocab.elements[k])}
+            codes = id_map(vocab.elements[k], catalog.elements[k])
             off = int(model.offsets[k])
-            lut = torch.tensor(
-                [off + index[e] if e in index else model.n_elements for e in catalog.elements[k]]
-                + [model.n_elements]
+            lut = torch.as_tensor(
+                np.append(np.where(codes < 0, model.n_elements, off + codes), model.n_elements)
             )
             slots = self.masks.slots[k]  # -1 padding -> last lut entry (unknown, zero)
             self.slot_elem.append(lut[slots])

@@ -25,9 +25,10 @@ class SlotIndex:
 
     def __init__(self, catalog: Catalog, k: int) -> None:
         self.n = len(catalog.elements[k])
-        per_ad = [catalog.candidates[a][k] for a in range(catalog.n_ads)]
-        keys = np.concatenate([a * self.n + np.asarray(c, np.int64) for a, c in enumerate(per_ad)])
-        slots = np.concatenate([np.arange(len(c)) for c in per_ad])
+        ads, elems = catalog.candidates.component(k)  # ad-major, elements sorted per ad
+        sizes = catalog.candidates.sizes(k)
+        slots = np.arange(len(ads)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        keys = ads * self.n + elems
         order = np.argsort(keys, kind="stable")
         self.keys, self.slots = keys[order], slots[order]
 
@@ -85,16 +86,14 @@ class LegalMasks:
         K = catalog.n_components
         self.K = K
         self.n_ads = catalog.n_ads
-        self.M = [max(len(c[k]) for c in catalog.candidates) for k in range(K)]
+        self.M = [int(catalog.candidates.sizes(k).max()) for k in range(K)]
         # slots[k]: (n_ads, M_k) catalog element code in each slot, -1 for padding
         self.slots: list[torch.Tensor] = []
         self.valid: list[torch.Tensor] = []
         for k in range(K):
-            sizes = np.array([len(c[k]) for c in catalog.candidates])
+            sizes = catalog.candidates.sizes(k)
             s = np.full((catalog.n_ads, self.M[k]), -1, dtype=np.int64)
-            s[np.arange(self.M[k])[None, :] < sizes[:, None]] = np.concatenate(
-                [c[k] for c in catalog.candidates]
-            )
+            s[np.arange(self.M[k])[None, :] < sizes[:, None]] = catalog.candidates.component(k)[1]
             self.slots.append(torch.as_tensor(s))
             self.valid.append(torch.as_tensor(s >= 0))
         self.slot_of = [SlotIndex(catalog, k) for k in range(K)]

@@ -28,7 +28,7 @@ from genco.data.contract import Catalog
 from genco.models.chunk_tables import RewardFold
 from genco.models.optim import set_sparse
 from genco.models.tables import RewardTables
-from genco.models.vocab import Vocab, check_catalog, register_vocab_buffers
+from genco.models.vocab import Vocab, check_catalog, id_map, register_vocab_buffers
 
 
 @dataclass(frozen=True)
@@ -280,27 +280,24 @@ class BoundModel:
     def __init__(self, model: RewardModel, catalog: Catalog, allow_unknown_ads: bool = False):
         vocab = model.vocab
         check_catalog(vocab, catalog, "reward model")
-        ad_index = {a: i for i, a in enumerate(vocab.ads)}
-        unknown = [a for a in catalog.ads if a not in ad_index]
-        if unknown and not allow_unknown_ads:
+        ad_codes = id_map(vocab.ads, catalog.ads)
+        if (ad_codes < 0).any() and not allow_unknown_ads:
             raise ValueError(
-                f"ad_id '{unknown[0]}' is not known to the reward model (trained on "
-                f"{len(vocab.ads)} ads); retrain, or allow unknown ads to score them with the "
-                "average appeal"
+                f"ad_id '{catalog.ads[int(np.flatnonzero(ad_codes < 0)[0])]}' is not known to "
+                f"the reward model (trained on {len(vocab.ads)} ads); retrain, or allow unknown "
+                "ads to score them with the average appeal"
             )
         self.model = model
         self.catalog = catalog
-        self.ad_map = torch.tensor([ad_index.get(a, len(vocab.ads)) for a in catalog.ads])
+        self.ad_map = torch.as_tensor(np.where(ad_codes < 0, len(vocab.ads), ad_codes))
         maps, feats = [], []
         for k in range(catalog.n_components):
-            index = {e: i for i, e in enumerate(vocab.elements[k])}
+            codes = id_map(vocab.elements[k], catalog.elements[k])
             off = int(model.offsets[k])
-            maps.append(
-                [off + index[e] if e in index else model.n_elements for e in catalog.elements[k]]
-            )
+            maps.append(np.where(codes < 0, model.n_elements, off + codes))
             feats.append(torch.as_tensor(catalog.features[k], dtype=torch.float32))
         self.cat_offsets = np.cumsum([0, *[len(m) for m in maps[:-1]]])
-        self.elem_map = torch.tensor([i for m in maps for i in m], dtype=torch.long)
+        self.elem_map = torch.as_tensor(np.concatenate(maps), dtype=torch.long)
         F = max(len(catalog.feature_names), 1)
         self.feat_table = torch.cat(
             [f if f.shape[1] else torch.zeros(len(f), F) for f in feats]

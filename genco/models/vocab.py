@@ -7,7 +7,7 @@ here are shared by the reward model and the generator.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from genco.data.contract import AD, CLICK, CONTEXT_PREFIX, PROPENSITY, TIMESTAMP, Catalog
+from genco.data.ids import Ids
 from genco.errors import CatalogMismatchError, ContractError
 
 
@@ -22,11 +23,18 @@ from genco.errors import CatalogMismatchError, ContractError
 class Vocab:
     """What the model was trained on: ids in code order, feature and context columns."""
 
-    ads: tuple[str, ...]
+    ads: Ids
     components: tuple[str, ...]
-    elements: tuple[tuple[str, ...], ...]
+    elements: tuple[Ids, ...]
     feature_names: tuple[str, ...]
     context_columns: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        # ids in Arrow arrays, as the catalog's: no Python string per id once loaded
+        if not isinstance(self.ads, Ids):
+            object.__setattr__(self, "ads", Ids(self.ads))
+        elements = tuple(e if isinstance(e, Ids) else Ids(e) for e in self.elements)
+        object.__setattr__(self, "elements", elements)
 
     @staticmethod
     def from_catalog(catalog: Catalog, context_columns: tuple[str, ...]) -> Vocab:
@@ -40,16 +48,19 @@ class Vocab:
 
     def to_dict(self) -> dict:
         return {
-            k: [list(x) if isinstance(x, tuple) else x for x in v] if k == "elements" else list(v)
-            for k, v in asdict(self).items()
+            "ads": self.ads.tolist(),
+            "components": list(self.components),
+            "elements": [e.tolist() for e in self.elements],
+            "feature_names": list(self.feature_names),
+            "context_columns": list(self.context_columns),
         }
 
     @staticmethod
     def from_dict(d: dict) -> Vocab:
         return Vocab(
-            tuple(d["ads"]),
+            Ids(d["ads"]),
             tuple(d["components"]),
-            tuple(tuple(e) for e in d["elements"]),
+            tuple(Ids(e) for e in d["elements"]),
             tuple(d["feature_names"]),
             tuple(d["context_columns"]),
         )
@@ -91,13 +102,13 @@ def encode(
     for col in (AD, *catalog.components, CLICK):
         if col not in impressions.columns:
             raise ContractError(f"impressions: missing column '{col}'")
-    ads = pd.Index(catalog.ads).get_indexer(impressions[AD].astype(str))
+    ads = catalog.ads.codes(impressions[AD].astype(str).to_numpy(dtype=object))
     if (ads < 0).any():
         bad = impressions[AD].astype(str).to_numpy()[np.flatnonzero(ads < 0)[0]]
         raise ContractError(f"impressions: ad_id '{bad}' is not in the catalog")
     combos = np.zeros((len(impressions), catalog.n_components), dtype=np.int64)
     for k, comp in enumerate(catalog.components):
-        codes = pd.Index(catalog.elements[k]).get_indexer(impressions[comp].astype(str))
+        codes = catalog.elements[k].codes(impressions[comp].astype(str).to_numpy(dtype=object))
         if (codes < 0).any():
             bad = impressions[comp].astype(str).to_numpy()[np.flatnonzero(codes < 0)[0]]
             raise ContractError(f"impressions: {comp} '{bad}' is not an element of '{comp}'")
@@ -116,6 +127,14 @@ def encode(
     prop = impressions[PROPENSITY].to_numpy(np.float64) if PROPENSITY in impressions else None
     ts = impressions[TIMESTAMP].to_numpy(np.float64) if TIMESTAMP in impressions else None
     return Encoded(ads.astype(np.int64), combos, ctx, click, prop, ts, tuple(context_columns))
+
+
+def id_map(model_ids: Ids, catalog_ids: Ids) -> np.ndarray:
+    """(len(catalog_ids),) int64 code in the model's vocabulary of each catalog id, -1 where
+    the model does not know it: one vectorized lookup (the same ids: no lookup at all)."""
+    if model_ids is catalog_ids or model_ids == catalog_ids:
+        return np.arange(len(catalog_ids), dtype=np.int64)
+    return model_ids.codes(catalog_ids.array)
 
 
 def register_vocab_buffers(module: nn.Module, vocab: Vocab) -> tuple[int, int, int]:

@@ -161,9 +161,9 @@ def _served_frames(
     cat, n = t.catalog, len(ads)
     ids = np.array([f"r{r}-{i}" for i in range(n)], dtype=object)
     data: dict = {IMPRESSION_ID: ids, MODEL_VERSION: version}
-    data[AD] = np.asarray(cat.ads, dtype=object)[ads]
+    data[AD] = cat.ads.take(ads)
     for k, comp in enumerate(cat.components):
-        data[comp] = np.asarray(cat.elements[k], dtype=object)[combos[:, k]]
+        data[comp] = cat.elements[k].take(combos[:, k])
     data[PROPENSITY] = prop
     data["mode"] = "sample"
     data[TIMESTAMP] = T0 + r * DAY + np.arange(n) * (DAY / n)
@@ -209,7 +209,7 @@ def run_loop(
     world_dir = os.path.join(out_dir, "world")
     storage.makedirs(world_dir)
     catalog_path = os.path.join(world_dir, "catalog.csv")
-    storage.write_table(t.catalog.to_frame(), catalog_path)
+    storage.write_table(t.catalog.to_arrow(), catalog_path)
     constraints_path = ""
     if len(t.constraints):
         constraints_path = os.path.join(world_dir, "constraints.csv")

@@ -132,7 +132,7 @@ def ingest_step(
         raise ContractError(f"{impressions_path}: no valid impressions to train on")
     summary.update(window_days=window_days, rows_in_window=rows)
     storage.write_json(storage.join(out_dir, SUMMARY_FILE), summary, client=client)
-    storage.write_table(catalog.to_frame(), storage.join(out_dir, CATALOG), client=client)
+    storage.write_table(catalog.to_arrow(), storage.join(out_dir, CATALOG), client=client)
     storage.write_table(
         constraints.to_frame(catalog), storage.join(out_dir, CONSTRAINTS), client=client
     )

@@ -35,9 +35,9 @@ def impression_attributions(bound: BoundModel, enc: Encoded) -> pd.DataFrame:
     cat = bound.catalog
     base, credit = bound.credit(enc.ads, enc.combos, enc.ctx)  # (n,), (n, K)
     creative = credit.sum(1)
-    df = pd.DataFrame({AD: np.asarray(cat.ads, dtype=object)[enc.ads]})
+    df = pd.DataFrame({AD: cat.ads.take(enc.ads)})
     for k, comp in enumerate(cat.components):
-        df[comp] = np.asarray(cat.elements[k], dtype=object)[enc.combos[:, k]]
+        df[comp] = cat.elements[k].take(enc.combos[:, k])
     df[CLICK] = enc.click.astype(np.int8)
     if enc.timestamp is not None:
         df[TIMESTAMP] = enc.timestamp
@@ -135,29 +135,30 @@ def element_table(
     frames = []
     for k, comp in enumerate(cat.components):
         n_el = len(cat.elements[k])
-        # Per (ad, element) sums over the log: key = ad * n_el + element.
+        # Per catalog row (ad, element) sums over the log, rows found by their sorted keys
+        # ad * n_el + element (an ads x elements table would not fit at catalog scale).
+        ads, elems = cat.candidates.component(k)  # ad-major, elements sorted: keys sorted
+        keys = ads * n_el + elems
         key = enc.ads * n_el + enc.combos[:, k]
-        size = cat.n_ads * n_el
-        shows = np.bincount(key, minlength=size)
-        clicks = np.bincount(key, weights=enc.click, minlength=size)
-        credit_sum = np.bincount(key, weights=credit[:, k], minlength=size)
-        info_sum = np.bincount(key, weights=info, minlength=size)
-        ads = np.concatenate([np.full(len(cat.candidates[a][k]), a) for a in range(cat.n_ads)])
-        elems = np.concatenate([cat.candidates[a][k] for a in range(cat.n_ads)])
+        row = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
+        hit = keys[row] == key  # a validated log shows candidates only
+        row, size = row[hit], len(keys)
+        n = np.bincount(row, minlength=size)
+        c = np.bincount(row, weights=enc.click[hit], minlength=size)
+        credit_sum = np.bincount(row, weights=credit[hit, k], minlength=size)
+        i = np.bincount(row, weights=info[hit], minlength=size)
         effect = np.concatenate([effects[a][k] for a in range(cat.n_ads)])
-        at = ads * n_el + elems
-        n, c, i = shows[at], clicks[at], info_sum[at]
         with np.errstate(divide="ignore", invalid="ignore"):
             se = np.where(i > 0, 1.0 / np.sqrt(i), np.nan)
             frame = pd.DataFrame(
                 {
-                    AD: np.asarray(cat.ads, dtype=object)[ads],
+                    AD: cat.ads.take(ads),
                     "component": comp,
-                    "element_id": np.asarray(cat.elements[k], dtype=object)[elems],
+                    "element_id": cat.elements[k].take(elems),
                     "impressions": n,
                     "clicks": c.astype(np.int64),
                     "observed_ctr": np.where(n > 0, c / n, np.nan),
-                    "mean_credit": np.where(n > 0, credit_sum[at] / n, np.nan),
+                    "mean_credit": np.where(n > 0, credit_sum / n, np.nan),
                     "effect": effect,
                     "effect_se": se,
                     "ci_low": effect - 1.96 * se,

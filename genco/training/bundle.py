@@ -97,7 +97,7 @@ def finish_bundle(
     storage.write_json(
         storage.join(out_dir, "generator_metrics.json"), dataclasses.asdict(report), client=client
     )
-    storage.write_table(catalog.to_frame(), storage.join(out_dir, CATALOG), client=client)
+    storage.write_table(catalog.to_arrow(), storage.join(out_dir, CATALOG), client=client)
     storage.write_table(
         constraints.to_frame(catalog), storage.join(out_dir, CONSTRAINTS), client=client
     )

@@ -5,13 +5,13 @@ the one place that knows where the rows come from, so another reader can replace
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from genco.data import fs
 from genco.data.contract import AD, CLICK, PROPENSITY, TIMESTAMP, Catalog
+from genco.data.ids import Ids
 from genco.errors import ContractError
 from genco.models.vocab import Encoded
 
@@ -37,8 +37,9 @@ class ChunkEncoder:
 
     def __init__(self, catalog: Catalog, context_columns: tuple[str, ...]) -> None:
         self.catalog, self.context_columns = catalog, context_columns
-        self.ads = pd.Index(catalog.ads)
-        self.elements = [pd.Index(e) for e in catalog.elements]
+        # the catalog's own hash indexes: no Python string per id
+        self.ads = catalog.ads
+        self.elements = list(catalog.elements)
 
     def columns(self, schema: pa.Schema) -> list[str]:
         cols = [AD, *self.catalog.components, CLICK, *self.context_columns]
@@ -47,12 +48,13 @@ class ChunkEncoder:
             raise ContractError(f"impressions: missing column '{missing[0]}'")
         return cols + [c for c in (PROPENSITY, TIMESTAMP) if c in schema.names]
 
-    def _codes(self, index: pd.Index, values: pa.Array, col: str, first_row: int) -> np.ndarray:
+    def _codes(self, index: Ids, values: pa.Array, col: str, first_row: int) -> np.ndarray:
         # Ids are hashed by Arrow (dictionary encoding, in C++); only the chunk's distinct
         # ids go through the catalog's index.
         if not pa.types.is_dictionary(values.type):
             values = pc.dictionary_encode(values)
-        known = index.get_indexer(values.dictionary.to_numpy(zero_copy_only=False).astype(str))
+        dictionary = values.dictionary.to_numpy(zero_copy_only=False).astype(object)
+        known = index.codes(dictionary)
         codes = known[values.indices.to_numpy(zero_copy_only=False)]
         if (codes < 0).any():
             i = int(np.flatnonzero(codes < 0)[0])

@@ -299,9 +299,9 @@ def log_uniform(world: AesWorld, n: int, seed: int) -> pd.DataFrame:
     ads = np.zeros(n, dtype=np.int64)
     click = (rng.random(n) < truth.ctr(ads, combos)).astype(np.int8)
     ts = T0 + np.sort(rng.random(n)) * 30 * 86_400
-    data: dict[str, object] = {AD: np.asarray(cat.ads, dtype=object)[ads]}
+    data: dict[str, object] = {AD: cat.ads.take(ads)}
     for k, comp in enumerate(cat.components):
-        data[comp] = np.asarray(cat.elements[k], dtype=object)[combos[:, k]]
+        data[comp] = cat.elements[k].take(combos[:, k])
     data[CLICK] = click
     data[PROPENSITY] = np.full(n, 1.0 / world.n_legal)
     data[TIMESTAMP] = np.round(ts, 6)
@@ -341,7 +341,7 @@ def write_aes_world(
         "world": j(out_dir, "world.json"),
     }
     storage.makedirs(out_dir)
-    storage.write_table(world.catalog.to_frame(), files["catalog"])
+    storage.write_table(world.catalog.to_arrow(), files["catalog"])
     storage.write_table(world.constraints.to_frame(world.catalog), files["constraints"])
     log = log_uniform(world, n_impressions, seed)
     storage.write_table(log, files["impressions"])

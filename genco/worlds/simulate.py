@@ -311,9 +311,9 @@ def log_impressions(world: World, n: int, seed: int) -> pd.DataFrame:
     ctr = world.truth.ctr(ads, combos, ctx)
     click = (rng.random(n) < ctr).astype(np.int8)
     ts = T0 + np.sort(rng.random(n)) * 30 * 86_400
-    data: dict[str, object] = {AD: np.asarray(cat.ads, dtype=object)[ads]}
+    data: dict[str, object] = {AD: cat.ads.take(ads)}
     for k, comp in enumerate(cat.components):
-        data[comp] = np.asarray(cat.elements[k], dtype=object)[combos[:, k]]
+        data[comp] = cat.elements[k].take(combos[:, k])
     data[CLICK] = click
     data[PROPENSITY] = propensity
     data[TIMESTAMP] = np.round(ts, 6)
@@ -380,7 +380,7 @@ def simulate(
         world=j(out_dir, "world.json"),
     )
     storage.makedirs(out_dir)
-    storage.write_table(w.catalog.to_frame(), out.catalog, client=client)
+    storage.write_table(w.catalog.to_arrow(), out.catalog, client=client)
     if out.constraints:
         storage.write_table(w.constraints.to_frame(w.catalog), out.constraints, client=client)
     log = log_impressions(w, n, seed)
