@@ -16,7 +16,7 @@ from genco.errors import ConfigError, ContractError
 from genco.evaluation.metrics import log_loss
 from genco.models.checkpoint import load_reward_model
 from genco.models.generator import BoundGenerator, Generator, GeneratorConfig
-from genco.models.optim import Optimizers, resolve_device, set_sparse
+from genco.models.optim import Optimizers, RowAdam, resolve_device, set_sparse
 from genco.models.reward import BoundModel, RewardModel, RewardModelConfig
 from genco.models.vocab import Vocab, encode
 from genco.training.reward_fit import train_reward_model
@@ -74,6 +74,29 @@ def test_sparse_steps_update_only_the_rows_their_batch_touched(world):
         changed = (model.id_ffm.weight.detach() != before).any(1).nonzero()[:, 0]
         # Dense Adam would move batch 0's rows again in step 2 (their momentum); lazy rows not.
         assert sorted(changed.tolist()) == sorted(elem[0].tolist())
+
+
+def test_row_adam_takes_sparse_adams_steps():
+    """The row-gather update is torch's SparseAdam's, step for step (repeated rows in a
+    batch, rows revisited after others moved, and a halved step)."""
+    g = torch.Generator().manual_seed(0)
+    tables = [torch.nn.Embedding(50, 3, sparse=True) for _ in range(2)]
+    tables[1].load_state_dict(tables[0].state_dict())
+    start = tables[0].weight.detach().clone()
+    opts = [torch.optim.SparseAdam(tables[0].parameters(), lr=0.05)]
+    opts.append(RowAdam(tables[1].parameters(), lr=0.05))
+    for step in range(20):
+        idx = torch.randint(0, 50, (64,), generator=g)  # with repeats
+        target = torch.randn(64, 3, generator=g)
+        if step == 10:
+            for o in opts:
+                o.param_groups[0]["lr"] *= 0.5
+        for t, o in zip(tables, opts):
+            o.zero_grad()
+            ((t(idx) - target) ** 2).sum().backward()
+            o.step()
+    assert ((tables[1].weight.detach() - start).abs() > 1e-4).all()  # every row moved
+    torch.testing.assert_close(tables[1].weight, tables[0].weight, rtol=1e-6, atol=1e-7)
 
 
 def test_small_tables_stay_dense_large_ones_go_sparse(world):

@@ -313,7 +313,7 @@ def _stream_epochs(
             bounds = np.linspace(0, len(buf), steps + 1).astype(int)
             w_all = stream.weights(buf)
             for s in range(steps):
-                part = np.arange(bounds[s], bounds[s + 1])
+                part = slice(bounds[s], bounds[s + 1])  # views, not copies
                 ad, elem, feats, x = (
                     v.to(device)
                     for v in bound._inputs(buf.ads[part], buf.combos[part], buf.ctx[part])
@@ -344,7 +344,7 @@ def _stream_epochs(
             print(f"reward model (streamed) {record}", flush=True)
         if plateau.update(model, opt, score, epoch + 1):
             break
-    model.load_state_dict(plateau.best)
+    plateau.best.restore(model)
     with torch.no_grad():
         if world > 1:  # an element is seen when any rank saw it
             seen = seen.to(torch.uint8)
