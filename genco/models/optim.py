@@ -56,7 +56,6 @@ class RowAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None) -> None:
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -64,22 +63,73 @@ class RowAdam(torch.optim.Optimizer):
                 rows, g = grad.indices()[0], grad.values()  # (R,), (R, D)
                 if not len(rows):
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                old_m, old_v = m.index_select(0, rows), v.index_select(0, rows)
-                new_m = g.sub(old_m).mul_(1 - beta1).add_(old_m)
-                new_v = g.pow(2).sub_(old_v).mul_(1 - beta2).add_(old_v)
-                m.index_copy_(0, rows, new_m)
-                v.index_copy_(0, rows, new_v)
-                bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
-                step_size = group["lr"] * math.sqrt(bias2) / bias1
-                update = new_m.div_(new_v.sqrt_().add_(group["eps"]))
-                p.index_add_(0, rows, update, alpha=-step_size)
+                self.update(p, rows, g, group)
+
+    @torch.no_grad()
+    def update(self, p: torch.Tensor, rows: torch.Tensor, g: torch.Tensor, group: dict) -> None:
+        """SparseAdam's update of the unique rows ``rows`` (R,) of ``p`` (in param group
+        ``group``) with their gradient g (R, D)."""
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        old_m, old_v = m.index_select(0, rows), v.index_select(0, rows)
+        new_m = g.sub(old_m).mul_(1 - beta1).add_(old_m)
+        new_v = g.pow(2).sub_(old_v).mul_(1 - beta2).add_(old_v)
+        m.index_copy_(0, rows, new_m)
+        v.index_copy_(0, rows, new_v)
+        bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+        step_size = group["lr"] * math.sqrt(bias2) / bias1
+        update = new_m.div_(new_v.sqrt_().add_(group["eps"]))
+        p.index_add_(0, rows, update, alpha=-step_size)
+
+
+class RowStep:
+    """One training step's rows of the sparse id tables as small dense leaves: the step looks
+    up ``self.ad``/``self.elem`` (indices into the leaves) through ``RewardModel.lookup``,
+    backward fills each leaf's dense gradient (R, D), and ``Optimizers.step(rows=...)`` hands
+    it to RowAdam. What a sparse gradient cost (concatenating the forward's and the L2
+    term's (B * K, D) entries, then sorting them in ``coalesce``) becomes one ``unique``
+    per index tensor. A context manager: the model looks up its own tables again after."""
+
+    def __init__(self, model: nn.Module, ad: torch.Tensor, elem: torch.Tensor) -> None:
+        self.model, self.ad, self.elem = model, ad, elem
+        self.parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight): rows, leaf
+        tables: dict[str, torch.Tensor] = {}
+        inverse: dict[str, torch.Tensor] = {}
+        for name, key in (("appeal", "ad"), ("id_main", "elem"), ("id_ffm", "elem")):
+            table = getattr(model, name, None)
+            if not (isinstance(table, nn.Embedding) and table.sparse):
+                continue
+            if key not in inverse:
+                rows, inverse[key] = getattr(self, key).unique(return_inverse=True)
+                inverse[key + "_rows"] = rows
+            rows = inverse[key + "_rows"]
+            leaf = table.weight.detach().index_select(0, rows).requires_grad_()
+            tables[name] = leaf
+            keep = rows != table.padding_idx  # the unknown row stays zero, as with sparse
+            self.parts[id(table.weight)] = (rows[keep], leaf, keep)
+        self.ad = inverse.get("ad", ad)
+        self.elem = inverse.get("elem", elem)
+        model.row_tables = tables
+
+    def __enter__(self) -> RowStep:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model.row_tables = None
+
+    def grads(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """id(weight) -> (rows, their gradient), for the leaves backward reached."""
+        out = {}
+        for key, (rows, leaf, keep) in self.parts.items():
+            if leaf.grad is not None:
+                out[key] = (rows, leaf.grad[keep])
+        return out
 
 
 class Optimizers:
@@ -103,9 +153,17 @@ class Optimizers:
         for o in self.all:
             o.zero_grad(set_to_none=True)
 
-    def step(self) -> None:
+    def step(self, rows: RowStep | None = None) -> None:
+        """One step; with ``rows``, the sparse tables' gradients are its leaves'."""
+        grads = rows.grads() if rows is not None else {}
         for o in self.all:
-            o.step()
+            if isinstance(o, RowAdam) and grads:
+                for group in o.param_groups:
+                    for p in group["params"]:
+                        if id(p) in grads:
+                            o.update(p, *grads[id(p)], group)
+            else:
+                o.step()
 
     def scale_lr(self, factor: float) -> None:
         for o in self.all:

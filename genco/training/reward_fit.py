@@ -15,7 +15,7 @@ from torch import nn
 
 from genco.data.contract import Catalog
 from genco.errors import ContractError
-from genco.models.optim import Optimizers, Snapshot, resolve_device, touched_rows
+from genco.models.optim import Optimizers, RowStep, Snapshot, resolve_device, touched_rows
 from genco.models.reward import BoundModel, RewardModel, RewardModelConfig
 from genco.models.vocab import Encoded, Vocab, encode, fit_scalers
 from genco.training.residuals import fit_residuals, merge_impressions
@@ -201,9 +201,9 @@ def l2_penalty(model: RewardModel, ad, elem, config: RewardModelConfig) -> torch
     out = torch.zeros((), device=elem.device)
     if config.l2_id:
         out = out + config.l2_id * (
-            model.id_main(elem).pow(2).sum()
-            + model.id_ffm(elem).pow(2).sum()
-            + model.appeal(ad).pow(2).sum()
+            model.lookup("id_main", elem).pow(2).sum()
+            + model.lookup("id_ffm", elem).pow(2).sum()
+            + model.lookup("appeal", ad).pow(2).sum()
         ) / len(elem)
     if config.l2_dense:
         out = out + config.l2_dense * (
@@ -294,13 +294,14 @@ def _fit_structure(
         total, seen_w = 0.0, 0.0
         for s in range(0, min(len(perm), steps * per_step), per_step):
             ad, elem, feats, x, y, w = train.batch(perm[s : s + per_step])
-            raw = (bce(model(ad, elem, feats, x), y) * w).sum()
-            total, seen_w = total + float(raw.detach()), seen_w + float(w.sum())
-            loss = raw / w.sum()
-            loss = loss + l2_penalty(model, ad, elem, config)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            with RowStep(model, ad, elem) as rows:
+                raw = (bce(model(rows.ad, rows.elem, feats, x), y) * w).sum()
+                total, seen_w = total + float(raw.detach()), seen_w + float(w.sum())
+                loss = raw / w.sum()
+                loss = loss + l2_penalty(model, rows.ad, rows.elem, config)
+                opt.zero_grad()
+                loss.backward()
+                opt.step(rows)
         record = {"epoch": epoch + 1, "train_loss": total / seen_w}
         if val is not None:
             model.eval()

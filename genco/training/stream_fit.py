@@ -39,7 +39,7 @@ from torch import nn
 
 from genco.data.contract import CONTEXT_PREFIX, TIMESTAMP, Catalog
 from genco.errors import ContractError
-from genco.models.optim import Optimizers, resolve_device, set_sparse
+from genco.models.optim import Optimizers, RowStep, resolve_device, set_sparse
 from genco.models.reward import BoundModel, RewardModel, RewardModelConfig, row_hash
 from genco.models.vocab import Encoded, Vocab, fit_scalers
 from genco.training.log_reader import ChunkEncoder, concat, open_log
@@ -322,13 +322,21 @@ def _stream_epochs(
                     seen[elem.unique()] = True
                 y = torch.as_tensor(buf.click[part], device=device)
                 w = torch.as_tensor(w_all[part], dtype=torch.float32, device=device)
-                raw = (bce(net(ad, elem, feats, x), y) * w).sum()
-                total, seen_w = total + float(raw.detach()), seen_w + float(w.sum())
-                loss = raw / w.sum().clamp_min(1e-12)
-                loss = loss + l2_penalty(model, ad, elem, config)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                # One process: the batch's id rows as small dense leaves (RowStep); DDP
+                # all-reduces the tables' sparse gradients instead.
+                rows = RowStep(model, ad, elem) if world == 1 else None
+                if rows is not None:
+                    ad, elem = rows.ad, rows.elem
+                try:
+                    raw = (bce(net(ad, elem, feats, x), y) * w).sum()
+                    total, seen_w = total + float(raw.detach()), seen_w + float(w.sum())
+                    loss = raw / w.sum().clamp_min(1e-12)
+                    loss = loss + l2_penalty(model, ad, elem, config)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step(rows)
+                finally:
+                    model.row_tables = None
         val_loss, n_val = _val_loss(model, bound, stream, rank, world, device)
         record = {
             "epoch": epoch + 1,
