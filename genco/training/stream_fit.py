@@ -9,9 +9,9 @@ Cost is linear in impressions and memory is bounded by the chunk and shuffle-buf
 2. the sample is fitted in memory by the usual trainer (``reward_fit._fit_tuned``), which
    chooses the id-embedding L2 on the sample's held-out rows; that model is the warm start;
 3. epochs stream the whole log in chunks through a shuffle buffer, from the warm start at
-   half the step, Adam on the dense parameters and SparseAdam on the rows of the large id
-   tables each batch touched, early stopping and step halving on the streamed held-out
-   loss, as in the in-memory trainer;
+   half the step, Adam on the dense parameters and RowAdam (SparseAdam's update) on the
+   rows of the large id tables each batch touched, early stopping and step halving on the
+   streamed held-out loss, as in the in-memory trainer;
 4. the combination residuals are fitted on the whole log merged by (ad, combination,
    context) in one more pass, or on the sample when that has more than
    MAX_RESIDUAL_GROUPS distinct rows (continuous contexts), so memory stays bounded.
