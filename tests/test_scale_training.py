@@ -16,7 +16,14 @@ from genco.errors import ConfigError, ContractError
 from genco.evaluation.metrics import log_loss
 from genco.models.checkpoint import load_reward_model
 from genco.models.generator import BoundGenerator, Generator, GeneratorConfig
-from genco.models.optim import Optimizers, resolve_device, set_sparse
+from genco.models.optim import (
+    Optimizers,
+    RowAdam,
+    RowStep,
+    Snapshot,
+    resolve_device,
+    set_sparse,
+)
 from genco.models.reward import BoundModel, RewardModel, RewardModelConfig
 from genco.models.vocab import Vocab, encode
 from genco.training.reward_fit import train_reward_model
@@ -74,6 +81,79 @@ def test_sparse_steps_update_only_the_rows_their_batch_touched(world):
         changed = (model.id_ffm.weight.detach() != before).any(1).nonzero()[:, 0]
         # Dense Adam would move batch 0's rows again in step 2 (their momentum); lazy rows not.
         assert sorted(changed.tolist()) == sorted(elem[0].tolist())
+
+
+def test_row_adam_takes_sparse_adams_steps():
+    """The row-gather update is torch's SparseAdam's, step for step (repeated rows in a
+    batch, rows revisited after others moved, and a halved step)."""
+    g = torch.Generator().manual_seed(0)
+    tables = [torch.nn.Embedding(50, 3, sparse=True) for _ in range(2)]
+    tables[1].load_state_dict(tables[0].state_dict())
+    start = tables[0].weight.detach().clone()
+    opts = [torch.optim.SparseAdam(tables[0].parameters(), lr=0.05)]
+    opts.append(RowAdam(tables[1].parameters(), lr=0.05))
+    for step in range(20):
+        idx = torch.randint(0, 50, (64,), generator=g)  # with repeats
+        target = torch.randn(64, 3, generator=g)
+        if step == 10:
+            for o in opts:
+                o.param_groups[0]["lr"] *= 0.5
+        for t, o in zip(tables, opts):
+            o.zero_grad()
+            ((t(idx) - target) ** 2).sum().backward()
+            o.step()
+    assert ((tables[1].weight.detach() - start).abs() > 1e-4).all()  # every row moved
+    torch.testing.assert_close(tables[1].weight, tables[0].weight, rtol=1e-6, atol=1e-7)
+
+
+def test_a_row_step_is_the_sparse_gradient_step(world):
+    """RowStep's dense leaves + RowAdam.update move every parameter as sparse gradients +
+    RowAdam.step do (the DDP path), up to float noise, L2 term included."""
+    from genco.training.reward_fit import l2_penalty
+
+    config = RewardModelConfig(l2_id=0.01)
+    vocab = Vocab.from_catalog(world.catalog, ())
+    models = [RewardModel(vocab, config) for _ in range(2)]
+    for m in models:
+        set_sparse(m, True)
+    opts = [Optimizers(m, lr=0.05) for m in models]
+    g = torch.Generator().manual_seed(1)
+    K, F = models[0].K, max(models[0].F, 1)
+    start = models[0].id_ffm.weight.detach().clone()
+    for _ in range(3):
+        ad = torch.randint(0, len(vocab.ads), (32,), generator=g)
+        elem = torch.randint(0, models[0].n_elements, (32, K), generator=g)
+        feats, x, y = torch.randn(32, K, F, generator=g), torch.zeros(32, 0), torch.rand(32)
+        for i, (m, opt) in enumerate(zip(models, opts)):
+            rows = RowStep(m, ad, elem) if i else None
+            a, e = (rows.ad, rows.elem) if rows else (ad, elem)
+            bce = torch.nn.functional.binary_cross_entropy_with_logits
+            loss = bce(m(a, e, feats, x), y) + l2_penalty(m, a, e, config)
+            opt.zero_grad()
+            loss.backward()
+            opt.step(rows)
+            m.row_tables = None
+    assert not torch.allclose(models[1].id_ffm.weight, start)
+    for (name, p0), (_, p1) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_snapshot_restores_dense_parameters_and_its_rows_of_sparse_tables(world):
+    model = RewardModel(Vocab.from_catalog(world.catalog, ()), RewardModelConfig())
+    set_sparse(model, True)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    snap = Snapshot(model, {"id_ffm.weight": torch.tensor([0, 2])})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    snap.restore(model)
+    for name, p in model.named_parameters():
+        if name == "id_ffm.weight":
+            torch.testing.assert_close(p[[0, 2]], before[name][[0, 2]])
+            # rows outside the snapshot are the caller's promise (a fit never moves them)
+            torch.testing.assert_close(p[1], before[name][1] + 1.0)
+        else:
+            torch.testing.assert_close(p, before[name], msg=name)
 
 
 def test_small_tables_stay_dense_large_ones_go_sparse(world):

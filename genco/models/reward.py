@@ -157,8 +157,13 @@ class RewardModel(nn.Module):
         set_sparse(self)
 
     def parts(
-        self, ad: torch.Tensor, elem: torch.Tensor, feats: torch.Tensor, ctx: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self,
+        ad: torch.Tensor,
+        elem: torch.Tensor,
+        feats: torch.Tensor,
+        ctx: torch.Tensor,
+        pairs: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Logit decomposition.
 
         ad (B,) ad index (len(ads) = unknown); elem (B, K) global element index;
@@ -170,17 +175,32 @@ class RewardModel(nn.Module):
         f = (feats - self.feat_mean) / self.feat_std if self.F else feats.new_zeros(B, K, 1)
         base = self.bias + x @ self.ctx_w
         if self.config.use_appeal:
-            base = base + self.appeal(ad)[:, 0]
+            base = base + self.lookup("appeal", ad)[:, 0]
         feat_main, feat_ffm = self.feature_terms(f)
-        coef = self.id_main(elem) + feat_main  # (B, K, 1+C)
+        coef = self.lookup("id_main", elem) + feat_main  # (B, K, 1+C)
         main = coef[..., 0] + (coef[..., 1:] * x[:, None, :]).sum(-1)  # (B, K)
         if not self.config.use_interactions:
-            return base, main, main.new_zeros(B, K, K)
-        v = self.id_ffm(elem) + feat_ffm  # (B, K, K*d)
+            return base, main, None if pairs else main.new_zeros(B, K, K)
+        v = self.lookup("id_ffm", elem) + feat_ffm  # (B, K, K*d)
         v = v.view(B, K, K, self.d)  # v[b, k, l]: element of field k facing field l
+        if pairs:  # for forward: the vectors, not the (B, K, K) products
+            return base, main, v
         inter = (v * v.transpose(1, 2)).sum(-1)  # (B, K, K)
         inter = inter * (1 - torch.eye(K, dtype=inter.dtype, device=inter.device))
         return base, main, inter
+
+    # For one training step (``genco.models.optim.RowStep``): of each sparse id table, the
+    # rows the batch touches as a small dense leaf, and the step's indices point into it.
+    row_tables: dict[str, torch.Tensor] | None = None
+
+    def lookup(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` of id table ``name`` (appeal, id_main, id_ffm), or of its step leaf."""
+        leaf = self.row_tables.get(name) if self.row_tables else None
+        if leaf is None:
+            return getattr(self, name)(index)
+        # index_select: its backward is one index_add_ (embedding's dense backward measured
+        # several times slower on CPU for these shapes)
+        return leaf.index_select(0, index.reshape(-1)).view(*index.shape, leaf.shape[1])
 
     def feature_terms(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised features f (B, K, F) -> what they add to each element's main-effect
@@ -193,9 +213,16 @@ class RewardModel(nn.Module):
         return main, ffm
 
     def forward(self, ad, elem, feats, ctx) -> torch.Tensor:
-        """The structural logit (no combination residual): what gradient training fits."""
-        base, main, inter = self.parts(ad, elem, feats, ctx)
-        return base + main.sum(1) + inter.sum((1, 2)) / 2
+        """The structural logit (no combination residual): what gradient training fits.
+        The same sum as ``parts``' base + main.sum(1) + inter.sum((1, 2)) / 2, with each
+        pair (k < l) of the interaction once: a third of the (B, K, K, d) products, and
+        contiguous ones (training's forward and backward spent most of their time there)."""
+        base, main, v = self.parts(ad, elem, feats, ctx, pairs=True)
+        if v is None:
+            return base + main.sum(1)
+        k, m = torch.triu_indices(self.K, self.K, 1, device=v.device)
+        inter = (v[:, k, m] * v[:, m, k]).sum((1, 2))  # (B, P, d) -> (B,)
+        return base + main.sum(1) + inter
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         for name in ("residual_keys", "residual_values", "residual_sd"):

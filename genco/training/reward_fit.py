@@ -4,7 +4,6 @@ residuals (``genco.training.residuals``)."""
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -16,7 +15,7 @@ from torch import nn
 
 from genco.data.contract import Catalog
 from genco.errors import ContractError
-from genco.models.optim import Optimizers, resolve_device
+from genco.models.optim import Optimizers, RowStep, Snapshot, resolve_device, touched_rows
 from genco.models.reward import BoundModel, RewardModel, RewardModelConfig
 from genco.models.vocab import Encoded, Vocab, encode, fit_scalers
 from genco.training.residuals import fit_residuals, merge_impressions
@@ -114,21 +113,30 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
             model, train, val, len(tr), replace(config, l2_id=l2), progress
         )
         return history, best_epoch, {"l2_id": l2}
-    start = copy.deepcopy(model.state_dict())
-    best = None
+    # Copies of what the fits can change (every dense parameter, the training rows of the
+    # sparse id tables), not deep copies of the state: the start only when the path is not
+    # warm (warm, the first fit starts from it and none goes back to it).
+    start = None if L2_WARM_PATH else Snapshot(model)
+    rows = touched_rows(model, train.ad, train.elem)
+    best: tuple | None = None
+    best_state: Snapshot | None = None
     losses, epochs = {}, {}
     for l2 in L2_ID_GRID:
-        if not L2_WARM_PATH or best is None:
-            model.load_state_dict(start)
+        if start is not None:
+            start.restore(model)
         history, best_epoch = _fit_structure(
-            model, train, val, len(tr), replace(config, l2_id=l2), progress
+            model, train, val, len(tr), replace(config, l2_id=l2), progress, rows
         )
         losses[str(l2)] = min(h["val_loss"] for h in history)
         epochs[str(l2)] = len(history)
         if best is None or losses[str(l2)] < best[0]:
-            best = (losses[str(l2)], l2, copy.deepcopy(model.state_dict()), history, best_epoch)
-    _, l2, state, history, best_epoch = best
-    model.load_state_dict(state)
+            best = (losses[str(l2)], l2, history, best_epoch)
+            if best_state is None:
+                best_state = Snapshot(model, rows)
+            else:
+                best_state.take(model)
+    _, l2, history, best_epoch = best
+    best_state.restore(model)
     return history, best_epoch, {"l2_id": l2, "l2_id_val_loss": losses, "l2_id_epochs": epochs}
 
 
@@ -193,9 +201,9 @@ def l2_penalty(model: RewardModel, ad, elem, config: RewardModelConfig) -> torch
     out = torch.zeros((), device=elem.device)
     if config.l2_id:
         out = out + config.l2_id * (
-            model.id_main(elem).pow(2).sum()
-            + model.id_ffm(elem).pow(2).sum()
-            + model.appeal(ad).pow(2).sum()
+            model.lookup("id_main", elem).pow(2).sum()
+            + model.lookup("id_ffm", elem).pow(2).sum()
+            + model.lookup("appeal", ad).pow(2).sum()
         ) / len(elem)
     if config.l2_dense:
         out = out + config.l2_dense * (
@@ -213,21 +221,31 @@ class Plateau:
     ``patience`` such epochs stop the fit. ``start_loss``: the score of the weights the fit
     starts from, kept as the best so far (a warm start); None: no best yet."""
 
-    def __init__(self, model: RewardModel, patience: int, start_loss: float | None = None):
+    def __init__(
+        self,
+        model: RewardModel,
+        patience: int,
+        start_loss: float | None = None,
+        rows: dict[str, torch.Tensor] | None = None,
+    ):
         self.patience, self.bad_epochs, self.best_epoch = patience, 0, 0
-        self.best = None if start_loss is None else copy.deepcopy(model.state_dict())
+        self.rows = rows  # of the sparse tables, the only rows the fit can move; None: all
+        self.best = None if start_loss is None else Snapshot(model, rows)
         self.best_loss = float("inf") if start_loss is None else start_loss
 
     def update(self, model: RewardModel, opt, score: float, epoch: int) -> bool:
         """After epoch ``epoch`` (1-based) scored ``score``: True when the fit should stop."""
         if score < self.best_loss - 1e-6:
-            self.best = copy.deepcopy(model.state_dict())
+            if self.best is None:
+                self.best = Snapshot(model, self.rows)
+            else:
+                self.best.take(model)
             self.best_loss, self.best_epoch, self.bad_epochs = score, epoch, 0
             return False
         self.bad_epochs += 1
         if self.bad_epochs >= self.patience:
             return True
-        model.load_state_dict(self.best)
+        self.best.restore(model)
         opt.scale_lr(0.5)
         return False
 
@@ -239,6 +257,7 @@ def _fit_structure(
     n_train: int,
     config: RewardModelConfig,
     progress: bool,
+    rows: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[dict], int]:
     """Adam on weighted BCE; each plateau of the held-out loss goes back to the best weights
     with half the step; stops after ``patience`` plateaus. ``n_train``: training impressions
@@ -259,7 +278,10 @@ def _fit_structure(
     opt = Optimizers(model, config.lr)
     bce = nn.BCEWithLogitsLoss(reduction="none")
     g = torch.Generator().manual_seed(config.seed)
-    plateau = Plateau(model, config.patience)
+    if rows is None:
+        rows = touched_rows(model, train.ad, train.elem)
+    rows = {k: r.to(device) for k, r in rows.items()}
+    plateau = Plateau(model, config.patience, rows=rows)
     history: list[dict] = []
     from tqdm import tqdm
 
@@ -272,13 +294,14 @@ def _fit_structure(
         total, seen_w = 0.0, 0.0
         for s in range(0, min(len(perm), steps * per_step), per_step):
             ad, elem, feats, x, y, w = train.batch(perm[s : s + per_step])
-            raw = (bce(model(ad, elem, feats, x), y) * w).sum()
-            total, seen_w = total + float(raw.detach()), seen_w + float(w.sum())
-            loss = raw / w.sum()
-            loss = loss + l2_penalty(model, ad, elem, config)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            with RowStep(model, ad, elem) as rows:
+                raw = (bce(model(rows.ad, rows.elem, feats, x), y) * w).sum()
+                total, seen_w = total + float(raw.detach()), seen_w + float(w.sum())
+                loss = raw / w.sum()
+                loss = loss + l2_penalty(model, rows.ad, rows.elem, config)
+                opt.zero_grad()
+                loss.backward()
+                opt.step(rows)
         record = {"epoch": epoch + 1, "train_loss": total / seen_w}
         if val is not None:
             model.eval()
@@ -291,7 +314,7 @@ def _fit_structure(
         if plateau.update(model, opt, score, epoch + 1):
             break
     bar.close()
-    model.load_state_dict(plateau.best)
+    plateau.best.restore(model)
     with torch.no_grad():
         # Elements never seen in training carry no evidence: score them from features only.
         model.id_main.weight[~model.seen] = 0.0

@@ -9,9 +9,9 @@ Cost is linear in impressions and memory is bounded by the chunk and shuffle-buf
 2. the sample is fitted in memory by the usual trainer (``reward_fit._fit_tuned``), which
    chooses the id-embedding L2 on the sample's held-out rows; that model is the warm start;
 3. epochs stream the whole log in chunks through a shuffle buffer, from the warm start at
-   half the step, Adam on the dense parameters and SparseAdam on the rows of the large id
-   tables each batch touched, early stopping and step halving on the streamed held-out
-   loss, as in the in-memory trainer;
+   half the step, Adam on the dense parameters and RowAdam (SparseAdam's update) on the
+   rows of the large id tables each batch touched, early stopping and step halving on the
+   streamed held-out loss, as in the in-memory trainer;
 4. the combination residuals are fitted on the whole log merged by (ad, combination,
    context) in one more pass, or on the sample when that has more than
    MAX_RESIDUAL_GROUPS distinct rows (continuous contexts), so memory stays bounded.
@@ -39,7 +39,7 @@ from torch import nn
 
 from genco.data.contract import CONTEXT_PREFIX, TIMESTAMP, Catalog
 from genco.errors import ContractError
-from genco.models.optim import Optimizers, resolve_device, set_sparse
+from genco.models.optim import Optimizers, RowStep, resolve_device, set_sparse
 from genco.models.reward import BoundModel, RewardModel, RewardModelConfig, row_hash
 from genco.models.vocab import Encoded, Vocab, fit_scalers
 from genco.training.log_reader import ChunkEncoder, concat, open_log
@@ -313,7 +313,7 @@ def _stream_epochs(
             bounds = np.linspace(0, len(buf), steps + 1).astype(int)
             w_all = stream.weights(buf)
             for s in range(steps):
-                part = np.arange(bounds[s], bounds[s + 1])
+                part = slice(bounds[s], bounds[s + 1])  # views, not copies
                 ad, elem, feats, x = (
                     v.to(device)
                     for v in bound._inputs(buf.ads[part], buf.combos[part], buf.ctx[part])
@@ -322,13 +322,21 @@ def _stream_epochs(
                     seen[elem.unique()] = True
                 y = torch.as_tensor(buf.click[part], device=device)
                 w = torch.as_tensor(w_all[part], dtype=torch.float32, device=device)
-                raw = (bce(net(ad, elem, feats, x), y) * w).sum()
-                total, seen_w = total + float(raw.detach()), seen_w + float(w.sum())
-                loss = raw / w.sum().clamp_min(1e-12)
-                loss = loss + l2_penalty(model, ad, elem, config)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                # One process: the batch's id rows as small dense leaves (RowStep); DDP
+                # all-reduces the tables' sparse gradients instead.
+                rows = RowStep(model, ad, elem) if world == 1 else None
+                if rows is not None:
+                    ad, elem = rows.ad, rows.elem
+                try:
+                    raw = (bce(net(ad, elem, feats, x), y) * w).sum()
+                    total, seen_w = total + float(raw.detach()), seen_w + float(w.sum())
+                    loss = raw / w.sum().clamp_min(1e-12)
+                    loss = loss + l2_penalty(model, ad, elem, config)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step(rows)
+                finally:
+                    model.row_tables = None
         val_loss, n_val = _val_loss(model, bound, stream, rank, world, device)
         record = {
             "epoch": epoch + 1,
@@ -344,7 +352,7 @@ def _stream_epochs(
             print(f"reward model (streamed) {record}", flush=True)
         if plateau.update(model, opt, score, epoch + 1):
             break
-    model.load_state_dict(plateau.best)
+    plateau.best.restore(model)
     with torch.no_grad():
         if world > 1:  # an element is seen when any rank saw it
             seen = seen.to(torch.uint8)
