@@ -9,7 +9,8 @@ import math
 import numpy as np
 import torch
 
-from genco.models.reward import BoundModel, RewardModel, row_hash
+from genco.models.residual_index import row_hash
+from genco.models.reward import BoundModel, RewardModel
 from genco.models.vocab import Encoded
 
 # Merge identical impressions only when that shrinks the rows at least this much.

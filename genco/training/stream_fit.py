@@ -40,7 +40,8 @@ from torch import nn
 from genco.data.contract import CONTEXT_PREFIX, TIMESTAMP, Catalog
 from genco.errors import ContractError
 from genco.models.optim import Optimizers, RowStep, resolve_device, set_sparse
-from genco.models.reward import BoundModel, RewardModel, RewardModelConfig, row_hash
+from genco.models.residual_index import row_hash
+from genco.models.reward import BoundModel, RewardModel, RewardModelConfig
 from genco.models.vocab import Encoded, Vocab, fit_scalers
 from genco.training.log_reader import ChunkEncoder, concat, open_log
 from genco.training.residuals import fit_residuals
