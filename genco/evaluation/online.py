@@ -37,6 +37,9 @@ def canary_gate(
     model_version, click: (n,) per impression. Rows of other versions are not counted."""
     if len(model_version) != len(click):
         raise ContractError(f"model_version has {len(model_version)} rows, click has {len(click)}")
+    bad = np.flatnonzero((np.asarray(click) != 0) & (np.asarray(click) != 1))
+    if len(bad):
+        raise ContractError(f"click must be 0 or 1, row {bad[0] + 1} is {click[bad[0]]:g}")
     canary = np.asarray(model_version) == canary_version
     prod = np.asarray(model_version) == production_version
     for name, version, arm in (
