@@ -100,7 +100,7 @@ def bernstein_difference(
     is served on most gated rows, so its weights stay near 1; one huge production weight
     widens the range and fails the gate closed). A few exploration impressions with weights
     of 10^4 can no longer make the bound tight: past ``clip`` they count as ``clip``.
-    ``value`` is the unclipped paired IPS difference, for information."""
+    ``value``, ``se`` and the two-sided interval are ``snips_difference``'s, for information."""
     n = len(click)
     if n < 2 or match_c.sum() <= 0 or match_p.sum() <= 0:
         return None
@@ -111,16 +111,13 @@ def bernstein_difference(
     log_term = np.log(2.0 / (1.0 - confidence))
     var = float(z.var(ddof=1))
     lb = float(z.mean() - np.sqrt(2 * var * log_term / n) - 7 * span * log_term / (3 * (n - 1)))
-    raw = w * (match_c - match_p) * click
-    se = float(raw.std(ddof=1) / np.sqrt(n))
+    normal = snips_difference(match_c, match_p, click, propensity, confidence)
     differ = match_c != match_p
     wd = w[differ] * match_c[differ]
     ess = float(wd.sum() ** 2 / (wd**2).sum()) if wd.sum() > 0 else 0.0
-    z2 = NormalDist().inv_cdf(0.5 + confidence / 2)
-    d = float(raw.mean())
     return Difference(
-        d, se, d - z2 * se, d + z2 * se, lb, confidence, "bernstein", clip, n,
-        int(differ.sum()), ess,
+        normal.value, normal.se, normal.ci_low, normal.ci_high, lb, confidence, "bernstein",
+        clip, n, int(differ.sum()), ess,
     )  # fmt: skip
 
 
