@@ -9,7 +9,8 @@ requests. Targets (issue 12), checked per run and summarised per world:
   regret_vs_ts         GenCO's cumulative regret <= 0.5 x per-element Thompson sampling's
   regret_vs_vw         GenCO's cumulative regret <= 0.8 x VW's
   floor                the exploration floor held in every round
-  gate                 no deploy whose true greedy CTR is below production's by > tolerance
+  gate                 no deploy (offline gate or canary promotion) whose true greedy CTR is
+                       below production's by > tolerance
 
     python bench/loop.py --worlds interactions per_product aes --seeds 0 1 2 \\
         --rounds 5 --impressions 100000 --out bench/results/loop
@@ -37,8 +38,11 @@ def targets(final: dict, rounds: list[dict]) -> dict:
         "served_within_5pct": final["served_over_oracle"] >= 0.95,
         "floor": final["floor_held_every_round"],
         "gate_shipped_worse": final["gate_shipped_worse"],
-        "gate": final["gate_shipped_worse"] == 0,
+        "canary_shipped_worse": final.get("canary_shipped_worse", 0),
+        "gate": final["gate_shipped_worse"] + final.get("canary_shipped_worse", 0) == 0,
         "deploys": final["deploys"],
+        "canaries": final.get("canaries", 0),
+        "canary_promotions": final.get("canary_promotions", 0),
     }
     for peer, bound, key in (
         ("element_ts", 0.5, "regret_vs_ts"),
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--explore", type=float, default=LoopConfig.explore)
     p.add_argument("--rl-steps", type=int, default=LoopConfig.rl_steps)
     p.add_argument("--reward-epochs", type=int, default=LoopConfig.reward_epochs)
+    p.add_argument("--canary", type=float, default=LoopConfig.canary)
     p.add_argument("--out", default="bench/results/loop")
     p.add_argument(
         "--summarize", action="store_true", help="only summarise OUT/runs.jsonl (runs so far)"
@@ -81,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
                 explore=args.explore,
                 rl_steps=args.rl_steps,
                 reward_epochs=args.reward_epochs,
+                canary=args.canary,
             )
             t0 = time.perf_counter()
             out_dir = os.path.join(args.out, f"{world}_s{seed}")
@@ -107,6 +113,17 @@ def main(argv: list[str] | None = None) -> dict:
                             "uniform_cum_regret",
                             "gate_passed",
                             "deployed",
+                            "gate_reason",
+                            "candidate_greedy_true_ctr",
+                            "production_greedy_true_ctr",
+                            "gate_shipped_worse",
+                            "canary_version",
+                            "canary_true_ctr",
+                            "canary_promoted",
+                            "canary_reason",
+                            "canary_greedy_true_ctr",
+                            "canary_vs_greedy_true_ctr",
+                            "canary_shipped_worse",
                             "floor_ratio_min",
                         )
                     }
@@ -137,6 +154,7 @@ def summarize(runs: list[dict], args: argparse.Namespace) -> dict:
             if vals:
                 agg[key] = {
                     "mean": float(np.mean(vals)),
+                    "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
                     "min": float(np.min(vals)),
                     "max": float(np.max(vals)),
                 }

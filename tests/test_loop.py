@@ -1,5 +1,7 @@
 """The closed loop end to end on a small world: uniform round, real pipeline, gate, serving
-with exploration from the store's production bundle, peers on the same requests."""
+with exploration from the store's production bundle, peers on the same requests, and a
+candidate the offline gate refused served as a canary, then promoted or rolled back. One
+3-round run serves every test (round 2 is the canary's)."""
 
 from __future__ import annotations
 
@@ -10,37 +12,43 @@ import pandas as pd
 import pytest
 
 from genco.errors import ConfigError
+from genco.inference.predictor import Predictor
 from genco.pipeline.loop import LoopConfig, run_loop
 from genco.store import current_version
 from genco.worlds.traffic import load_traffic
 from tests.test_cli import genco
 
+CFG = LoopConfig(
+    world="default",
+    rounds=3,
+    impressions_per_round=4000,
+    rl_steps=10,
+    reward_epochs=3,
+    eval_rows=500,
+    canary=0.2,
+)
+
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     out = tmp_path_factory.mktemp("loop")
-    cfg = LoopConfig(
-        world="default",
-        rounds=2,
-        impressions_per_round=4000,
-        rl_steps=10,
-        reward_epochs=3,
-        eval_rows=500,
-    )
-    return out, run_loop(str(out), cfg)
+    return out, run_loop(str(out), CFG)
 
 
-def test_two_rounds_end_to_end(loop):
+def test_rounds_end_to_end(loop):
     out, summary = loop
     rounds = pd.read_csv(out / "rounds.csv")
-    assert list(rounds["round"]) == [0, 1]
-    first, second = summary["rounds"]
+    assert list(rounds["round"]) == [0, 1, 2]
+    first, second = summary["rounds"][:2]
     # round 0: uniform logging; its log trains the first model, deployed unopposed
     assert first["model_version"] == "uniform" and first["explore"] == 1.0
     assert first["gate_passed"] and first["deployed"]
     assert first["gate_reason"] == "no production model: first deployment"
     # round 1 is served by exactly that production bundle, with its exploration
-    assert second["model_version"] == current_version(str(out / "model_store"))
+    assert (
+        second["model_version"]
+        == sorted(p.name for p in (out / "model_store" / "versions").iterdir())[0]
+    )
     assert second["explore"] == 0.1 and second["floor_holds"] and first["floor_holds"]
     for r in (first, second):
         assert 0 < r["served_true_ctr"] <= r["oracle_true_ctr"]
@@ -83,3 +91,41 @@ def test_cli_unknown_world_is_one_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].endswith("choose one of: " + ", ".join(
         [*__import__("genco.worlds.config", fromlist=["WORLDS"]).WORLDS, "aes"]))  # fmt: skip
+
+
+def test_a_refused_candidate_is_served_as_a_canary_then_promoted_or_rolled_back(loop):
+    (out, summary), cfg = loop, CFG
+    first, second, third = summary["rounds"]
+    assert first["deployed"] and not second["deployed"]  # round 1's candidate: refused offline
+    production = second["model_version"]
+    canary = third["canary_version"]
+    assert canary not in (production, "uniform") and third["model_version"] == production
+    # round 2: a random ~20% of requests served by the canary, each row with its arm's version
+    served = pd.read_parquet(out / "round_02" / "served.parquet")
+    assert set(served["model_version"]) == {production, canary}
+    share = (served["model_version"] == canary).mean()
+    assert share == pytest.approx(third["canary_share"]) and 0.15 < share < 0.25
+    # each row's propensity is its own arm's: (1 - explore) 1[its greedy] + explore q(shown)
+    bundles = {
+        p.version: p
+        for p in map(Predictor.load, map(str, (out / "pipeline_root").glob("*/*/bundle")))
+    }
+    cat = load_traffic("default", 0).catalog
+    for version in (production, canary):
+        pred, rows = bundles[version], served[served["model_version"] == version]
+        for _, r in rows.head(200).iterrows():
+            ad = cat.ad_code(r["ad_id"])
+            shown = np.array([cat.element_code(k, r[c]) for k, c in enumerate(cat.components)])
+            policy, _ = pred.tables(ad)
+            slots = [
+                int(np.flatnonzero(policy.masks.codes[k] == c)[0]) for k, c in enumerate(shown)
+            ]
+            q = np.exp(policy.log_uniform(np.array([slots])))[0]
+            greedy = np.array_equal(shown, pred.greedy(ad, None))
+            assert r["propensity"] == pytest.approx((1 - cfg.explore) * greedy + cfg.explore * q)
+    # the online gate decided on the two arms' own clicks, and the store follows it
+    assert third["canary_reason"].startswith("online A/B: canary CTR ")
+    now = current_version(str(out / "model_store"))
+    assert now == (canary if third["canary_promoted"] else production)
+    assert summary["final"]["canaries"] == 1
+    assert summary["final"]["canary_promotions"] == int(third["canary_promoted"])

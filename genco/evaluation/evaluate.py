@@ -10,12 +10,18 @@ it trained on, a candidate whose reward model memorised lucky clicks looks bette
 (BENCHMARKS.md, "Closed loop"). p_i is the logged ``propensity``, else the per-ad frequency of
 the combination (``propensity_source``).
 
-The gate (``rule="lcb"``, the default) deploys only when the candidate wins by more than the
-noise: the paired difference D = V(candidate) - V(production) on the same rows
-(``genco.evaluation.ope.snips_difference``) must have its one-sided ``confidence`` lower
-bound above ``margin * V(production)``; an identical candidate never passes, one no better
-than production at most 1 - confidence of the time. ``rule="point"`` compares point
-estimates, ``V(candidate) >= V(production) * (1 + margin)``. A negative margin tolerates a
+The gate (``rule="bernstein"``, the default) deploys only when the candidate wins by more
+than the noise: a one-sided ``confidence`` lower bound of D = V(candidate) - V(production) on
+the same rows must lie above ``margin * V(production)``. The bound is the clipped-weight
+empirical-Bernstein one (``genco.evaluation.ope.bernstein_difference``), which holds for the
+heavy-tailed weights of a policy's own logs (a choice shown only by exploration weighs
+1 / (explore / n_combinations)); and where the two policies choose differently the
+candidate's matched impressions must reach an effective sample size of ``min_ess``, else the
+refusal says there is not enough evidence (the loop then tries the candidate online, as a
+canary: ``genco.pipeline.loop``). ``rule="lcb"`` is the older delta-method normal bound of the
+paired SNIPS difference (``snips_difference``), far too tight on a handful of huge weights
+(BENCHMARKS.md, "Closed loop"); ``rule="point"`` compares point estimates,
+``V(candidate) >= V(production) * (1 + margin)``. A negative margin tolerates a
 small loss (e.g. to pick up new catalog elements). The gate refuses when either value
 cannot be estimated (no logged impression matches its choices) or production cannot be
 scored at all (another catalog's components, damaged files): an unknown is never a win.
@@ -39,7 +45,7 @@ from genco.data import storage
 from genco.data.ingest import VALID_FILE
 from genco.errors import BundleError, CatalogMismatchError, ConfigError, ContractError
 from genco.evaluation.heldout import evaluate_reward, holdout_split
-from genco.evaluation.ope import Difference, PolicyValue
+from genco.evaluation.ope import Difference, PolicyValue, bernstein_difference
 from genco.evaluation.ope import snips as _snips
 from genco.evaluation.ope import snips_difference as _snips_difference
 from genco.evaluation.truth_eval import row_keys as _keys
@@ -56,7 +62,7 @@ if TYPE_CHECKING:
     from genco.worlds.simulate import GroundTruth
 
 GATE_FILE = "gate.json"
-GATE_RULES = ("lcb", "point")
+GATE_RULES = ("bernstein", "lcb", "point")
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,21 @@ class EvalConfig:
     n_bins: int = field(default=10, metadata={"help": "Reliability curve bins."})
     value_rows: str = field(default="holdout", metadata={"help": "Values on 'holdout' or 'all'."})
     rule: str = field(
-        default="lcb", metadata={"help": "Gate: 'lcb' (bound of the gain) or 'point'."}
+        default="bernstein",
+        metadata={
+            "help": "Gate: 'bernstein' (clipped empirical-Bernstein bound of the gain), 'lcb' "
+            "(normal bound) or 'point'."
+        },
+    )
+    clip: float = field(
+        default=10.0, metadata={"help": "'bernstein': cap on the candidate's importance weight."}
+    )
+    min_ess: float = field(
+        default=30.0,
+        metadata={
+            "help": "'bernstein': least effective sample size of the candidate's matched rows "
+            "where its choice differs from production's."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the row subset."})
 
@@ -101,6 +121,10 @@ class EvalConfig:
             raise ConfigError(f"value_rows must be 'holdout' or 'all', got '{self.value_rows}'")
         if self.rule not in GATE_RULES:
             raise ConfigError(f"rule must be one of {', '.join(GATE_RULES)}, got '{self.rule}'")
+        if not self.clip >= 1.0:
+            raise ConfigError(f"clip must be >= 1, got {self.clip}")
+        if not self.min_ess >= 0.0:
+            raise ConfigError(f"min_ess must be >= 0, got {self.min_ess}")
 
 
 @dataclass
@@ -218,9 +242,11 @@ def evaluate_bundle(
                 prod, production_dir, enc, test_idx, rows, propensity, config, truth, ctx
             )
             if cand_match is not None and prod_match is not None:
-                diff = _snips_difference(
-                    cand_match, prod_match, enc.click[rows], propensity[rows], config.confidence
-                )
+                args = (cand_match, prod_match, enc.click[rows], propensity[rows])
+                if config.rule == "bernstein":
+                    diff = bernstein_difference(*args, config.confidence, config.clip)
+                else:
+                    diff = _snips_difference(*args, config.confidence)
         except (CatalogMismatchError, BundleError) as exc:
             # Production was trained on other components/features, or its files are damaged:
             # it cannot be compared, so the gate fails closed (see ``gate``). Any other
@@ -228,8 +254,8 @@ def evaluate_bundle(
             production = BundleEval(production_dir, "unknown", error=str(exc))
         production.version = production_version or production.version
 
-    lcb = diff if config.rule == "lcb" else None
-    passed, reason = gate(candidate, production, config.margin, lcb)
+    lcb = diff if config.rule != "point" else None
+    passed, reason = gate(candidate, production, config.margin, lcb, config.min_ess)
     truth_info = None
     if truth is not None:
         truth_info = _truth_baselines(truth, catalog, constraints, enc, rows, ctx)
@@ -262,12 +288,14 @@ def gate(
     production: BundleEval | None,
     margin: float,
     difference: Difference | None = None,
+    min_ess: float = 0.0,
 ) -> tuple[bool, str]:
     """The deploy decision and a sentence saying why (shown in the report and the pointer).
 
-    With ``difference`` (the "lcb" rule) the candidate must win by more than the noise: the
-    lower bound of candidate - production above ``margin`` x production; without it, the
-    point estimates are compared."""
+    With ``difference`` (the "bernstein" and "lcb" rules) the candidate must win by more than
+    the noise: the lower bound of candidate - production above ``margin`` x production and,
+    for "bernstein", the candidate's matched effective sample size where the two choose
+    differently at least ``min_ess``; without it, the point estimates are compared."""
     if candidate.error is not None:
         return False, f"the candidate cannot score this data ({candidate.error})"
     if production is None:
@@ -285,11 +313,20 @@ def gate(
     if difference is not None:
         need = margin * p
         ok = difference.lower_bound > need
-        return ok, (
+        why = (
             f"candidate - production = {difference.value:+.5f} (candidate {c:.5f}, production "
-            f"{p:.5f}); its {difference.confidence:.0%} lower bound {difference.lower_bound:+.5f}"
-            f" {'>' if ok else '<='} margin x production = {need:+.5f}"
+            f"{p:.5f}); its {difference.confidence:.0%} {difference.method} lower bound "
+            f"{difference.lower_bound:+.5f} {'>' if ok else '<='} margin x production = "
+            f"{need:+.5f}"
         )
+        d = difference
+        if d.method == "bernstein" and d.rows_differ and d.ess_differ < min_ess:
+            return False, (
+                f"not enough evidence where the two differ: they choose differently on "
+                f"{d.rows_differ} of {d.rows} rows, where the candidate's choice has an "
+                f"effective sample size of {d.ess_differ:.1f} < min_ess {min_ess:g}; {why}"
+            )
+        return ok, why
     threshold = p * (1.0 + margin)
     # A value exactly at the threshold passes; isclose keeps float rounding of p * (1 + m)
     # from turning such a tie into a refusal.

@@ -10,6 +10,17 @@ store. The next round is served in-process by the store's production bundle
 (``Predictor.draw``: by default the greedy pick mixed with the exploration draw, or a
 generator sample mixed likewise; exact propensities either way).
 
+The canary (``canary`` > 0). A candidate the offline gate refuses is not thrown away: the
+next round serves it to a ``canary`` share of requests (chosen at random per request, as
+KServe's ``canaryTrafficPercent`` splits traffic), production serves the rest. Each served
+row's ``model_version`` names the arm that served it and its ``propensity`` is that arm's own
+(the probability that this model showed the combination: what each server's REST response
+says), so the off-policy code, which divides by the logged propensity, weighs each row by
+the policy that actually chose it (unbiased with several loggers as long as each explores).
+After the round the online gate (``genco.evaluation.online.canary_gate``) compares the two
+arms' own clicks: the canary is promoted into the store when the lower bound of its CTR gain
+clears the margin, else rolled back; then the next candidate is trained and gated.
+
 Peers (``genco.evaluation.bandits``) are served the same requests, with the same uniform
 numbers deciding clicks (common random numbers: a combination shown by two arms to the same
 request is clicked by both or neither). Each peer runs twice: updating once per round, after
@@ -42,11 +53,12 @@ from genco.data.served import join_served_log
 from genco.errors import ConfigError
 from genco.evaluation.bandits import ElementThompson, UniformPeer
 from genco.evaluation.evaluate import EvalConfig
+from genco.evaluation.online import canary_gate
 from genco.inference.predictor import Predictor
 from genco.models.generator import GeneratorConfig
 from genco.models.reward import RewardModelConfig
 from genco.pipeline.runner import LOCAL_RL_STEPS, run_local
-from genco.store import current, current_version
+from genco.store import bundle_digest, current, current_version, promote
 from genco.worlds.simulate import T0
 from genco.worlds.traffic import Traffic, load_traffic
 
@@ -57,7 +69,7 @@ PEERS = (
 # LoopConfig fields that `genco loop` exposes as flags (all of them)
 LOOP_FLAGS = (
     "world", "rounds", "impressions_per_round", "seed", "explore", "temperature", "rl_steps",
-    "reward_epochs", "margin", "tolerance", "peers", "chunks", "eval_rows",
+    "reward_epochs", "margin", "tolerance", "peers", "chunks", "eval_rows", "canary",
 )  # fmt: skip
 DAY = 86_400.0
 
@@ -100,6 +112,13 @@ class LoopConfig:
     eval_rows: int = field(
         default=5000, metadata={"help": "Requests per round scored for greedy true CTR."}
     )
+    canary: float = field(
+        default=0.2,
+        metadata={
+            "help": "Share of the next round's requests served by a candidate the offline gate "
+            "refused, promoted or rolled back on the online A/B; 0 = no canary."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("rounds", "impressions_per_round", "chunks", "eval_rows"):
@@ -107,6 +126,8 @@ class LoopConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.explore <= 1.0:
             raise ConfigError(f"explore must be in (0, 1], got {self.explore}")
+        if not 0.0 <= self.canary < 1.0:
+            raise ConfigError(f"canary must be in [0, 1), got {self.canary}")
         unknown = [p for p in self.peer_names if p not in PEERS]
         if unknown:
             raise ConfigError(f"unknown peer '{unknown[0]}'; choose from {', '.join(PEERS)}")
@@ -221,6 +242,8 @@ def run_loop(
     peer_rng = {name: np.random.default_rng([cfg.seed, 103, i]) for i, name in enumerate(peers)}
     arms = {"genco": Arm("genco"), **{name: Arm(name) for name in peers}}
     pred: Predictor | None = None
+    canary: Predictor | None = None  # served to a ``cfg.canary`` share of the next round
+    canary_dir = ""
     logs: list[pd.DataFrame] = []
     rows: list[dict] = []
     try:
@@ -234,11 +257,22 @@ def run_loop(
             row: dict = {"round": r, "impressions": n, "oracle_true_ctr": float(oracle.mean())}
             if pred is None:
                 combos, prop = t.uniform(ads, rng_serve)
-                version, explore = "uniform", 1.0
+                version, explore = np.full(n, "uniform", dtype=object), 1.0
                 row["greedy_true_ctr"] = None
             else:
-                combos, prop = _serve(pred, ads, ctx, rng_serve, cfg)
-                version, explore = pred.version, cfg.explore
+                version, explore = np.full(n, pred.version, dtype=object), cfg.explore
+                arm = np.zeros(n, dtype=bool)
+                if canary is not None:  # a random share of requests, as a traffic split
+                    arm = rng_serve.random(n) < cfg.canary
+                    version[arm] = canary.version
+                combos = np.zeros((n, t.catalog.n_components), dtype=np.int64)
+                prop = np.zeros(n)
+                for who, rows_of in ((pred, ~arm), (canary, arm)):
+                    if rows_of.any():
+                        i = np.flatnonzero(rows_of)
+                        combos[i], prop[i] = _serve(
+                            who, ads[i], None if ctx is None else ctx[i], rng_serve, cfg
+                        )
                 row["greedy_true_ctr"] = _greedy_ctr(
                     pred, t, ads[ev], None if ctx is None else ctx[ev]
                 )
@@ -247,7 +281,7 @@ def run_loop(
             arms["genco"].regret += float((oracle - ctr).sum())
             shown = pd.DataFrame(combos).assign(ad=ads).drop_duplicates()
             row.update(
-                model_version=version,
+                model_version=pred.version if pred is not None else "uniform",
                 served_true_ctr=float(ctr.mean()),
                 served_clicks=int(clicks.sum()),
                 explore=explore,
@@ -281,11 +315,19 @@ def run_loop(
             )
             row["rows_valid"] = joined["rows_valid"]
             logs.append(storage.read_table(os.path.join(rdir, "data", VALID_FILE)))
-            for name, arm in arms.items():
-                row[f"{name}_cum_regret"] = arm.regret
+            for name, a in arms.items():
+                row[f"{name}_cum_regret"] = a.regret
+            ev_ctx = None if ctx is None else ctx[ev]
+            if canary is not None:
+                row["canary_true_ctr"] = float(ctr[version == canary.version].mean())
+                pred = _decide_canary(cfg, t, store, pred, canary, canary_dir, version, clicks,
+                                      row, ads[ev], ev_ctx)  # fmt: skip
+                canary = None
             if r < cfg.rounds - 1:
-                pred = _retrain(cfg, t, out_dir, r, logs, catalog_path, constraints_path, store,
-                                pred, row, ads[ev], None if ctx is None else ctx[ev])  # fmt: skip
+                pred, canary, canary_dir = _retrain(
+                    cfg, t, out_dir, r, logs, catalog_path, constraints_path, store, pred, row,
+                    ads[ev], ev_ctx,
+                )  # fmt: skip
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
             _write(out_dir, cfg, rows)
@@ -301,9 +343,39 @@ def run_loop(
     return _write(out_dir, cfg, rows, plot=True)
 
 
+def _decide_canary(cfg, t, store, pred, canary, canary_dir, version, clicks, row, ev_ads,
+                   ev_ctx) -> Predictor:  # fmt: skip
+    """The online gate on this round's two arms: promote the canary into the store or roll
+    it back; audit the decision with both models' true greedy CTR."""
+    gate = canary_gate(
+        version, clicks, canary.version, pred.version, bundle_digest(canary_dir),
+        cfg.margin,
+    )  # fmt: skip
+    online = gate["online"]
+    row.update(
+        canary_version=canary.version,
+        canary_share=online["canary_n"] / len(version),
+        canary_promoted=gate["passed"],
+        canary_reason=gate["reason"],
+        canary_difference=online["value"],
+        canary_difference_lower_bound=online["lower_bound"],
+        canary_greedy_true_ctr=_greedy_ctr(canary, t, ev_ads, ev_ctx),
+        canary_vs_greedy_true_ctr=_greedy_ctr(pred, t, ev_ads, ev_ctx),
+    )
+    worse = row["canary_greedy_true_ctr"] < row["canary_vs_greedy_true_ctr"] * (1 - cfg.tolerance)
+    row["canary_shipped_worse"] = bool(gate["passed"] and worse)
+    if not gate["passed"]:
+        return pred
+    result = promote(canary_dir, store, gate=gate)
+    if not result.deployed:
+        raise ConfigError(f"the store refused the canary: {result.reason}")
+    return Predictor.load(current(store))
+
+
 def _retrain(cfg, t, out_dir, r, logs, catalog_path, constraints_path, store, pred, row,
-             ev_ads, ev_ctx) -> Predictor | None:  # fmt: skip
-    """Run the retraining pipeline on every round's log so far; audit its gate decision."""
+             ev_ads, ev_ctx) -> tuple[Predictor | None, Predictor | None, str]:  # fmt: skip
+    """Run the retraining pipeline on every round's log so far; audit its gate decision.
+    Returns production and the next round's canary (a refused candidate, or None)."""
     log_path = os.path.join(out_dir, f"round_{r:02d}", "train_log.parquet")
     storage.write_table(pd.concat(logs, ignore_index=True), log_path)
     before = current_version(store)
@@ -342,7 +414,11 @@ def _retrain(cfg, t, out_dir, r, logs, catalog_path, constraints_path, store, pr
             1 - cfg.tolerance
         )
         row["gate_shipped_worse"] = bool(row["deployed"] and worse)
-    return Predictor.load(current(store)) if after != before or pred is None else pred
+    if after != before or pred is None:
+        return Predictor.load(current(store)), None, ""
+    if cfg.canary > 0 and candidate.version != pred.version:
+        return pred, candidate, gate["candidate"]["path"]
+    return pred, None, ""
 
 
 def _write(out_dir: str, cfg: LoopConfig, rows: list[dict], plot: bool = False) -> dict:
@@ -365,6 +441,9 @@ def _write(out_dir: str, cfg: LoopConfig, rows: list[dict], plot: bool = False) 
             "floor_held_every_round": all(x["floor_holds"] for x in rows),
             "gate_shipped_worse": sum(bool(x.get("gate_shipped_worse")) for x in rows),
             "deploys": sum(bool(x.get("deployed")) for x in rows),
+            "canaries": sum("canary_promoted" in x for x in rows),
+            "canary_promotions": sum(bool(x.get("canary_promoted")) for x in rows),
+            "canary_shipped_worse": sum(bool(x.get("canary_shipped_worse")) for x in rows),
         },
     }
     storage.write_json(os.path.join(out_dir, "rounds.json"), summary)
