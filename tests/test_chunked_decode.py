@@ -22,12 +22,18 @@ CTX = ("ctx_0", "ctx_1")
 N_ADS = 24
 
 
-@pytest.fixture(scope="module", params=[12, 6], ids=["same-width", "narrow-title"])
+@pytest.fixture(
+    scope="module",
+    params=[(12, 0), (6, 0), (12, 4)],
+    ids=["same-width", "narrow-title", "feature-tower"],
+)
 def predictor(request) -> Predictor:
     """Untrained models (the arithmetic is under test, not the weights) on catalog-world ads
     with 4 components of 5-12 candidates (so padded slots), a forbidden pair on most ads, a
     context the model reads, and residuals on a third of the ads. ``narrow-title``: at most 6
-    titles per ad, so the components' padded widths differ."""
+    titles per ad, so the components' padded widths differ. ``feature-tower``: the reward
+    model's nonlinear feature map on (``feature_hidden``), folded like the linear one."""
+    titles, hidden = request.param
     config = CatalogWorldConfig(
         n_ads=N_ADS,
         n_components=4,
@@ -39,7 +45,7 @@ def predictor(request) -> Predictor:
     world = CatalogWorld(config, seed=3)
     blk = world.block(0)
     frame = world.catalog_block(blk)[0].to_pandas()
-    kept = frame["element_id"].str[-2:].astype(int) < request.param
+    kept = frame["element_id"].str[-2:].astype(int) < titles
     frame = frame[kept | (frame["component"] != "title")]
     catalog = Catalog.from_frame(frame)
     pairs = world.constraint_rows(blk).to_pandas()
@@ -48,7 +54,8 @@ def predictor(request) -> Predictor:
     cons = Constraints.from_frame(pairs, catalog)
     torch.manual_seed(0)
     vocab = Vocab.from_catalog(catalog, CTX)
-    reward = RewardModel(vocab, RewardModelConfig()).eval()
+    reward = RewardModel(vocab, RewardModelConfig(feature_hidden=hidden)).eval()
+    assert len(reward.tower) == (4 if hidden else 0)  # the catalog world has features
     with torch.no_grad():  # a context that matters: ctx_w is zero at initialisation
         reward.ctx_w.normal_(0.0, 1.0)
     bound = BoundModel(reward, catalog)
@@ -82,6 +89,12 @@ def test_the_sample_exercises_forbidden_pairs_residuals_and_padding(predictor):
     assert len(predictor.reward.residual_values) > 100
     assert any(not v.all() for valid in gen.masks.valid for v in valid.numpy())  # padding
     assert max(gen.masks.M) == 12 and min(gen.masks.M) in (6, 12)  # as the fixture says
+    if len(predictor.reward.tower):  # the tower moves the scores: it is under test too
+        bound, _ = predictor.bound()
+        combos = np.stack([c[:1].repeat(3) for c in predictor.catalog.candidates[0]], 1)
+        with torch.no_grad():
+            main = bound.parts(np.zeros(3, np.int64), combos, np.zeros((3, 2)))[1]
+        assert np.abs(main).max() > 0  # zero-initialised linear maps: only the tower
 
 
 @pytest.mark.parametrize("refine", REFINES)

@@ -51,13 +51,14 @@ def test_attributions_sum_exactly_to_the_creative_logit(additive):
     np.testing.assert_allclose(base2, base0, atol=1e-6)
 
 
-def test_a_training_step_changes_parameters():
+@pytest.mark.parametrize("hidden", [0, 4], ids=["linear", "feature-tower"])
+def test_a_training_step_changes_parameters(hidden):
     world = make_world(WORLDS["default"], seed=0)
     log = log_impressions(world, 3000, seed=0)
     from genco.models.reward import RewardModel
     from genco.models.vocab import Vocab
 
-    config = RewardModelConfig(epochs=1, seed=3)
+    config = RewardModelConfig(epochs=1, seed=3, feature_hidden=hidden)
     vocab = Vocab.from_catalog(world.catalog, ())
 
     def untrained() -> RewardModel:
@@ -74,6 +75,9 @@ def test_a_training_step_changes_parameters():
     assert report.epochs == 1
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert {"id_main.weight", "id_ffm.weight", "w_ffm", "appeal.weight"} <= changed
+    tower = {n for n, _ in model.named_parameters() if n.startswith("tower.")}
+    assert len(tower) == (4 * len(world.catalog.components) if hidden else 0)
+    assert tower <= changed  # every layer of every component's tower trains
 
 
 def test_learned_effects_correlate_with_the_truth(additive):
