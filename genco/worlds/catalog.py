@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from genco.data.contract import AD, CLICK, COMPONENT, ELEMENT, PROPENSITY, TIMESTAMP
@@ -287,6 +286,16 @@ class CatalogOutputs:
     world: str  # world.json
 
 
+def _write_partitions(log: pa.Table, root: str, name: str) -> None:
+    """The log's rows under ``root/date=D/name``, one Parquet file per date (hive layout,
+    the date in the path only). Written with ``pq.write_table``, not ``ds.write_dataset``:
+    the dataset writer's threads can abort the process at exit (apache/arrow#36980)."""
+    for d in pc.unique(log[PARTITION]).to_pylist():
+        part = log.filter(pc.equal(log[PARTITION], d)).drop_columns([PARTITION])
+        os.makedirs(os.path.join(root, f"{PARTITION}={d}"), exist_ok=True)
+        pq.write_table(part, os.path.join(root, f"{PARTITION}={d}", name))
+
+
 def simulate_catalog(
     config: CatalogWorldConfig, seed: int, out_dir: str, n_impressions: int | None = None
 ) -> CatalogOutputs:
@@ -329,16 +338,7 @@ def simulate_catalog(
                 rows = min(config.write_rows, int(per_block[b]) - start)
                 log = world.log_block(blk, rows, brng)
                 clicks += int(pc.sum(log[CLICK]).as_py() or 0)
-                ds.write_dataset(
-                    log,
-                    out.impressions,
-                    format="parquet",
-                    partitioning=[PARTITION],
-                    partitioning_flavor="hive",
-                    basename_template=f"part-{b:04d}-{i:04d}-{{i}}.parquet",
-                    existing_data_behavior="overwrite_or_ignore",
-                    use_threads=False,
-                )
+                _write_partitions(log, out.impressions, f"part-{b:04d}-{i:04d}-0.parquet")
     finally:
         for w in (cat_writer, truth_writer):
             if w is not None:
