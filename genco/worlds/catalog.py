@@ -6,7 +6,7 @@ styles nonlinear in them, as the ``per_product`` worlds. Nothing is held for the
 catalog but (n_ads,) arrays: ads are generated in blocks of ``ad_block``, each from its own
 seed, so any block can be regenerated alone, and the log is written block by block as a
 hive-partitioned Parquet dataset by date (``impressions/date=2026-01-01/part-*.parquet``,
-``pyarrow.dataset.write_dataset``), at most ``write_rows`` rows in memory at a time.
+one ``pq.write_table`` per date), at most ``write_rows`` rows in memory at a time.
 
     logit = base + appeal[a] + sum_k main[e_k] + sum_{k<l} style[e_k] . W[k,l] . style[e_l]
 
