@@ -173,19 +173,8 @@ def promote(
         if refusal:
             return DeployResult(False, None, None, now, refusal)
 
-    target_manifest = storage.join(target, MANIFEST)
-    written: list[str] = []  # a version this call copied: removed again if on_promote fails
-    if storage.exists(target_manifest, client=client):
-        if storage.read_bytes(target_manifest, client=client) != raw:
-            raise StoreError(f"{target}: version '{version}' exists with different content")
-        try:
-            verify_bundle(target, client, complete=True)
-        except BundleError:  # a copy damaged since: write it again, manifest last
-            _copy(target, files, raw, client)
-    else:
-        written = [storage.join(target, name) for name in [*files, MANIFEST]]
-        created = [d for w in written for d in trees.missing_dirs(w)]
-        _copy(target, files, raw, client)
+    # a version this call copied (and the folders it made): removed if on_promote fails
+    written, created = _place(target, version, files, raw, client)
     try:
         finish = on_promote(target, version) if on_promote is not None else None
     except BaseException:
@@ -200,6 +189,32 @@ def promote(
         finish()
     removed = clean_leftovers(store, started, client)
     return DeployResult(True, version, target, now, "promoted", removed)
+
+
+def add_version(bundle_dir: str, store: str, client: Client | None = None) -> str:
+    """Copy a bundle into the store as a version without moving production (a canary's
+    bundle: ``genco.evaluation.canary``); returns its version id. Idempotent."""
+    manifest, raw, files = verify_bundle(bundle_dir, client, complete=True)
+    version = version_id(manifest, hashlib.sha256(raw).hexdigest())
+    _place(version_dir(store, version), version, files, raw, client)
+    return version
+
+
+def _place(target: str, version: str, files: dict, raw: bytes, client) -> tuple[list, list]:
+    """Copy a verified bundle to ``target`` unless an identical one is there; returns the
+    files and folders this call created."""
+    if storage.exists(storage.join(target, MANIFEST), client=client):
+        if storage.read_bytes(storage.join(target, MANIFEST), client=client) != raw:
+            raise StoreError(f"{target}: version '{version}' exists with different content")
+        try:
+            verify_bundle(target, client, complete=True)
+        except BundleError:  # a copy damaged since: write it again, manifest last
+            _copy(target, files, raw, client)
+        return [], []
+    written = [storage.join(target, name) for name in [*files, MANIFEST]]
+    created = [d for w in written for d in trees.missing_dirs(w)]
+    _copy(target, files, raw, client)
+    return written, created
 
 
 def rollback(

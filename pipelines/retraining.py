@@ -1,7 +1,9 @@
 """The ``retraining`` pipeline definition (KFP v2); running, compiling and scheduling it live in
 ``genco.pipeline.runner``.
 
-    ingest -> attribute_rewards -> train_generator -> evaluate -> [if passed] deploy
+    decide_canary -> ingest -> attribute_rewards -> train_generator -> evaluate
+        -> [if passed] deploy
+        -> [if refused] start_canary (canary_share > 0)
 
 The same definition runs under ``kfp.local.SubprocessRunner`` (every step a subprocess of
 this Python, genco installed), compiles to the YAML that Kubeflow Pipelines and Vertex AI
@@ -21,13 +23,22 @@ on anything else.
 from kfp import dsl
 
 from components import attribute_rewards, deploy, evaluate, ingest, train_generator
+from components.canary import decide_canary, start_canary
 from genco.data.ingest import IngestConfig
 from genco.evaluation.evaluate import EvalConfig
 from genco.models.generator import GeneratorConfig
 from genco.models.reward import RewardModelConfig
 
 PIPELINE_NAME = "genco-retraining"
-COMPONENT_NAMES = ("ingest", "attribute-rewards", "train-generator", "evaluate", "deploy")
+COMPONENT_NAMES = (
+    "decide-canary",
+    "ingest",
+    "attribute-rewards",
+    "train-generator",
+    "evaluate",
+    "deploy",
+    "start-canary",
+)
 
 
 @dsl.pipeline(
@@ -53,6 +64,8 @@ def retraining(
     key_file: str = "",
     reward_workers: int = 1,
     trainer_image: str = "",
+    canary_share: float = 0.0,
+    canary_data: str = "",
 ) -> None:
     """Retrain from the log at ``impressions`` and promote into ``model_store`` on a win.
 
@@ -65,7 +78,22 @@ def retraining(
     the default on a running TorchServe. ``reward_workers`` > 1: the reward model is fitted
     by a Kubeflow Trainer TrainJob of that many nodes on ``trainer_image`` (artifacts must
     then live on an object store the nodes reach); 1 = in the step itself.
+    ``canary_share`` > 0: a candidate the gate refuses is started as the store's canary on
+    that share of requests (``genco canary manifest`` renders KServe's traffic split);
+    ``canary_data``: the served log joined to its clicks, on which the next run first
+    promotes or rolls back the running canary (``genco.evaluation.canary``).
     """
+    decided = decide_canary(
+        model_store=model_store,
+        canary_data=canary_data,
+        margin=margin,
+        serving=serving,
+        management_url=management_url,
+        key_file=key_file,
+    )
+    decided.set_caching_options(False)
+    decided.set_cpu_request("500m").set_memory_request("1G")
+
     data = ingest(
         catalog=catalog,
         impressions=impressions,
@@ -105,6 +133,7 @@ def retraining(
         ground_truth=ground_truth,
     )
     gate.set_caching_options(False)
+    gate.after(decided)  # judged against production as the canary's decision left it
     gate.set_cpu_request("2").set_memory_request("4G").set_memory_limit("16G")
 
     with dsl.If(gate.outputs["Output"] == True, name="candidate-wins"):  # noqa: E712
@@ -118,3 +147,14 @@ def retraining(
         )
         promoted.set_caching_options(False)
         promoted.set_cpu_request("500m").set_memory_request("1G")
+
+    with dsl.If(gate.outputs["Output"] == False, name="candidate-refused"):  # noqa: E712
+        canary = start_canary(
+            bundle=bundle.outputs["bundle"],
+            gate=gate.outputs["gate"],
+            model_store=model_store,
+            share=canary_share,
+            serving=serving,
+        )
+        canary.set_caching_options(False)
+        canary.set_cpu_request("500m").set_memory_request("1G")

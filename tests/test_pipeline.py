@@ -16,6 +16,7 @@ from kfp import components as kfp_components
 from components import GENCO_IMAGE
 from genco.cli.pipeline import add_commands
 from genco.data import storage
+from genco.evaluation.canary import read_canary
 from genco.pipeline.runner import compile_pipeline, local_demo
 from genco.store import POINTER, current_version, read_pointer
 from genco.worlds.simulate import SimulationOutputs, simulate, world_config
@@ -56,11 +57,20 @@ def test_compiled_yaml_names_all_five_components(compiled):
 def test_deploy_is_conditional_on_the_gate_and_uncached(compiled):
     _, spec = compiled
     root = spec["root"]["dag"]["tasks"]
-    cond = next(t for t in root.values() if "triggerPolicy" in t)
-    assert "evaluate-Output" in cond["triggerPolicy"]["condition"]
-    branch = spec["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
-    assert set(branch) == {"deploy"}
-    assert branch["deploy"]["cachingOptions"] == {}  # caching off
+    branches = {}
+    for cond in (t for t in root.values() if "triggerPolicy" in t):
+        assert "evaluate-Output" in cond["triggerPolicy"]["condition"]
+        tasks = spec["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
+        branches[cond["taskInfo"]["name"]] = tasks
+    assert {k: set(v) for k, v in branches.items()} == {
+        "candidate-wins": {"deploy"},
+        "candidate-refused": {"start-canary"},
+    }
+    assert branches["candidate-wins"]["deploy"]["cachingOptions"] == {}  # caching off
+    assert branches["candidate-refused"]["start-canary"]["cachingOptions"] == {}
+    # the running canary is decided before the candidate is judged against production
+    assert "decide-canary" in root["evaluate"]["dependentTasks"]
+    assert root["decide-canary"]["cachingOptions"] == {}
     assert root["train-generator"]["cachingOptions"] == {"enableCache": True}
     assert root["ingest"]["cachingOptions"] == {}
 
@@ -125,7 +135,8 @@ def test_local_pipeline_deploys_then_gate_refuses_a_worse_model(world, tmp_path,
     # Quiet by default: one line per task and the steps' progress lines on stderr; the
     # executor JSON and every step's output only in the log file.
     console = capfd.readouterr().err.splitlines()
-    assert console[0] == "ingest: running" and "ingest: success" in console
+    assert console[0] == "decide-canary: running" and "ingest: success" in console
+    assert "[genco] decide-canary: nothing to decide (no canary is running)" in console
     assert "[genco] ingest: 6000 rows in, 6000 valid, 0 quarantined; 6000 in the window" in console
     assert any(re.fullmatch(r"\[genco\] attribute-rewards: \d+ epochs \(best \d+\), "
                             r"train_loss 0\.\d+, val_loss 0\.\d+; held-out AUC 0\.\d+, log loss "
@@ -149,9 +160,9 @@ def test_local_pipeline_deploys_then_gate_refuses_a_worse_model(world, tmp_path,
     served_before = served.read_bytes()
 
     # Deliberately worse: no policy training, no warm start, one reward epoch; and it must
-    # beat production by 50%.
+    # beat production by 50%. Refused, it becomes the store's canary on 20% of requests.
     worse = {**data, "reward_epochs": 1, "rl_steps": 0, "warm_start": False, "margin": 0.5}
-    second = local_demo(str(tmp_path / "run2"), worse)
+    second = local_demo(str(tmp_path / "run2"), {**worse, "canary_share": 0.2})
     assert not second["deployed"] and second["gate"]["passed"] is False
     assert second["gate"]["candidate_value"] < second["gate"]["production_value"] * 1.5
     assert storage.read_bytes(storage.join(store, POINTER)) == pointer
@@ -159,6 +170,13 @@ def test_local_pipeline_deploys_then_gate_refuses_a_worse_model(world, tmp_path,
     assert not (Path(second["pipeline_run"]) / "deploy").exists()  # branch skipped
     assert (Path(first["pipeline_run"]) / "deploy").is_dir()
     assert "REFUSED" in Path(second["report"]).read_text()
+    canary = read_canary(store)
+    assert canary["share"] == 0.2 and canary["production_version"] == v1
+    assert f"[genco] start-canary: started: serving 20% of requests beside {v1}" in (
+        capfd.readouterr().err.splitlines()
+    )
+    canary_config = Path(store, "kserve-canary", "config", "config.properties").read_text()
+    assert f"genco-{canary['version']}.mar" in canary_config
 
 
 # ------------------------------------------------------------------------------ CLI

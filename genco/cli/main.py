@@ -355,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     from genco.cli.serve import add_commands as add_serve_commands
 
     add_serve_commands(sub)
+
+    from genco.cli.canary import add_commands as add_canary_commands
+
+    add_canary_commands(sub)
     return p
 
 

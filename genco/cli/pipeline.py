@@ -26,8 +26,9 @@ def _pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "margin": args.margin,
         "warm_start": not args.no_warm_start,
+        "canary_share": args.canary_share,
     }
-    for key in ("catalog", "impressions", "constraints", "ground_truth"):
+    for key in ("catalog", "impressions", "constraints", "ground_truth", "canary_data"):
         if getattr(args, key, None):
             out[key] = getattr(args, key)
     if getattr(args, "store", None):
@@ -191,6 +192,19 @@ def _add_pipeline_params(
         "--no-warm-start", action="store_true", help="train from scratch, not from production"
     )
     p.add_argument("--ground-truth", default=None, help="simulated ground_truth.npz (report)")
+    p.add_argument(
+        "--canary-share",
+        type=float,
+        default=0.0,
+        help="start a refused candidate as the store's canary on this share of requests "
+        "(genco canary; default 0 = never)",
+    )
+    p.add_argument(
+        "--canary-data",
+        default=None,
+        help="joined served log (genco validate --served-log --out): first promote or roll "
+        "back the running canary on it",
+    )
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -398,3 +398,52 @@ def deploy_step(
     result = run_deploy(bundle_dir, model_store, gate_path, on_promote=hook)
     say(f"deploy: {result.reason}: {result.version}")
     return result
+
+
+# ---------------------------------------------------------------- canary
+
+
+@_step("decide-canary")
+def decide_canary_step(
+    model_store: str,
+    data_dir: str | None,
+    margin: float = 0.0,
+    min_impressions: int = 1000,
+    serving: bool = True,
+    management_url: str | None = None,
+    key_file: str | None = None,
+) -> Any:
+    """The decide_canary component's work: the running canary, if any, promoted or rolled
+    back on the joined served log at ``data_dir``; returns the ``CanaryResult``."""
+    from genco.evaluation import canary
+    from genco.serving.archive import serving_hook
+
+    record = canary.read_canary(model_store)
+    if record is None or data_dir is None:
+        why = "no canary is running" if record is None else "no canary_data given"
+        say(f"decide-canary: nothing to decide ({why})")
+        return canary.CanaryResult("none", None, None, why)
+    version, click = canary.arms(data_dir)
+    hook = serving_hook(model_store, serving, management_url, key_file)
+    result = canary.decide(model_store, version, click, margin, 0.95, min_impressions, hook)
+    say(f"decide-canary: {result.action}: {result.reason}")
+    return result
+
+
+@_step("start-canary")
+def start_canary_step(
+    bundle_dir: str, gate_path: str, model_store: str, share: float, serving: bool = True
+) -> Any:
+    """The start_canary component's work (``genco.evaluation.canary.start``); share 0 = no
+    canary (``action`` none)."""
+    from genco.evaluation import canary
+    from genco.serving.archive import canary_hook, is_published
+
+    if share <= 0:
+        say("start-canary: canary share is 0, no canary")
+        return canary.CanaryResult("none", None, None, "canary share is 0")
+    gate = storage.read_json(gate_path)
+    hook = canary_hook(model_store) if serving or is_published(model_store) else None
+    result = canary.start(bundle_dir, model_store, share, gate, hook)
+    say(f"start-canary: {result.action}: {result.reason}")
+    return result

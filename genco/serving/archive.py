@@ -58,6 +58,7 @@ HANDLER = SERVING_DIR / "handler.py"
 MODEL_CONFIG = SERVING_DIR / "model-config.yaml"
 LOG_CONFIG = SERVING_DIR / "log4j2.xml"
 KSERVE_DIR = "kserve"
+KSERVE_CANARY_DIR = "kserve-canary"  # a canary's layout (genco.evaluation.canary)
 
 
 # ============================================================================ archives
@@ -313,3 +314,15 @@ def make_on_promote(
         return lambda: set_kserve_version(root, version, client=client)
 
     return on_promote
+
+
+def canary_hook(store_uri: str, client: Any = None) -> Callable[[str, str], object]:
+    """The ``on_canary`` of ``genco.evaluation.canary.start``: publish the canary's version
+    as its own KServe layout, ``STORE/kserve-canary`` (the canary InferenceService's
+    storageUri, ``genco.serving.manifest``). An archive published before is reused."""
+    root = storage.join(store_uri, KSERVE_CANARY_DIR)
+
+    def on_canary(version_dir: str, version: str) -> object:
+        return publish(version_dir, root, version, client=client)
+
+    return on_canary

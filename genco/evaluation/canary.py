@@ -1,0 +1,235 @@
+"""A canary in the model store: a candidate served to a share of live traffic beside
+production, then promoted or rolled back on the online A/B of the two arms' own clicks.
+
+At a few percent of exploration the offline gate (``genco.evaluation.evaluate``) rarely has
+the evidence to approve a candidate: it differs from production on combinations production
+never shows. So a refused candidate can be *started as a canary* instead of being dropped::
+
+    STORE/versions/<v>/        the canary's bundle (a version; production does not move)
+    STORE/CANARY.json          {"version", "share", "production_version", "candidate_digest",
+                                "started_at", "offline_gate"}: the one running canary
+    STORE/kserve-canary/       its serving layout, when the store publishes for serving
+    STORE/canaries/<v>.json    every canary's record once decided (kept for audit)
+
+On a cluster KServe splits the traffic: ``genco canary manifest`` renders the
+InferenceService with ``canaryTrafficPercent`` and the canary's layout as ``storageUri``
+(``genco.serving.manifest``). Each served row names the ``model_version`` that served it,
+so once the served log is joined to its clicks (``genco validate --served-log``),
+``decide`` compares the two arms (``genco.evaluation.online.canary_gate``): the canary is
+promoted through ``genco.store.promote`` with that online gate record, or rolled back
+(CANARY.json removed; production never moved). While the canary arm has fewer than
+``min_impressions`` rows the canary keeps running: a canary started an hour ago is not
+judged on a hundred impressions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from genco.data import storage
+from genco.data.contract import CLICK, MODEL_VERSION
+from genco.data.served import IDS_FILE, JOINED_FILE
+from genco.errors import ConfigError, NotFoundError, StoreError
+from genco.evaluation.online import canary_gate
+from genco.models.checkpoint import read_manifest
+from genco.store import OnPromote, add_version, current_version, promote, version_dir
+
+if TYPE_CHECKING:
+    from google.cloud.storage import Client
+
+CANARY = "CANARY.json"
+HISTORY = "canaries"
+MIN_IMPRESSIONS = 1000
+
+# on_canary(version_dir, version): prepares the canary's serving (its layout) before the
+# record is written; if it raises, no canary starts.
+OnCanary = Any
+
+
+@dataclass(frozen=True)
+class CanaryResult:
+    """What ``start`` or ``decide`` did. ``action``: started, running, refused, promoted,
+    rolled_back or continue."""
+
+    action: str
+    version: str | None
+    production_version: str | None
+    reason: str
+    gate: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def arms(data_dir: str, client: Client | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(model_version, click) per impression of a joined served log (the directory
+    ``genco validate --served-log ... --clicks ...`` wrote): what ``decide`` compares."""
+    for name in (IDS_FILE, JOINED_FILE):
+        if not storage.exists(storage.join(data_dir, name), client=client):
+            raise NotFoundError(
+                f"{data_dir}: no {name}, so not a joined served log (write one with genco "
+                "validate --served-log SERVED --clicks CLICKS --out DIR)"
+            )
+    ids = storage.read_table(storage.join(data_dir, IDS_FILE), client=client)
+    joined = storage.read_table(storage.join(data_dir, JOINED_FILE), client=client)
+    if len(ids) != len(joined):
+        raise StoreError(
+            f"{data_dir}: {IDS_FILE} has {len(ids)} rows, {JOINED_FILE} {len(joined)}; "
+            "join the served log again"
+        )
+    return ids[MODEL_VERSION].astype(str).to_numpy(), joined[CLICK].to_numpy()
+
+
+def read_canary(store: str, client: Client | None = None) -> dict | None:
+    """The running canary's record, or None."""
+    path = storage.join(store, CANARY)
+    if not storage.exists(path, client=client):
+        return None
+    record = storage.read_json(path, client=client)
+    if not isinstance(record, dict) or not isinstance(record.get("version"), str):
+        raise StoreError(f"{path}: not a canary record (no 'version')")
+    return record
+
+
+def start(
+    bundle_dir: str,
+    store: str,
+    share: float,
+    gate: dict,
+    on_canary: OnCanary | None = None,
+    client: Client | None = None,
+) -> CanaryResult:
+    """Start ``bundle_dir`` as the store's canary, served to ``share`` of requests.
+
+    gate: the offline gate record of this bundle against the current production (the
+    evaluate step's ``gate.json``); it must have refused (a passing gate deploys) and name
+    this bundle and the production that is current now. One canary at a time: while one
+    runs, a new candidate is refused (``action`` "refused"), not queued.
+    """
+    if not 0.0 < share < 1.0:
+        raise ConfigError(f"canary share must be in (0, 1), got {share}")
+    production = current_version(store, client=client)
+    if production is None:
+        raise StoreError(f"{store}: no production model to run a canary beside; deploy one first")
+    digest = hashlib.sha256(read_manifest(bundle_dir, client)[1]).hexdigest()
+    problem = _gate_problem(gate, digest, production)
+    if problem:
+        raise StoreError(f"gate: {problem}")
+    running = read_canary(store, client=client)
+    if running is not None:
+        if running.get("candidate_digest") == digest:
+            return CanaryResult("running", running["version"], production, "already the canary")
+        return CanaryResult(
+            "refused",
+            None,
+            production,
+            f"canary '{running['version']}' is running since {running.get('started_at')}: "
+            "decide it first (genco canary decide) or stop it (genco canary stop)",
+        )
+    version = add_version(bundle_dir, store, client=client)
+    if on_canary is not None:
+        on_canary(version_dir(store, version), version)
+    record = {
+        "version": version,
+        "path": f"versions/{version}",
+        "share": share,
+        "production_version": production,
+        "candidate_digest": digest,
+        "started_at": _now(),
+        "offline_gate": {k: gate.get(k) for k in ("passed", "reason", "rule") if k in gate},
+    }
+    storage.write_json(storage.join(store, CANARY), record, client=client)
+    return CanaryResult(
+        "started", version, production, f"serving {share:.0%} of requests beside {production}"
+    )
+
+
+def decide(
+    store: str,
+    model_version: np.ndarray,
+    click: np.ndarray,
+    margin: float = 0.0,
+    confidence: float = 0.95,
+    min_impressions: int = MIN_IMPRESSIONS,
+    on_promote: OnPromote | None = None,
+    client: Client | None = None,
+) -> CanaryResult:
+    """Promote the running canary or roll it back on its online A/B against production.
+
+    model_version, click (n,): the served log joined to its clicks (other versions' rows are
+    not counted). Fewer than ``min_impressions`` canary rows: it keeps running."""
+    record = read_canary(store, client=client)
+    if record is None:
+        raise StoreError(f"{store}: no canary is running ({CANARY} is missing)")
+    version = record["version"]
+    production = current_version(store, client=client)
+    n = int((np.asarray(model_version) == version).sum())
+    if n < min_impressions:
+        return CanaryResult(
+            "continue",
+            version,
+            production,
+            f"{n} impressions of canary '{version}' in the log, fewer than {min_impressions}: "
+            "keep serving it",
+        )
+    gate = canary_gate(
+        model_version, click, version, production, record["candidate_digest"], margin, confidence
+    )
+    if gate["passed"]:
+        result = promote(
+            version_dir(store, version), store, version, gate, on_promote, client=client
+        )
+        if not result.deployed:  # e.g. production moved meanwhile: the canary keeps running
+            raise StoreError(f"canary '{version}' not promoted: {result.reason}")
+        action = "promoted"
+    else:
+        action = "rolled_back"
+    _close(store, record, action, gate, client)
+    return CanaryResult(action, version, production, gate["reason"], gate)
+
+
+def stop(store: str, reason: str, client: Client | None = None) -> CanaryResult:
+    """Roll the running canary back by hand (production never moved)."""
+    record = read_canary(store, client=client)
+    if record is None:
+        raise StoreError(f"{store}: no canary is running ({CANARY} is missing)")
+    _close(store, record, "stopped", None, client, reason)
+    production = current_version(store, client=client)
+    return CanaryResult("rolled_back", record["version"], production, f"stopped: {reason}")
+
+
+def _close(store, record, action, gate, client, reason: str | None = None) -> None:
+    """Keep the decided canary's record under ``canaries/``, then remove CANARY.json."""
+    closed = {**record, "decision": action, "decided_at": _now(), "reason": reason}
+    if gate is not None:
+        closed["online_gate"] = gate
+    history = storage.join(store, HISTORY, f"{record['version']}.json")
+    storage.write_json(history, closed, client=client)
+    storage.remove(storage.join(store, CANARY), client=client)
+
+
+def _gate_problem(gate: dict, digest: str, production: str) -> str | None:
+    if not isinstance(gate, dict) or not isinstance(gate.get("passed"), bool):
+        return "not a gate record ('passed' must be true or false)"
+    if gate["passed"]:
+        return "the offline gate passed: deploy the candidate (genco deploy), no canary needed"
+    if gate.get("candidate_digest") != digest:
+        return (
+            f"the gate was computed for another bundle (candidate_digest "
+            f"'{str(gate.get('candidate_digest'))[:16]}', this bundle's is '{digest[:16]}')"
+        )
+    if gate.get("production_version") != production:
+        return (
+            f"production changed since the evaluation (evaluated against "
+            f"{gate.get('production_version')}, now {production}); evaluate again"
+        )
+    return None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
