@@ -39,6 +39,13 @@ def merge_impressions(
 RESIDUAL_SD_GRID = (0.0, 0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 
+# The scan of RESIDUAL_SD_GRID stops after this many SDs > 0 in a row whose evidence fell:
+# over SDs > 0 the evidence had one peak in every log recorded (130 fits in bench/results:
+# AES, per-product, today's worlds), and each SD costs a quadrature over every combination
+# (~5 s CPU on `large` at 1M), mostly for SDs far past the peak.
+EVIDENCE_FALLS = 2
+
+
 # Degrees of freedom of the residuals' Student-t prior: heavy tails, so the few combinations
 # far from the structure (the ones an argmax cares about) are shrunk less than the many near it.
 RESIDUAL_DOF = 4.0
@@ -59,7 +66,10 @@ def _residual_newton(
         curv = (nu + 1) / (nu * sd**2 + r**2)  # the prior's pull per unit of r, always > 0
         grad = np.bincount(group, w * (y - p), n_groups) - curv * r
         hess = np.bincount(group, w * p * (1 - p), n_groups) + curv
-        step = grad / hess
+        # At most one logit unit a step: a full step from far away could overshoot to where
+        # p(1 - p) vanishes and the next step diverges (groups of 1,000+ impressions whose
+        # residual is 2-3 under a wide prior: nan evidence for SDs >= 0.3 before the clip)
+        step = np.clip(grad / hess, -1.0, 1.0)
         r += step
         if np.abs(step).max() < 1e-5:
             break
@@ -116,6 +126,25 @@ def _log_evidence(
     return float(np.sum(top + np.log(acc)))
 
 
+def choose_sd(
+    group: np.ndarray, n_groups: int, s: np.ndarray, y: np.ndarray, w: np.ndarray
+) -> tuple[float, dict[str, float]]:
+    """The prior SD of RESIDUAL_SD_GRID with the largest log evidence (the smaller on a
+    tie), scanning the grid upward until EVIDENCE_FALLS SDs > 0 in a row lose evidence.
+    Returns it and the log evidence of each SD tried. Arguments as ``_log_evidence``'s."""
+    evidence: dict[str, float] = {}
+    falls, last = 0, None  # SDs > 0 in a row whose evidence fell; the last one's evidence
+    for cand in RESIDUAL_SD_GRID:
+        e = evidence[str(cand)] = _log_evidence(group, n_groups, s, y, w, cand)
+        if cand > 0:
+            falls = falls + 1 if last is not None and e < last else 0
+            last = e
+            if falls >= EVIDENCE_FALLS:
+                break
+    tried = [c for c in RESIDUAL_SD_GRID if str(c) in evidence]
+    return float(max(tried, key=lambda c: (evidence[str(c)], -c))), evidence
+
+
 @torch.no_grad()
 def fit_residuals(
     model: RewardModel,
@@ -128,9 +157,10 @@ def fit_residuals(
 
     The prior SD is chosen by empirical Bayes, unless the config fixes it: the one of
     RESIDUAL_SD_GRID with the largest marginal likelihood of all the clicks (each residual
-    integrated out by quadrature), the standard choice for a random-effects variance. (A
-    held-out slice was measured first: its log-loss differences between SDs, ~1e-5, were
-    inside its own noise.) Returns the SD chosen and the log evidence per SD.
+    integrated out by quadrature), the standard choice for a random-effects variance, scanned
+    upward until EVIDENCE_FALLS SDs in a row lose evidence. (A held-out slice was measured
+    first: its log-loss differences between SDs, ~1e-5, were inside its own noise.) Returns
+    the SD chosen and the log evidence per SD tried.
     """
 
     def merged(idx: np.ndarray, w: np.ndarray):
@@ -155,9 +185,7 @@ def fit_residuals(
     evidence: dict[str, float] = {}
     sd = model.config.residual_sd
     if sd == 0:
-        for cand in RESIDUAL_SD_GRID:
-            evidence[str(cand)] = _log_evidence(group, n_groups, s, y, w, cand)
-        sd = float(max(RESIDUAL_SD_GRID, key=lambda c: (evidence[str(c)], -c)))
+        sd, evidence = choose_sd(group, n_groups, s, y, w)
     r = _residual_newton(group, n_groups, s, y, w, sd)
     first = np.zeros(n_groups, np.int64)
     first[group] = np.arange(len(group))  # any row of a group: they share its key
