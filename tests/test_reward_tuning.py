@@ -96,3 +96,24 @@ def test_evidence_scan_stops_past_its_peak_with_the_full_grids_choice(true_sd):
     tail = [evidence[str(c)] for c in tried[-EVIDENCE_FALLS - 1 :]]
     assert all(a > b for a, b in pairwise(tail))
     assert all(evidence[str(c)] == pytest.approx(full[c]) for c in tried)
+
+
+def test_groups_of_one_row_take_the_shortcut_to_the_same_evidence():
+    """Every row its own group, in order (a large space's log): sums and gathers are the
+    rows themselves; the evidence and the modes equal those of the same rows shuffled."""
+    from genco.training.residuals import _Groups, _residual_newton
+
+    rng = np.random.default_rng(3)
+    n = 2_000
+    s = rng.normal(-3.0, 0.3, n)
+    w = rng.integers(1, 50, n).astype(float)
+    y = rng.binomial(w.astype(int), 0.05) / w
+    own = np.arange(n)
+    assert _Groups(own, n).own and not _Groups(rng.permutation(n), n).own
+    assert not _Groups(np.repeat(np.arange(n // 2), 2), n // 2).own
+    perm = rng.permutation(n)  # the same rows shuffled: row j is row perm[j], of group perm[j]
+    for sd in (0.03, 0.3):
+        shuffled = _log_evidence(perm, n, s[perm], y[perm], w[perm], sd)
+        assert _log_evidence(own, n, s, y, w, sd) == pytest.approx(shuffled, rel=1e-12)
+        r = _residual_newton(own, n, s, y, w, sd)
+        assert np.allclose(r, _residual_newton(perm, n, s[perm], y[perm], w[perm], sd))
