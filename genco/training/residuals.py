@@ -39,9 +39,32 @@ def merge_impressions(
 RESIDUAL_SD_GRID = (0.0, 0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 
+# The scan of RESIDUAL_SD_GRID stops after this many SDs > 0 in a row whose evidence fell:
+# over SDs > 0 the evidence had one peak in every log recorded (130 fits in bench/results:
+# AES, per-product, today's worlds), and each SD costs a quadrature over every combination
+# (~5 s CPU on `large` at 1M), mostly for SDs far past the peak.
+EVIDENCE_FALLS = 2
+
+
 # Degrees of freedom of the residuals' Student-t prior: heavy tails, so the few combinations
 # far from the structure (the ones an argmax cares about) are shrunk less than the many near it.
 RESIDUAL_DOF = 4.0
+
+
+class _Groups:
+    """Per-group sums and per-row gathers of a group index (n,) in [0, n_groups): plain
+    copies when every row is its own group, in order (a large space's log: `large` at 1M,
+    where the bincount and the gather were half of each quadrature node's time)."""
+
+    def __init__(self, group: np.ndarray, n_groups: int) -> None:
+        self.group, self.n = group, n_groups
+        self.own = len(group) == n_groups and bool(np.all(group[1:] > group[:-1]))
+
+    def sum(self, x: np.ndarray) -> np.ndarray:
+        return x if self.own else np.bincount(self.group, x, self.n)
+
+    def rows(self, v: np.ndarray) -> np.ndarray:
+        return v if self.own else v[self.group]
 
 
 def _residual_newton(
@@ -54,12 +77,16 @@ def _residual_newton(
     if sd <= 0:
         return r
     nu = RESIDUAL_DOF
+    g = _Groups(group, n_groups)
     for _ in range(30):
-        p = 1.0 / (1.0 + np.exp(-(s + r[group])))
+        p = 1.0 / (1.0 + np.exp(-(s + g.rows(r))))
         curv = (nu + 1) / (nu * sd**2 + r**2)  # the prior's pull per unit of r, always > 0
-        grad = np.bincount(group, w * (y - p), n_groups) - curv * r
-        hess = np.bincount(group, w * p * (1 - p), n_groups) + curv
-        step = grad / hess
+        grad = g.sum(w * (y - p)) - curv * r
+        hess = g.sum(w * p * (1 - p)) + curv
+        # At most one logit unit a step: a full step from far away could overshoot to where
+        # p(1 - p) vanishes and the next step diverges (groups of 1,000+ impressions whose
+        # residual is 2-3 under a wide prior: nan evidence for SDs >= 0.3 before the clip)
+        step = np.clip(grad / hess, -1.0, 1.0)
         r += step
         if np.abs(step).max() < 1e-5:
             break
@@ -96,9 +123,10 @@ def _log_evidence(
     if sd <= 0:
         return -float(np.sum(w * (np.logaddexp(0.0, s) - y * s)))
     r = _residual_newton(group, n_groups, s, y, w, sd)
-    p = 1.0 / (1.0 + np.exp(-(s + r[group])))
+    g = _Groups(group, n_groups)
+    p = 1.0 / (1.0 + np.exp(-(s + g.rows(r))))
     nu = RESIDUAL_DOF
-    h = np.bincount(group, w * p * (1 - p), n_groups)
+    h = g.sum(w * p * (1 - p))
     a = nu * sd**2 + r**2
     curv = h + (nu + 1) * (nu * sd**2 - r**2) / a**2
     width = 1.0 / np.sqrt(np.maximum(curv, 1e-12))
@@ -107,13 +135,32 @@ def _log_evidence(
     acc = np.zeros(n_groups)  # running log-sum-exp over the nodes, per group
     for v in vs:
         rk = r + width * math.sinh(v)
-        z = s + rk[group]
-        term = -np.bincount(group, w * (np.logaddexp(0.0, z) - y * z), n_groups)
+        z = s + g.rows(rk)
+        term = -g.sum(w * (np.logaddexp(0.0, z) - y * z))
         term += _log_prior(rk, sd) + np.log(width * (math.cosh(v) * QUADRATURE_STEP))
         new_top = np.maximum(top, term)
         acc = acc * np.exp(top - new_top) + np.exp(term - new_top)
         top = new_top
     return float(np.sum(top + np.log(acc)))
+
+
+def choose_sd(
+    group: np.ndarray, n_groups: int, s: np.ndarray, y: np.ndarray, w: np.ndarray
+) -> tuple[float, dict[str, float]]:
+    """The prior SD of RESIDUAL_SD_GRID with the largest log evidence (the smaller on a
+    tie), scanning the grid upward until EVIDENCE_FALLS SDs > 0 in a row lose evidence.
+    Returns it and the log evidence of each SD tried. Arguments as ``_log_evidence``'s."""
+    evidence: dict[str, float] = {}
+    falls, last = 0, None  # SDs > 0 in a row whose evidence fell; the last one's evidence
+    for cand in RESIDUAL_SD_GRID:
+        e = evidence[str(cand)] = _log_evidence(group, n_groups, s, y, w, cand)
+        if cand > 0:
+            falls = falls + 1 if last is not None and e < last else 0
+            last = e
+            if falls >= EVIDENCE_FALLS:
+                break
+    tried = [c for c in RESIDUAL_SD_GRID if str(c) in evidence]
+    return float(max(tried, key=lambda c: (evidence[str(c)], -c))), evidence
 
 
 @torch.no_grad()
@@ -128,9 +175,10 @@ def fit_residuals(
 
     The prior SD is chosen by empirical Bayes, unless the config fixes it: the one of
     RESIDUAL_SD_GRID with the largest marginal likelihood of all the clicks (each residual
-    integrated out by quadrature), the standard choice for a random-effects variance. (A
-    held-out slice was measured first: its log-loss differences between SDs, ~1e-5, were
-    inside its own noise.) Returns the SD chosen and the log evidence per SD.
+    integrated out by quadrature), the standard choice for a random-effects variance, scanned
+    upward until EVIDENCE_FALLS SDs in a row lose evidence. (A held-out slice was measured
+    first: its log-loss differences between SDs, ~1e-5, were inside its own noise.) Returns
+    the SD chosen and the log evidence per SD tried.
     """
 
     def merged(idx: np.ndarray, w: np.ndarray):
@@ -150,14 +198,14 @@ def fit_residuals(
     everything = np.arange(len(enc))
     rows, s, y, w = merged(everything, weights)
     keys, group = np.unique(row_hash(rows), return_inverse=True)
-    group = group.reshape(-1)
+    # Rows in group order (stable: each group's rows keep theirs, so its sums are the same).
+    order = np.argsort(group.reshape(-1), kind="stable")
+    rows, s, y, w, group = rows[order], s[order], y[order], w[order], group.reshape(-1)[order]
     n_groups = len(keys)
     evidence: dict[str, float] = {}
     sd = model.config.residual_sd
     if sd == 0:
-        for cand in RESIDUAL_SD_GRID:
-            evidence[str(cand)] = _log_evidence(group, n_groups, s, y, w, cand)
-        sd = float(max(RESIDUAL_SD_GRID, key=lambda c: (evidence[str(c)], -c)))
+        sd, evidence = choose_sd(group, n_groups, s, y, w)
     r = _residual_newton(group, n_groups, s, y, w, sd)
     first = np.zeros(n_groups, np.int64)
     first[group] = np.arange(len(group))  # any row of a group: they share its key

@@ -1,0 +1,119 @@
+"""What the reward model's fit chooses on its own, and how little it spends choosing: the
+id-embedding L2 path (stops where the held-out loss rises; only the chosen L2 runs to full
+patience) and the residuals' prior SD (the evidence scan stops past its peak)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from itertools import pairwise
+
+import numpy as np
+import pytest
+
+from genco.models.reward import RewardModelConfig
+from genco.models.vocab import encode
+from genco.training import reward_fit
+from genco.training.residuals import (
+    EVIDENCE_FALLS,
+    RESIDUAL_SD_GRID,
+    _log_evidence,
+    choose_sd,
+)
+from genco.worlds.simulate import WORLDS, log_impressions, make_world
+
+SMALL = replace(WORLDS["per_product"], n_ads=8, n_candidates=4)
+
+
+@pytest.fixture(scope="module")
+def small_log():
+    world = make_world(SMALL, seed=1)
+    return world, encode(log_impressions(world, 30_000, seed=1), world.catalog)
+
+
+def _fit(world, enc, **kw):
+    config = RewardModelConfig(**{"epochs": 6, "batch_size": 2048, "residual": False, **kw})
+    return reward_fit.train_reward_model(world.catalog, enc, config)
+
+
+def test_l2_path_stops_where_the_held_out_loss_rises(small_log, monkeypatch):
+    """A middle point far too strong (10: ids and appeal crushed to zero) fits worse held
+    out than the first, so the path ends there: the weaker third point is never fitted."""
+    world, enc = small_log
+    monkeypatch.setattr(reward_fit, "L2_ID_GRID", (1e-2, 10.0, 1e-4))
+    _, report = _fit(world, enc)
+    t = report.tuning
+    assert list(t["l2_id_val_loss"]) == ["0.01", "10.0"]
+    assert t["l2_id_val_loss"]["10.0"] > t["l2_id_val_loss"]["0.01"]
+    assert t["l2_id"] == 1e-2
+
+
+def test_the_chosen_l2_alone_runs_to_full_patience(small_log):
+    world, enc = small_log
+    _, report = _fit(world, enc, patience=3, epochs=20)
+    t = report.tuning
+    losses = t["l2_id_val_loss"]
+    tried = [float(k) for k in losses]
+    assert tried == list(reward_fit.L2_ID_GRID[: len(tried)])
+    assert t["l2_id"] == min(tried, key=lambda c: losses[str(c)])
+    # The chosen point went on from its best weights: its history is the path's epochs plus
+    # the rest (within the epoch cap), whose best is never worse than where it started.
+    n_path, n_more = t["l2_id_epochs"][str(t["l2_id"])], t["l2_id_final_epochs"]
+    assert n_more >= 1 and report.epochs == n_path + n_more <= 20
+    assert [h["epoch"] for h in report.history] == list(range(1, report.epochs + 1))
+    assert t["val_loss"] <= losses[str(t["l2_id"])]
+    assert t["val_loss"] == min(h["val_loss"] for h in report.history)
+
+
+@pytest.mark.parametrize("kw", [{"patience": 1}, {"epochs": 1}])
+def test_nothing_to_go_on_with(small_log, kw):
+    """Patience 1: the path's points already ran to full patience. One epoch: the chosen
+    point already made every pass ``epochs`` allows."""
+    world, enc = small_log
+    config = RewardModelConfig(**{"epochs": 6, "batch_size": 2048, "residual": False, **kw})
+    _, report = reward_fit.train_reward_model(world.catalog, enc, config)
+    assert "l2_id_final_epochs" not in report.tuning
+    assert report.epochs == report.tuning["l2_id_epochs"][str(report.tuning["l2_id"])]
+    assert report.epochs <= config.epochs
+
+
+@pytest.mark.parametrize("true_sd", [0.0, 0.05, 0.2])
+def test_evidence_scan_stops_past_its_peak_with_the_full_grids_choice(true_sd):
+    """Groups of 200-2,000 impressions whose true residuals have SD true_sd: the scan
+    chooses what the whole grid would, and stops EVIDENCE_FALLS falls after its peak."""
+    rng = np.random.default_rng(7)
+    n_groups = 3_000
+    group = np.arange(n_groups)
+    s = rng.normal(-3.0, 0.3, n_groups)
+    w = rng.integers(200, 2_000, n_groups).astype(float)
+    r = rng.standard_t(4, n_groups) * true_sd
+    y = rng.binomial(w.astype(int), 1 / (1 + np.exp(-(s + r)))) / w
+    sd, evidence = choose_sd(group, n_groups, s, y, w)
+    full = {c: _log_evidence(group, n_groups, s, y, w, c) for c in RESIDUAL_SD_GRID}
+    assert sd == max(RESIDUAL_SD_GRID, key=lambda c: (full[c], -c))
+    tried = [float(k) for k in evidence]
+    assert tried == list(RESIDUAL_SD_GRID[: len(tried)])
+    assert len(tried) < len(RESIDUAL_SD_GRID)  # the point: SDs far past the peak are skipped
+    tail = [evidence[str(c)] for c in tried[-EVIDENCE_FALLS - 1 :]]
+    assert all(a > b for a, b in pairwise(tail))
+    assert all(evidence[str(c)] == pytest.approx(full[c]) for c in tried)
+
+
+def test_groups_of_one_row_take_the_shortcut_to_the_same_evidence():
+    """Every row its own group, in order (a large space's log): sums and gathers are the
+    rows themselves; the evidence and the modes equal those of the same rows shuffled."""
+    from genco.training.residuals import _Groups, _residual_newton
+
+    rng = np.random.default_rng(3)
+    n = 2_000
+    s = rng.normal(-3.0, 0.3, n)
+    w = rng.integers(1, 50, n).astype(float)
+    y = rng.binomial(w.astype(int), 0.05) / w
+    own = np.arange(n)
+    assert _Groups(own, n).own and not _Groups(rng.permutation(n), n).own
+    assert not _Groups(np.repeat(np.arange(n // 2), 2), n // 2).own
+    perm = rng.permutation(n)  # the same rows shuffled: row j is row perm[j], of group perm[j]
+    for sd in (0.03, 0.3):
+        shuffled = _log_evidence(perm, n, s[perm], y[perm], w[perm], sd)
+        assert _log_evidence(own, n, s, y, w, sd) == pytest.approx(shuffled, rel=1e-12)
+        r = _residual_newton(own, n, s, y, w, sd)
+        assert np.allclose(r, _residual_newton(perm, n, s[perm], y[perm], w[perm], sd))
