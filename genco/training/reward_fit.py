@@ -66,7 +66,9 @@ def train_reward_model(
     torch.manual_seed(config.seed)
     model = RewardModel(Vocab.from_catalog(catalog, enc.context_columns), config)
     if init is not None:
-        model.load_state_dict(init.state_dict())
+        # Tensors the previous model lacks (a three-way term it did not have) keep their
+        # random start: loading would zero them, a saddle the fit cannot leave.
+        model.load_state_dict({**model.state_dict(), **init.state_dict()})
     bound = BoundModel(model, catalog)
     tr, va, split = _split(enc, config)
     weights = _weights(enc, tr, config)
@@ -204,12 +206,14 @@ def l2_penalty(model: RewardModel, ad, elem, config: RewardModelConfig) -> torch
             model.lookup("id_main", elem).pow(2).sum()
             + model.lookup("id_ffm", elem).pow(2).sum()
             + model.lookup("appeal", ad).pow(2).sum()
+            + (model.lookup("id3", elem).pow(2).sum() if model.d3 else 0.0)
         ) / len(elem)
     if config.l2_dense:
         out = out + config.l2_dense * (
             model.w_main.pow(2).sum()
             + model.w_ffm.pow(2).sum()
             + sum(p.pow(2).sum() for t in model.tower for p in t.parameters())
+            + (model.w3.pow(2).sum() if model.d3 else 0.0)
         )
     return out
 
@@ -319,6 +323,8 @@ def _fit_structure(
         # Elements never seen in training carry no evidence: score them from features only.
         model.id_main.weight[~model.seen] = 0.0
         model.id_ffm.weight[~model.seen] = 0.0
+        if model.d3:
+            model.id3.weight[~model.seen] = 0.0
     model.to("cpu")
     model.eval()
     return history, plateau.best_epoch
