@@ -47,7 +47,9 @@ def rewards(request, models):
     if request.param == "pairwise":
         return world, bound, gen
     enc = encode(log_impressions(world, 20_000, seed=1), world.catalog)
-    reward, _ = train_reward_model(world.catalog, enc, RewardModelConfig(epochs=2, dim3=3))
+    reward, _ = train_reward_model(
+        world.catalog, enc, RewardModelConfig(epochs=2, dim3=3, val_fraction=0.0)
+    )
     with torch.no_grad():
         reward.id3.weight.mul_(20.0)
         reward.w3.mul_(3.0)

@@ -93,11 +93,34 @@ def three_way():
     world = make_world(WORLDS["per_product_3way"], seed=0)
     log = log_impressions(world, 30_000, seed=0)
     model, _ = train_reward_model(
-        world.catalog, log, RewardModelConfig(epochs=2, dim3=3, residual=False)
-    )
+        world.catalog, log, RewardModelConfig(epochs=2, dim3=3, residual=False, val_fraction=0.0)
+    )  # no held-out slice: the term is fitted with the rest, not chosen
     with torch.no_grad():
         model.id3.weight.mul_(10.0)
     return world, model, encode(log.iloc[:3000], world.catalog)
+
+
+def test_the_three_way_term_is_kept_only_when_it_lowers_the_held_out_loss():
+    from genco.training.reward_fit import _rows, _split
+
+    world = make_world(WORLDS["per_product_3way"], seed=1)
+    enc = encode(log_impressions(world, 40_000, seed=1), world.catalog)
+    config = RewardModelConfig(dim3=3, epochs=4, residual=False)
+    model, report = train_reward_model(world.catalog, enc, config)
+    t = report.tuning
+    off, on = t["three_way_val_loss"]["off"], t["three_way_val_loss"]["on"]
+    assert t["three_way"] == (on < off)
+    assert t["l2_id_val_loss"]["0.1"] == min(on, off)  # chosen at the path's first L2
+    zero = not model.w3.any() and not model.id3.weight.any()
+    assert zero == (not t["three_way"])  # rejected: exactly no three-way term
+    # The model returned is the one whose held-out loss decided.
+    _, va, _ = _split(enc, config)
+    val = _rows(BoundModel(model, world.catalog), enc, va, np.ones(len(enc)))
+    with torch.no_grad():
+        z = model(val.ad, val.elem, val.feats, val.x)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(z, val.y, reduction="none")
+    best = min(t["l2_id_val_loss"].values())
+    assert float((bce * val.weight).sum() / val.weight.sum()) == pytest.approx(best, 1e-5)
 
 
 def test_three_way_term_sums_every_triple_and_its_credit_splits_each_in_thirds(three_way):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -106,29 +107,50 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
     """``_fit_structure`` once with ``config.l2_id``, or (l2_id = 0) once per L2_ID_GRID value,
     keeping the one with the best held-out loss. Along the path each fit starts where the
     previous, more regularised, one ended, so the later fits take a few epochs. The rows are
-    merged and turned into tensors once for all of them."""
+    merged and turned into tensors once for all of them. A three-way term (``dim3``) is
+    chosen on the held-out slice at the path's first L2 (``_choose_three_way``)."""
     train = _rows(bound, enc, tr, weights)
     val = _rows(bound, enc, va, np.ones(len(enc))) if len(va) else None
+    rows = touched_rows(model, train.ad, train.elem)
     if config.l2_id > 0 or val is None:
         l2 = config.l2_id if config.l2_id > 0 else L2_ID_GRID[len(L2_ID_GRID) // 2]
-        history, best_epoch = _fit_structure(
-            model, train, val, len(tr), replace(config, l2_id=l2), progress
+        history, best_epoch, three = _choose_three_way(
+            model,
+            partial(
+                _fit_structure,
+                model,
+                train,
+                val,
+                len(tr),
+                replace(config, l2_id=l2),
+                progress,
+                rows,
+            ),
+            rows,
+            val is not None,
         )
-        return history, best_epoch, {"l2_id": l2}
+        return history, best_epoch, {"l2_id": l2, **three}
     # Copies of what the fits can change (every dense parameter, the training rows of the
     # sparse id tables), not deep copies of the state: the start only when the path is not
     # warm (warm, the first fit starts from it and none goes back to it).
     start = None if L2_WARM_PATH else Snapshot(model)
-    rows = touched_rows(model, train.ad, train.elem)
     best: tuple | None = None
     best_state: Snapshot | None = None
-    losses, epochs = {}, {}
-    for l2 in L2_ID_GRID:
+    losses, epochs, three = {}, {}, {}
+    for i, l2 in enumerate(L2_ID_GRID):
         if start is not None:
             start.restore(model)
-        history, best_epoch = _fit_structure(
-            model, train, val, len(tr), replace(config, l2_id=l2), progress, rows
+            if three.get("three_way") is False:  # a cold path, without the term as chosen
+                with torch.no_grad():
+                    model.id3.weight.zero_()
+                    model.w3.zero_()
+        fit = partial(
+            _fit_structure, model, train, val, len(tr), replace(config, l2_id=l2), progress, rows
         )
+        if i == 0:  # the path goes on with the three-way term or without, as chosen here
+            history, best_epoch, three = _choose_three_way(model, fit, rows, True)
+        else:
+            history, best_epoch = fit()
         losses[str(l2)] = min(h["val_loss"] for h in history)
         epochs[str(l2)] = len(history)
         if best is None or losses[str(l2)] < best[0]:
@@ -139,7 +161,31 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
                 best_state.take(model)
     _, l2, history, best_epoch = best
     best_state.restore(model)
-    return history, best_epoch, {"l2_id": l2, "l2_id_val_loss": losses, "l2_id_epochs": epochs}
+    tuning = {"l2_id": l2, "l2_id_val_loss": losses, "l2_id_epochs": epochs}
+    return history, best_epoch, {**tuning, **three}
+
+
+def _choose_three_way(model, fit, rows, choose: bool) -> tuple[list, int, dict]:
+    """``fit()`` (one structure fit from the model's weights) with the three-way term, and,
+    when ``choose``, also without it (its vectors held at zero, where their gradient is zero)
+    from the same start: the model keeps the one with the lower held-out loss. Measured on
+    per-product worlds, deciding at the path's first (strongest) L2 picked the term where
+    the world has a three-way effect and left it out where not (BENCHMARKS.md)."""
+    if not model.d3 or not choose:
+        return (*fit(), {})
+    start = Snapshot(model, rows)
+    with torch.no_grad():
+        model.id3.weight.zero_()
+        model.w3.zero_()
+    off = fit()
+    off_state = Snapshot(model, rows)
+    start.restore(model)
+    on = fit()
+    loss = {k: min(h["val_loss"] for h in r[0]) for k, r in (("off", off), ("on", on))}
+    keep = loss["on"] < loss["off"]
+    if not keep:
+        off_state.restore(model)
+    return (*(on if keep else off), {"three_way": keep, "three_way_val_loss": loss})
 
 
 def _check_learnable(enc: Encoded) -> None:
