@@ -41,7 +41,8 @@ class RewardModelConfig:
         metadata={
             "help": "Size of each element's three-way vector u(e) (id part + feature "
             "projection): adds sum over component triples k<l<m of <u(e_k), u(e_l), u(e_m)> "
-            "(a third-order factorization machine); 0 = no three-way term."
+            "(a third-order factorization machine), kept only if it lowers the held-out loss; "
+            "0 = no three-way term."
         },
     )
     feature_hidden: int = field(
