@@ -168,9 +168,9 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
 def _choose_three_way(model, fit, rows, choose: bool) -> tuple[list, int, dict]:
     """``fit()`` (one structure fit from the model's weights) with the three-way term, and,
     when ``choose``, also without it (its vectors held at zero, where their gradient is zero)
-    from the same start: the model keeps the one with the lower held-out loss. Measured on
-    per-product worlds, deciding at the path's first (strongest) L2 picked the term where
-    the world has a three-way effect and left it out where not (BENCHMARKS.md)."""
+    from the same start: the model keeps the one with the lower held-out loss. On the
+    per-product worlds this kept the term where the world has a three-way effect and left
+    it out where not, but for one fit of eleven (BENCHMARKS.md, "three-way term")."""
     if not model.d3 or not choose:
         return (*fit(), {})
     start = Snapshot(model, rows)
