@@ -24,16 +24,18 @@ N_ADS = 24
 
 @pytest.fixture(
     scope="module",
-    params=[(12, 0), (6, 0), (12, 4)],
-    ids=["same-width", "narrow-title", "feature-tower"],
+    params=[(12, 0, 0), (6, 0, 0), (12, 4, 0), (6, 0, 3)],
+    ids=["same-width", "narrow-title", "feature-tower", "three-way"],
 )
 def predictor(request) -> Predictor:
     """Untrained models (the arithmetic is under test, not the weights) on catalog-world ads
     with 4 components of 5-12 candidates (so padded slots), a forbidden pair on most ads, a
     context the model reads, and residuals on a third of the ads. ``narrow-title``: at most 6
     titles per ad, so the components' padded widths differ. ``feature-tower``: the reward
-    model's nonlinear feature map on (``feature_hidden``), folded like the linear one."""
-    titles, hidden = request.param
+    model's nonlinear feature map on (``feature_hidden``), folded like the linear one.
+    ``three-way``: the reward model's three-way term on (``dim3``), its vectors scaled up so
+    that it moves the scores."""
+    titles, hidden, dim3 = request.param
     config = CatalogWorldConfig(
         n_ads=N_ADS,
         n_components=4,
@@ -54,10 +56,12 @@ def predictor(request) -> Predictor:
     cons = Constraints.from_frame(pairs, catalog)
     torch.manual_seed(0)
     vocab = Vocab.from_catalog(catalog, CTX)
-    reward = RewardModel(vocab, RewardModelConfig(feature_hidden=hidden)).eval()
+    reward = RewardModel(vocab, RewardModelConfig(feature_hidden=hidden, dim3=dim3)).eval()
     assert len(reward.tower) == (4 if hidden else 0)  # the catalog world has features
     with torch.no_grad():  # a context that matters: ctx_w is zero at initialisation
         reward.ctx_w.normal_(0.0, 1.0)
+        if dim3:
+            reward.id3.weight.mul_(30.0)
     bound = BoundModel(reward, catalog)
     rng = np.random.default_rng(0)
     keys = []
@@ -95,6 +99,12 @@ def test_the_sample_exercises_forbidden_pairs_residuals_and_padding(predictor):
         with torch.no_grad():
             main = bound.parts(np.zeros(3, np.int64), combos, np.zeros((3, 2)))[1]
         assert np.abs(main).max() > 0  # zero-initialised linear maps: only the tower
+    if predictor.reward.d3:  # the three-way term moves the scores: it is under test too
+        bound, _ = predictor.bound()
+        combos = np.stack([c[:6] for c in predictor.catalog.candidates[1]], 1)
+        with torch.no_grad():
+            tri = bound.parts(np.ones(6, np.int64), combos, np.zeros((6, 2)))[3]
+        assert np.abs(tri.sum(1)).std() > 0.1
 
 
 @pytest.mark.parametrize("refine", REFINES)

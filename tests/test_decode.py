@@ -39,6 +39,27 @@ def models():
     return world, bound, gen
 
 
+@pytest.fixture(scope="module", params=["pairwise", "three-way"])
+def rewards(request, models):
+    """The reward model as fitted (pairwise), or with a three-way term whose vectors are
+    scaled up after a short fit so that it moves every score (a wrong table fails)."""
+    world, bound, gen = models
+    if request.param == "pairwise":
+        return world, bound, gen
+    enc = encode(log_impressions(world, 20_000, seed=1), world.catalog)
+    reward, _ = train_reward_model(
+        world.catalog, enc, RewardModelConfig(epochs=2, dim3=3, val_fraction=0.0)
+    )
+    with torch.no_grad():
+        reward.id3.weight.mul_(20.0)
+        reward.w3.mul_(3.0)
+    bound = BoundModel(reward, world.catalog)
+    legal = legal_combinations(world.catalog, world.constraints, 0)
+    tri = bound.parts(np.zeros(len(legal), np.int64), legal, None)[3]
+    assert np.abs(tri.sum(1)).std() > 0.1  # the three-way term matters
+    return world, bound, gen
+
+
 def legal_slots(world, gen, ad):
     legal = legal_combinations(world.catalog, world.constraints, ad)
     return legal, gen.masks.to_slots(np.full(len(legal), ad), legal)
@@ -49,8 +70,8 @@ def torch_logp(gen, ad, x, slots) -> np.ndarray:
         return gen.log_prob(np.full(len(slots), ad), np.tile(x, (len(slots), 1)), slots).sum(1)
 
 
-def test_reward_tables_give_the_models_credit(models):
-    world, bound, gen = models
+def test_reward_tables_give_the_models_credit(rewards):
+    world, bound, gen = rewards
     for ad in range(world.catalog.n_ads):
         tables = bound.tables(ad, gen.tables(ad).masks.codes)
         legal, slots = legal_slots(world, gen, ad)
@@ -60,6 +81,25 @@ def test_reward_tables_give_the_models_credit(models):
             np.testing.assert_allclose(t_base, base, atol=1e-5)
             np.testing.assert_allclose(t_credit, credit, atol=1e-5)
             assert np.abs(credit).max() > 0.01  # the comparison is not between zeros
+            np.testing.assert_allclose(
+                base + credit.sum(1),
+                bound.logit(np.full(len(legal), ad), legal, np.tile(x, (len(legal), 1))),
+                atol=1e-5,
+            )
+
+
+def test_exhaustive_tables_score_every_combination_as_the_model(rewards):
+    world, bound, gen = rewards
+    for ad in range(world.catalog.n_ads):
+        policy = gen.tables(ad)
+        tables = bound.tables(ad, policy.masks.codes)
+        exact = tables.exhaustive(policy.masks, limit=10**6)
+        codes = policy.masks.to_codes(exact.slots)
+        want = {tuple(c) for c in legal_combinations(world.catalog, world.constraints, ad)}
+        assert {tuple(c) for c in codes} == want
+        for x in CONTEXTS:
+            z = bound.logit(np.full(len(codes), ad), codes, np.tile(x, (len(codes), 1)))
+            np.testing.assert_allclose(exact.logits(tables, x), z, atol=1e-4)
 
 
 def test_beam_on_tables_is_the_policys_exact_ranking(models):
@@ -123,8 +163,8 @@ def test_tables_follow_training_updates(models):
 
 
 @pytest.mark.parametrize("pairs", [False, True], ids=["single", "pairs"])
-def test_refine_reaches_a_legal_local_optimum_of_the_reward_model(models, pairs):
-    world, bound, gen = models
+def test_refine_reaches_a_legal_local_optimum_of_the_reward_model(rewards, pairs):
+    world, bound, gen = rewards
     rng = np.random.default_rng(0)
     K = world.catalog.n_components
     moved = 0
@@ -140,7 +180,7 @@ def test_refine_reaches_a_legal_local_optimum_of_the_reward_model(models, pairs)
             assert (world.constraints.violations(np.full(n, ad), codes) < 0).all()
             X = np.tile(x, (n, 1))
 
-            # The search climbs the structure (main and pairwise terms); the residuals of
+            # The search climbs the structure (main, pairwise, three-way terms); the residuals of
             # logged combinations are weighed when the candidates are ranked.
             ads = np.full(n, ad)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -51,14 +52,16 @@ def test_attributions_sum_exactly_to_the_creative_logit(additive):
     np.testing.assert_allclose(base2, base0, atol=1e-6)
 
 
-@pytest.mark.parametrize("hidden", [0, 4], ids=["linear", "feature-tower"])
-def test_a_training_step_changes_parameters(hidden):
+@pytest.mark.parametrize(
+    "hidden, dim3", [(0, 0), (4, 0), (0, 3)], ids=["linear", "feature-tower", "three-way"]
+)
+def test_a_training_step_changes_parameters(hidden, dim3):
     world = make_world(WORLDS["default"], seed=0)
     log = log_impressions(world, 3000, seed=0)
     from genco.models.reward import RewardModel
     from genco.models.vocab import Vocab
 
-    config = RewardModelConfig(epochs=1, seed=3, feature_hidden=hidden)
+    config = RewardModelConfig(epochs=1, seed=3, feature_hidden=hidden, dim3=dim3)
     vocab = Vocab.from_catalog(world.catalog, ())
 
     def untrained() -> RewardModel:
@@ -78,6 +81,116 @@ def test_a_training_step_changes_parameters(hidden):
     tower = {n for n, _ in model.named_parameters() if n.startswith("tower.")}
     assert len(tower) == (4 * len(world.catalog.components) if hidden else 0)
     assert tower <= changed  # every layer of every component's tower trains
+    three = {n for n, _ in model.named_parameters() if n in ("id3.weight", "w3")}
+    assert three == ({"id3.weight", "w3"} if dim3 else set())
+    assert three <= changed
+
+
+@pytest.fixture(scope="module")
+def three_way():
+    """A fitted model with a three-way term on a 4-component world, its vectors scaled up so
+    that the term is large, and rows of its log."""
+    world = make_world(WORLDS["per_product_3way"], seed=0)
+    log = log_impressions(world, 30_000, seed=0)
+    model, _ = train_reward_model(
+        world.catalog, log, RewardModelConfig(epochs=2, dim3=3, residual=False, val_fraction=0.0)
+    )  # no held-out slice: the term is fitted with the rest, not chosen
+    with torch.no_grad():
+        model.id3.weight.mul_(10.0)
+    return world, model, encode(log.iloc[:3000], world.catalog)
+
+
+def test_the_three_way_term_is_kept_only_when_it_lowers_the_held_out_loss():
+    from genco.training.reward_fit import _rows, _split
+
+    world = make_world(WORLDS["per_product_3way"], seed=1)
+    enc = encode(log_impressions(world, 40_000, seed=1), world.catalog)
+    config = RewardModelConfig(dim3=3, epochs=4, residual=False)
+    model, report = train_reward_model(world.catalog, enc, config)
+    t = report.tuning
+    off, on = t["three_way_val_loss"]["off"], t["three_way_val_loss"]["on"]
+    assert t["three_way"] == (on < off)
+    assert t["l2_id_val_loss"]["0.1"] == min(on, off)  # chosen at the path's first L2
+    zero = not model.w3.any() and not model.id3.weight.any()
+    assert zero == (not t["three_way"])  # rejected: exactly no three-way term
+    # The model returned is the one whose held-out loss decided.
+    _, va, _ = _split(enc, config)
+    val = _rows(BoundModel(model, world.catalog), enc, va, np.ones(len(enc)))
+    with torch.no_grad():
+        z = model(val.ad, val.elem, val.feats, val.x)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(z, val.y, reduction="none")
+    best = min(t["l2_id_val_loss"].values())
+    assert float((bce * val.weight).sum() / val.weight.sum()) == pytest.approx(best, 1e-5)
+
+
+def test_three_way_term_sums_every_triple_and_its_credit_splits_each_in_thirds(three_way):
+    world, model, enc = three_way
+    b = BoundModel(model, world.catalog)
+    ad, elem, feats, x = b._inputs(enc.ads, enc.combos, enc.ctx)
+    with torch.no_grad():
+        f = (feats - model.feat_mean) / model.feat_std
+        u = (model.id3(elem) + torch.einsum("bkf,kfd->bkd", f, model.w3)).numpy()
+        forward = model(ad, elem, feats, x).numpy()
+    K = u.shape[1]
+    triples = [(k, l_, m) for k in range(K) for l_ in range(k + 1, K) for m in range(l_ + 1, K)]
+    term = {t: (u[:, t[0]] * u[:, t[1]] * u[:, t[2]]).sum(-1) for t in triples}  # (B,) each
+    base, main, inter, tri = b.parts(enc.ads, enc.combos, enc.ctx)
+    assert np.abs(sum(term.values())).std() > 0.1  # the term is not negligible here
+    np.testing.assert_allclose(tri.sum(1), sum(term.values()), atol=1e-5)
+    for k in range(K):  # each element: a third of every triple it is in
+        np.testing.assert_allclose(
+            tri[:, k], sum(v for t, v in term.items() if k in t) / 3, atol=1e-5
+        )
+    logit = b.logit(enc.ads, enc.combos, enc.ctx)
+    np.testing.assert_allclose(forward, logit, atol=1e-5)  # training's sum is the same model
+    np.testing.assert_allclose(
+        logit, base + main.sum(1) + inter.sum((1, 2)) / 2 + tri.sum(1), atol=1e-5
+    )
+    b_base, credit = b.credit(enc.ads, enc.combos, enc.ctx)
+    np.testing.assert_allclose(credit.sum(1), logit - b_base, atol=1e-5)
+
+
+def test_three_way_effects_average_over_uniform_partners():
+    """element_effects: E[logit | e_k = e] - E[logit] over partners drawn uniformly from each
+    component's catalog elements, checked by brute force over all 10^4 combinations."""
+    from genco.models.reward import RewardModel
+    from genco.models.vocab import Vocab
+
+    world = make_world(WORLDS["interactions"], seed=0)
+    cat = world.catalog
+    torch.manual_seed(0)
+    model = RewardModel(Vocab.from_catalog(cat, ()), RewardModelConfig(dim3=3)).eval()
+    with torch.no_grad():  # every term nonzero and the three-way one large
+        model.id_main.weight.normal_(0.0, 0.3)
+        model.id3.weight.mul_(10.0)
+    b = BoundModel(model, cat)
+    grid = np.stack(np.meshgrid(*[np.arange(len(e)) for e in cat.elements], indexing="ij"), -1)
+    grid = grid.reshape(-1, len(cat.elements))
+    assert len(grid) == 10**4
+    z = b.logit(np.zeros(len(grid), np.int64), grid)
+    tri = b.parts(np.zeros(len(grid), np.int64), grid)[3].sum(1)
+    assert tri.std() > 0.1  # the three-way term moves the effects
+    effects = b.element_effects()
+    for k in range(len(cat.elements)):
+        want = np.bincount(grid[:, k], z) / np.bincount(grid[:, k])
+        np.testing.assert_allclose(effects[k], want - want.mean(), atol=1e-4)
+
+
+def test_a_bundle_from_before_the_three_way_term_loads_and_scores_the_same(additive):
+    world, log, model, _ = additive
+    old = {k: v for k, v in model.state_dict().items()}
+    assert not any(k.startswith(("id3", "w3")) for k in old)
+    from genco.models.reward import RewardModel
+
+    config = {**dataclasses.asdict(model.config)}
+    config.pop("dim3")  # an old bundle's config has no such field
+    again = RewardModel(model.vocab, RewardModelConfig(**{**config, "dim3": 4}))
+    again.load_state_dict(old)
+    enc = encode(log.iloc[:500], world.catalog)
+    a = BoundModel(model, world.catalog).logit(enc.ads, enc.combos)
+    b = BoundModel(again, world.catalog).logit(enc.ads, enc.combos)
+    np.testing.assert_array_equal(a, b)
+    assert RewardModelConfig(**config).dim3 == RewardModelConfig().dim3
 
 
 def test_learned_effects_correlate_with_the_truth(additive):

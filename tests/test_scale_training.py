@@ -106,12 +106,14 @@ def test_row_adam_takes_sparse_adams_steps():
     torch.testing.assert_close(tables[1].weight, tables[0].weight, rtol=1e-6, atol=1e-7)
 
 
-def test_a_row_step_is_the_sparse_gradient_step(world):
+@pytest.mark.parametrize("dim3", [0, 3], ids=["pairwise", "three-way"])
+def test_a_row_step_is_the_sparse_gradient_step(world, dim3):
     """RowStep's dense leaves + RowAdam.update move every parameter as sparse gradients +
-    RowAdam.step do (the DDP path), up to float noise, L2 term included."""
+    RowAdam.step do (the DDP path), up to float noise, L2 term included (and the three-way
+    term's id table with it)."""
     from genco.training.reward_fit import l2_penalty
 
-    config = RewardModelConfig(l2_id=0.01)
+    config = RewardModelConfig(l2_id=0.01, dim3=dim3)
     vocab = Vocab.from_catalog(world.catalog, ())
     models = [RewardModel(vocab, config) for _ in range(2)]
     for m in models:
@@ -120,6 +122,7 @@ def test_a_row_step_is_the_sparse_gradient_step(world):
     g = torch.Generator().manual_seed(1)
     K, F = models[0].K, max(models[0].F, 1)
     start = models[0].id_ffm.weight.detach().clone()
+    start3 = models[0].id3.weight.detach().clone() if dim3 else None
     for _ in range(3):
         ad = torch.randint(0, len(vocab.ads), (32,), generator=g)
         elem = torch.randint(0, models[0].n_elements, (32, K), generator=g)
@@ -134,6 +137,9 @@ def test_a_row_step_is_the_sparse_gradient_step(world):
             opt.step(rows)
             m.row_tables = None
     assert not torch.allclose(models[1].id_ffm.weight, start)
+    if dim3:
+        assert models[1].id3.weight.is_sparse is False and models[1].id3.sparse
+        assert not torch.allclose(models[1].id3.weight, start3)
     for (name, p0), (_, p1) in zip(models[0].named_parameters(), models[1].named_parameters()):
         torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6, msg=name)
 

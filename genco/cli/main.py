@@ -29,7 +29,7 @@ from genco.models.tables import REFINES
 # dataclass; see add_config_args). --seed seeds both models of `genco train`.
 _INGEST = ("max_bad_fraction",)
 _CHUNKS = ("chunk_rows",)
-_ATTRIBUTE = ("epochs", "dim", "propensity_weighting", "seed", "device")
+_ATTRIBUTE = ("epochs", "dim", "dim3", "propensity_weighting", "seed", "device")
 _TRAIN_REWARD = ("epochs", "seed", "device")
 _TRAIN_GEN = ("rl_steps",)
 

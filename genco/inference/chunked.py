@@ -21,16 +21,22 @@ FOLD_BYTES = 48 * 2**20
 
 
 def fold_block(
-    sizes: list[int], hidden: int, contexts: int, budget: int = FOLD_BYTES, rows: int = 0
+    sizes: list[int],
+    hidden: int,
+    contexts: int,
+    budget: int = FOLD_BYTES,
+    rows: int = 0,
+    three: int = 0,
 ) -> int:
     """Ads per block: ``budget`` bytes over one ad's tables (``sizes``: M_k per component;
-    ``hidden``: the generator's, 0 when it is not folded) and, with ``rows`` combinations
-    scored exactly per ad, their gathered terms."""
+    ``hidden``: the generator's, 0 when it is not folded; ``three``: the reward model's
+    three-way vector size) and, with ``rows`` combinations scored exactly per ad, their
+    gathered terms."""
     K, T, M = len(sizes), sum(sizes), max(sizes)
     policy = 4 * T * (hidden + 3 * hidden + 1)
-    reward = 4 * T * (T + 1 + contexts) + T * T
-    search = 8 * (K * M * T + K * (K - 1) // 2 * M * M + K * M * (1 + contexts))
-    exact = 8 * rows * K * (K + 2 + contexts)
+    reward = 4 * T * (T + 1 + contexts + three) + T * T
+    search = 8 * (K * M * T + K * (K - 1) // 2 * M * M + K * M * (1 + contexts + three))
+    exact = 8 * rows * K * (K + 2 + contexts + three)
     return max(1, budget // (policy + reward + (0 if rows else search) + exact))
 
 
@@ -62,7 +68,7 @@ def decode_rows(
         grid = np.stack(np.meshgrid(*map(np.arange, size), indexing="ij"), -1).reshape(
             -1, len(size)
         )
-        step = fold_block(masks.M, 0, m.C, fold_bytes, rows=len(grid))
+        step = fold_block(masks.M, 0, m.C, fold_bytes, rows=len(grid), three=reward.model.d3)
         rows = np.flatnonzero(small)[group.reshape(-1) == g]
         for block, at, u in _blocks(codes, rows, step):
             cm = ChunkMasks.of(masks, block)
@@ -76,7 +82,7 @@ def decode_rows(
                     predictor.decode(int(codes[r]), None if x is None else x[r], top_k)
                 picks = cm.to_codes(u[j : j + 1], grid[None, top[j]])[0]
                 out[r] = (picks[keep], 1.0 / (1.0 + np.exp(-z[j][keep])))
-    step = fold_block(masks.M, m.H, m.C, fold_bytes)
+    step = fold_block(masks.M, m.H, m.C, fold_bytes, three=reward.model.d3)
     width = max(m.config.beam_width, top_k)
     for block, rows, u in _blocks(codes, np.flatnonzero(~small), step):
         cm = ChunkMasks.of(masks, block)

@@ -22,6 +22,7 @@ import numpy as np
 from genco.models.legal import LegalMasks
 from genco.models.policy_tables import no_legal_element
 from genco.models.tables import PENALTY, RESIDUAL_CANDIDATES
+from genco.models.three_way import e3, others_e2, shares
 
 NEG = np.float32(-np.inf)
 
@@ -53,6 +54,7 @@ class RewardFold:
     main: np.ndarray  # (U, T, 1 + C) float32, T = sum M_k: each slot's main-effect terms
     inter: np.ndarray | None  # (U, T, T) float32 pairwise terms, zero blocks k = l; None: none
     residuals: list | None  # per ad (slots (R, K), values (R,)) or None; None: no residuals
+    tri: np.ndarray | None = None  # (U, T, d3) float32 three-way vectors; None: no such term
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,8 @@ class Scorer:
         if r.inter is not None:
             pair = r.inter[u[:, None, None, None], cols[..., :, None], cols[..., None, :]]
             out = out + 0.5 * pair.sum(-1)
+        if r.tri is not None:
+            out = out + shares(r.tri[u[:, None, None], cols])
         if len(self.res_keys):
             out = out + self.residual(u, slots)[..., None] / self.K
         return base, out
@@ -280,6 +284,8 @@ class Scorer:
         if r.inter is not None:
             pair = r.inter[u[:, None, None, None], cols[None, :, :, None], cols[None, :, None, :]]
             static = static + 0.5 * pair.sum((2, 3), dtype=np.float64)
+        if r.tri is not None:
+            static = static + e3(r.tri[u[:, None, None], cols[None]].astype(np.float64))
         z = static + (x @ r.ctx_w).astype(np.float64)[:, None]
         if x.shape[1]:
             z = z + (m[..., 1:] @ x[:, :, None])[..., 0]
@@ -290,7 +296,8 @@ class Scorer:
         and padded rows penalised. The pairwise terms are symmetric (the fold writes block
         (l, k) as block (k, l) transposed), so ``inter`` is kept as (U, T, K, M), entry
         [u, c, k, i] slot i of component k with column c: a row's picks gather whole (K, M)
-        blocks. ``both`` (U, P, M, M) each component pair's own block; ``valid`` (U, K, M)."""
+        blocks. ``both`` (U, P, M, M) each component pair's own block; ``valid`` (U, K, M);
+        ``tri`` (U, K, M, d3) the three-way vectors, padding zero (None: no such term)."""
         if self._search is None:
             r, masks, K, T = self.r, self.masks, self.K, self.T
             U, M = len(r.base), max(self.sizes)
@@ -316,14 +323,19 @@ class Scorer:
                 o, size = self.off[k], self.sizes[k]
                 both[:, q, :size] = inter[:, o : o + size, l_]
                 both[:, q, size:] = -PENALTY
-            self._search = (valid, inter, pk, pl, both)
+            tri = None
+            if r.tri is not None:
+                tri = np.zeros((U, K, M, r.tri.shape[2]), np.float64)
+                for k, size in enumerate(self.sizes):
+                    tri[:, k, :size] = r.tri[:, self.off[k] : self.off[k] + size]
+            self._search = (valid, inter, pk, pl, both, tri)
         return self._search
 
     def refine(self, u: np.ndarray, x: np.ndarray, slots: np.ndarray, pairs: bool) -> np.ndarray:
         """``RewardTables.refine`` from each row of ``slots`` (R, K) of ads ``u`` (R,) in
         contexts ``x`` (R, C): per row, the best improving single swap while there is one,
         else (``pairs``) the best improving swap of two components, until no move helps."""
-        valid, inter, pk, pl, both = self._tables()
+        valid, inter, pk, pl, both, tri = self._tables()
         K, M = valid.shape[1:]
         coef = self.r.main[u].astype(np.float64)  # (R, T, 1 + C)
         own_t = coef[..., 0] + (coef[..., 1:] @ x[:, :, None].astype(np.float64))[..., 0]
@@ -338,6 +350,10 @@ class Scorer:
             a, ua = active, u[active]
             cols = s[a] + self.off  # (A, K)
             value = inter[ua[:, None], cols].sum(1) + mains[a]  # (A, K, M)
+            if tri is not None:  # u(slot) . e2(the row's other picks), per component
+                u3 = tri[ua[:, None], np.arange(K)[None, :], s[a]]  # (A, K, d3)
+                t3 = np.einsum("akmd,akd->akm", tri[ua], others_e2(u3))
+                value += t3
             now = np.take_along_axis(value, s[a][:, :, None], 2)[..., 0]  # (A, K)
             gain = value.max(-1) - now
             k = gain.argmax(1)
@@ -357,6 +373,8 @@ class Scorer:
                 vl = value[b][:, pl] - inter[ub[:, None], cb[:, pk], pl[None, :]]
                 joint = vk[..., :, None] + vl[..., None, :]  # (A', P, M, M)
                 joint += both[ub]
+                if tri is not None:
+                    joint += _pair_three_way(tri[ub], u3[b], t3[b], pk, pl)
                 flat = joint.reshape(len(b), len(pk), M * M)
                 best = flat.argmax(-1)  # (A', P)
                 at = s[rows][:, pk] * M + s[rows][:, pl]
@@ -370,6 +388,22 @@ class Scorer:
                 keep.append(rows[go])
             active = np.sort(np.concatenate(keep))
         return s
+
+
+def _pair_three_way(
+    tri: np.ndarray, u: np.ndarray, t3: np.ndarray, pk: np.ndarray, pl: np.ndarray
+) -> np.ndarray:
+    """``RewardTables._pair_three_way`` for rows: tri (A, K, M, d3) their ads' vectors, u
+    (A, K, d3) their picks', t3 (A, K, M) the single-swap three-way values -> (A, P, M, M)."""
+    uk, ul = u[:, pk], u[:, pl]  # (A, P, d3)
+    r1 = u.sum(1)[:, None] - uk - ul
+    r2 = (u * u).sum(1)[:, None] - uk * uk - ul * ul
+    e2r = (r1 * r1 - r2) / 2
+    tk, tl = tri[:, pk], tri[:, pl]  # (A, P, M, d3)
+    ak = np.einsum("apmd,apd->apm", tk, e2r) - t3[:, pk]
+    al = np.einsum("apmd,apd->apm", tl, e2r) - t3[:, pl]
+    cross = np.einsum("apid,apd,apjd->apij", tk, r1, tl)
+    return cross + ak[..., :, None] + al[..., None, :]
 
 
 def first_occurrences(slots: np.ndarray, ok: np.ndarray) -> np.ndarray:

@@ -102,7 +102,12 @@ class RowStep:
         self.parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight): rows, leaf
         tables: dict[str, torch.Tensor] = {}
         inverse: dict[str, torch.Tensor] = {}
-        for name, key in (("appeal", "ad"), ("id_main", "elem"), ("id_ffm", "elem")):
+        for name, key in (
+            ("appeal", "ad"),
+            ("id_main", "elem"),
+            ("id_ffm", "elem"),
+            ("id3", "elem"),
+        ):
             table = getattr(model, name, None)
             if not (isinstance(table, nn.Embedding) and table.sparse):
                 continue
@@ -176,7 +181,7 @@ def touched_rows(model: nn.Module, ad: torch.Tensor, elem: torch.Tensor) -> dict
     """The rows of each sparse id table that steps on these (ad, elem) inputs can move (a
     sparse step moves no other row): for ``Snapshot``. Knows the reward model's tables."""
     rows: dict[str, torch.Tensor] = {}
-    for name, index in (("appeal", ad), ("id_main", elem), ("id_ffm", elem)):
+    for name, index in (("appeal", ad), ("id_main", elem), ("id_ffm", elem), ("id3", elem)):
         table = getattr(model, name, None)
         if isinstance(table, nn.Embedding) and table.sparse:
             rows[f"{name}.weight"] = index.unique()

@@ -3,6 +3,7 @@
     logit = bias + appeal(ad) + w_ctx . x                       # product/context appeal
           + sum_k  main_k(e_k, x)                               # per-element score, linear in x
           + sum_{k<l} < v(e_k -> l), v(e_l -> k) >              # field-aware pairwise interaction
+          + sum_{k<l<m} sum_d u_d(e_k) u_d(e_l) u_d(e_m)        # three-way (dim3 > 0)
           + r(ad, e_1..e_K)                                     # combination residual
 
 Every element representation is an id part plus a projection of the catalog's ``feat_*``
@@ -18,7 +19,6 @@ Fitting lives in ``genco.training.reward_fit``; this module is the model and its
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,83 +28,14 @@ from genco.data.contract import Catalog
 from genco.models.chunk_tables import RewardFold
 from genco.models.optim import set_sparse
 from genco.models.residual_index import ResidualIndex
+from genco.models.reward_config import RewardModelConfig
 from genco.models.tables import RewardTables
+from genco.models.three_way import e3, others_e2, shares
 from genco.models.vocab import Vocab, check_catalog, id_map, register_vocab_buffers
 
-
-@dataclass(frozen=True)
-class RewardModelConfig:
-    dim: int = field(default=8, metadata={"help": "Size of each field-aware interaction vector."})
-    use_appeal: bool = field(
-        default=True, metadata={"help": "Per-ad appeal term (keeps popularity out of credit)."}
-    )
-    use_interactions: bool = field(default=True, metadata={"help": "Pairwise terms on/off."})
-    epochs: int = field(default=30, metadata={"help": "Maximum passes over the training log."})
-    batch_size: int = field(default=4096, metadata={"help": "Impressions per gradient step."})
-    lr: float = field(default=0.01, metadata={"help": "Adam learning rate."})
-    l2_id: float = field(
-        default=0.0,
-        metadata={
-            "help": "L2 on id embeddings (pulls rare elements to their feature prediction); "
-            "0 = chosen on the held-out slice from L2_ID_GRID."
-        },
-    )
-    l2_dense: float = field(default=1e-6, metadata={"help": "L2 on feature projections."})
-    val_fraction: float = field(
-        default=0.1, metadata={"help": "Held-out share: the latest impressions, or random."}
-    )
-    patience: int = field(
-        default=3,
-        metadata={"help": "Epochs without improvement to stop; each one halves the step size."},
-    )
-    propensity_weighting: bool = field(
-        default=False, metadata={"help": "Weight impressions by 1/propensity (mean 1)."}
-    )
-    max_weight: float = field(default=20.0, metadata={"help": "Clip of normalised weights."})
-    init_scale: float = field(default=0.05, metadata={"help": "SD of initial interaction vectors."})
-    feature_hidden: int = field(
-        default=0,
-        metadata={
-            "help": "Hidden units of each component's feature tower (element features to "
-            "main-effect coefficients and interaction vectors, beside the linear map); "
-            "0 = linear only."
-        },
-    )
-    residual: bool = field(
-        default=True,
-        metadata={
-            "help": "Per (ad, combination) residual on top of the structure, shrunk by its own "
-            "traffic (empirical Bayes): the observed CTR where traffic is plenty, the "
-            "structure where it is thin."
-        },
-    )
-    residual_sd: float = field(
-        default=0.0,
-        metadata={
-            "help": "Scale of the residuals' Student-t prior on the logit; 0 = chosen by "
-            "marginal likelihood from genco.training.residuals.RESIDUAL_SD_GRID."
-        },
-    )
-    seed: int = field(default=0, metadata={"help": "Seed for init, split and shuffling."})
-    device: str = field(
-        default="auto",
-        metadata={"help": "Where to train: auto (cuda when present), cpu or cuda."},
-    )
-
-    def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be one of auto, cpu, cuda, got '{self.device}'")
-        positive = ("dim", "epochs", "batch_size", "lr", "max_weight", "init_scale")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("l2_id", "l2_dense", "residual_sd", "feature_hidden"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.patience < 1:
-            raise ValueError(f"patience must be >= 1, got {self.patience}")
+# SD of the three-way feature map's initial weights (per standardised feature): u's products
+# are cubic, so a start as small as the pairwise vectors' leaves the term's gradient near zero.
+THREE_WAY_INIT = 0.3
 
 
 class RewardModel(nn.Module):
@@ -154,7 +85,17 @@ class RewardModel(nn.Module):
                 t[0].bias.normal_(0.0, 0.5, generator=g)
                 t[2].weight.normal_(0.0, config.init_scale / math.sqrt(H), generator=g)
                 t[2].bias.zero_()
-        self.K, self.F, self.C, self.d = K, F, C, d
+        # Three-way vectors u(e) = id part + feature projection (``genco.models.three_way``);
+        # none without three components or with dim3 = 0 (older bundles: none either).
+        d3 = config.dim3 if K >= 3 else 0
+        if d3:
+            self.id3 = nn.Embedding(self.n_elements + 1, d3, padding_idx=self.n_elements)
+            self.w3 = nn.Parameter(torch.zeros(K, max(F, 1), d3))
+            with torch.no_grad():
+                self.id3.weight.normal_(0.0, config.init_scale, generator=g)
+                self.id3.weight[self.n_elements].zero_()
+                self.w3.normal_(0.0, THREE_WAY_INIT / math.sqrt(max(F, 1)), generator=g)
+        self.K, self.F, self.C, self.d, self.d3 = K, F, C, d, d3
         set_sparse(self)
 
     def parts(
@@ -164,12 +105,15 @@ class RewardModel(nn.Module):
         feats: torch.Tensor,
         ctx: torch.Tensor,
         pairs: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Logit decomposition.
 
         ad (B,) ad index (len(ads) = unknown); elem (B, K) global element index;
         feats (B, K, F) raw element features; ctx (B, C) raw context.
-        Returns base (B,), main (B, K), inter (B, K, K) symmetric with zero diagonal.
+        Returns base (B,), main (B, K), inter (B, K, K) symmetric with zero diagonal, tri
+        (B, K) each element's Shapley share of the three-way terms (zeros without).
+        With ``pairs``: the interaction vectors (B, K, K, d) and the three-way vectors
+        (B, K, d3) instead of inter and tri (None where the model has no such term).
         """
         B, K = elem.shape
         x = (ctx - self.ctx_mean) / self.ctx_std  # (B, C)
@@ -180,22 +124,29 @@ class RewardModel(nn.Module):
         feat_main, feat_ffm = self.feature_terms(f)
         coef = self.lookup("id_main", elem) + feat_main  # (B, K, 1+C)
         main = coef[..., 0] + (coef[..., 1:] * x[:, None, :]).sum(-1)  # (B, K)
-        if not self.config.use_interactions:
-            return base, main, None if pairs else main.new_zeros(B, K, K)
-        v = self.lookup("id_ffm", elem) + feat_ffm  # (B, K, K*d)
-        v = v.view(B, K, K, self.d)  # v[b, k, l]: element of field k facing field l
+        u = None
+        if self.d3:
+            u = self.lookup("id3", elem) + torch.einsum("bkf,kfd->bkd", f, self.w3)  # (B, K, d3)
+        v = None
+        if self.config.use_interactions:
+            v = self.lookup("id_ffm", elem) + feat_ffm  # (B, K, K*d)
+            v = v.view(B, K, K, self.d)  # v[b, k, l]: element of field k facing field l
         if pairs:  # for forward: the vectors, not the (B, K, K) products
-            return base, main, v
+            return base, main, v, u
+        tri = main.new_zeros(B, K) if u is None else shares(u)
+        if v is None:
+            return base, main, main.new_zeros(B, K, K), tri
         inter = (v * v.transpose(1, 2)).sum(-1)  # (B, K, K)
         inter = inter * (1 - torch.eye(K, dtype=inter.dtype, device=inter.device))
-        return base, main, inter
+        return base, main, inter, tri
 
     # For one training step (``genco.models.optim.RowStep``): of each sparse id table, the
     # rows the batch touches as a small dense leaf, and the step's indices point into it.
     row_tables: dict[str, torch.Tensor] | None = None
 
     def lookup(self, name: str, index: torch.Tensor) -> torch.Tensor:
-        """Rows ``index`` of id table ``name`` (appeal, id_main, id_ffm), or of its step leaf."""
+        """Rows ``index`` of id table ``name`` (appeal, id_main, id_ffm, id3), or of its step
+        leaf."""
         leaf = self.row_tables.get(name) if self.row_tables else None
         if leaf is None:
             return getattr(self, name)(index)
@@ -215,15 +166,17 @@ class RewardModel(nn.Module):
 
     def forward(self, ad, elem, feats, ctx) -> torch.Tensor:
         """The structural logit (no combination residual): what gradient training fits.
-        The same sum as ``parts``' base + main.sum(1) + inter.sum((1, 2)) / 2, with each
-        pair (k < l) of the interaction once: a third of the (B, K, K, d) products, and
-        contiguous ones (training's forward and backward spent most of their time there)."""
-        base, main, v = self.parts(ad, elem, feats, ctx, pairs=True)
-        if v is None:
-            return base + main.sum(1)
-        k, m = torch.triu_indices(self.K, self.K, 1, device=v.device)
-        inter = (v[:, k, m] * v[:, m, k]).sum((1, 2))  # (B, P, d) -> (B,)
-        return base + main.sum(1) + inter
+        The same sum as ``parts``' base + main.sum(1) + inter.sum((1, 2)) / 2 + tri.sum(1),
+        with each pair (k < l) of the interaction once: a third of the (B, K, K, d) products,
+        and contiguous ones (training's forward and backward spent most of their time there)."""
+        base, main, v, u = self.parts(ad, elem, feats, ctx, pairs=True)
+        out = base + main.sum(1)
+        if v is not None:
+            k, m = torch.triu_indices(self.K, self.K, 1, device=v.device)
+            out = out + (v[:, k, m] * v[:, m, k]).sum((1, 2))  # (B, P, d) -> (B,)
+        if u is not None:
+            out = out + e3(u)
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         for name in ("residual_keys", "residual_values", "residual_sd"):
@@ -232,6 +185,9 @@ class RewardModel(nn.Module):
                 state_dict[prefix + name] = getattr(self, name)
             elif name != "residual_sd":  # the residual table's size comes from the data
                 setattr(self, name, torch.empty_like(saved))
+        if self.d3:  # a bundle from before the three-way term: none (zero vectors)
+            for name, p in (("id3.weight", self.id3.weight), ("w3", self.w3)):
+                state_dict.setdefault(prefix + name, torch.zeros_like(p))
         self._residual_index = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -308,9 +264,8 @@ class BoundModel:
 
     @torch.no_grad()
     def parts(self, ads: np.ndarray, combos: np.ndarray, ctx: np.ndarray | None = None):
-        """(base, main (B, K), inter (B, K, K)) as numpy arrays."""
-        base, main, inter = self.model.parts(*self._inputs(ads, combos, ctx))
-        return base.numpy(), main.numpy(), inter.numpy()
+        """(base, main (B, K), inter (B, K, K), tri (B, K)) as numpy arrays."""
+        return tuple(p.numpy() for p in self.model.parts(*self._inputs(ads, combos, ctx)))
 
     def residual(self, ads: np.ndarray, combos: np.ndarray) -> np.ndarray:
         """(B,) the combination residual of catalog-coded rows (0 where none)."""
@@ -321,22 +276,23 @@ class BoundModel:
         return self.model.residual(rows)
 
     def logit(self, ads: np.ndarray, combos: np.ndarray, ctx: np.ndarray | None = None):
-        base, main, inter = self.parts(ads, combos, ctx)
-        return base + main.sum(1) + inter.sum((1, 2)) / 2 + self.residual(ads, combos)
+        base, main, inter, tri = self.parts(ads, combos, ctx)
+        return base + main.sum(1) + inter.sum((1, 2)) / 2 + tri.sum(1) + self.residual(ads, combos)
 
     def ctr(self, ads: np.ndarray, combos: np.ndarray, ctx: np.ndarray | None = None):
         return 1.0 / (1.0 + np.exp(-self.logit(ads, combos, ctx)))
 
     def credit(self, ads: np.ndarray, combos: np.ndarray, ctx: np.ndarray | None = None):
-        """Shapley credit per element (B, K): main effect plus half of each pairwise term.
+        """Shapley credit per element (B, K): main effect plus half of each pairwise term plus
+        a third of each three-way term.
 
         The combination residual is a K-way term, so each element gets an equal 1/K share. This
         is the exact Shapley value of the model, and it sums to the creative logit (logit minus
         base) row by row.
         """
-        base, main, inter = self.parts(ads, combos, ctx)
+        base, main, inter, tri = self.parts(ads, combos, ctx)
         share = self.residual(ads, combos)[:, None] / main.shape[1]
-        return base, main + inter.sum(-1) / 2 + share
+        return base, main + inter.sum(-1) / 2 + tri + share
 
     def _component_features(self, k: int, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised features (N, F) of component k's elements -> feature terms."""
@@ -348,19 +304,26 @@ class BoundModel:
             main, ffm = main + out[:, : 1 + m.C], ffm + out[:, 1 + m.C :]
         return main, ffm
 
+    def _three_way(self, k: int, elem: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """Three-way vectors (N, d3) of component k's elements (global indices ``elem``,
+        standardised features f (N, F))."""
+        return self.model.id3(elem) + f @ self.model.w3[k]
+
     @torch.no_grad()
     def tables(self, ad: int, slot_codes: list[np.ndarray]) -> RewardTables:
         """The model folded for one ad over its slots (``slot_codes[k]``: catalog code per
         slot of component k, -1 for padding): see ``genco.models.tables``."""
         m = self.model
         K = len(slot_codes)
-        main, vec = [], []
+        main, vec, tri = [], [], []
         for k, codes in enumerate(slot_codes):
             g = torch.as_tensor(np.maximum(codes, 0) + self.cat_offsets[k], dtype=torch.long)
             elem, f = self.elem_map[g], self.feat_table[g]
             f = (f - m.feat_mean[k]) / m.feat_std[k] if m.F else torch.zeros(len(g), 1)
             fm, fv = self._component_features(k, f)
             main.append((m.id_main(elem) + fm).numpy())  # (M_k, 1 + C)
+            if m.d3:
+                tri.append(self._three_way(k, elem, f).numpy())  # (M_k, d3)
             v = m.id_ffm(elem) + fv
             vec.append(v.view(len(g), K, m.d))  # [slot, l]: facing component l
         pair = {}  # no pairwise terms: no tables
@@ -380,6 +343,7 @@ class BoundModel:
             main=main,
             pair=pair,
             residual=self._slot_residuals(ad, slot_codes),
+            tri=tri or None,
         )
 
     @torch.inference_mode()
@@ -387,13 +351,15 @@ class BoundModel:
         """``tables`` for a chunk of U ads at once, padded: ``slot_codes[k]`` (U, M_k)."""
         m = self.model
         K, U = len(slot_codes), len(ads)
-        main, vec = [], []
+        main, vec, tri = [], [], []
         for k, codes in enumerate(slot_codes):
             g = torch.as_tensor(np.maximum(codes, 0) + self.cat_offsets[k]).reshape(-1)
             elem, f = self.elem_map[g], self.feat_table[g]
             f = (f - m.feat_mean[k]) / m.feat_std[k] if m.F else torch.zeros(len(g), 1)
             fm, fv = self._component_features(k, f)
             main.append((m.id_main(elem) + fm).view(U, codes.shape[1], -1))  # (U, M_k, 1 + C)
+            if m.d3:
+                tri.append(self._three_way(k, elem, f).view(U, codes.shape[1], m.d3))
             vec.append((m.id_ffm(elem) + fv).view(U, codes.shape[1], K, m.d))
         sizes = [c.shape[1] for c in slot_codes]
         off = np.cumsum([0, *sizes[:-1]])
@@ -422,6 +388,7 @@ class BoundModel:
             main=torch.cat(main, 1).numpy(),
             inter=None if inter is None else inter.numpy(),
             residuals=residuals,
+            tri=torch.cat(tri, 1).numpy() if tri else None,
         )
 
     def _slot_residuals(self, ad: int, slot_codes: list[np.ndarray]):
@@ -447,7 +414,9 @@ class BoundModel:
         """Average marginal effect of every catalog element on the logit, centred per component.
 
         E[logit | e_k = e] - E[logit] with partners drawn uniformly from the catalog: main_k(e, x)
-        plus the mean interaction with each other component's elements. ctx: one context row
+        plus the mean interaction with each other component's elements, plus the mean three-way
+        term with each pair of other components (partners independent: u(e) . e2 of the
+        other components' mean vectors). ctx: one context row
         (C,); default the training mean. (Shapley credit splits pairwise terms in half, but
         that split is not identified from clicks; this effect is, so it is what we compare.)
         """
@@ -474,5 +443,12 @@ class BoundModel:
                 for l_ in range(K):
                     if l_ != k:
                         out[rows] += (v[rows, l_] * mean_facing[l_, k]).sum(-1)
+        if m.d3:
+            u = torch.cat(
+                [self._three_way(k, self.elem_map[comp_t == k], f[comp_t == k]) for k in range(K)]
+            )  # (n_cat, d3)
+            mean_u = torch.stack([u[comp_t == k].mean(0) for k in range(K)])
+            e2 = others_e2(mean_u)  # (K, d3): e2 of the other components' mean vectors
+            out += (u * e2[comp_t]).sum(-1)
         splits = np.cumsum([len(e) for e in self.catalog.elements])[:-1]
         return [e - e.mean() for e in np.split(out.numpy(), splits)]

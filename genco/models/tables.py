@@ -7,8 +7,9 @@ each of those small calls costs more in dispatch than in arithmetic (the profile
 
 - the policy's pointer logits become ``state @ A_k + b_k`` (query layer folded into the
   ad's candidate vectors), the GRU's input half becomes a per-candidate lookup ``gi_k``;
-- the reward model's per-element terms become ``main_k[slot]`` (linear in the context) and
-  its pairwise terms one (M_k, M_l) table per component pair (stored as rows per component);
+- the reward model's per-element terms become ``main_k[slot]`` (linear in the context), its
+  pairwise terms one (M_k, M_l) table per component pair (stored as rows per component) and
+  its three-way term each slot's vector u (``genco.models.three_way``);
 - the legal masks become the ad's own (M_j, M_k) forbidden matrices.
 
 Decoding and scoring on these tables is exact (same arithmetic, float32), and training keeps
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from genco.models.policy_tables import AdMasks
+from genco.models.three_way import e3, others_e2, shares
 
 # How beam results are improved on the reward model before ranking: "pairs" (swaps of one
 # component, then of two jointly), "single" (swaps of one component), "none" (beam + re-rank).
@@ -91,6 +93,7 @@ class RewardTables:
     Pairwise terms: ``inter[k]`` (M_k, sum_l M_l) holds, in column block l, the interaction of
     component k's slots with component l's (zero blocks for l = k and without pairwise
     terms), so the terms of every slot of k with a whole combination are one gather.
+    Three-way term: ``tri_flat`` (sum M_k, d3) each slot's vector u, None without.
     """
 
     def __init__(
@@ -102,9 +105,11 @@ class RewardTables:
         main: list[np.ndarray],
         pair: dict[tuple[int, int], np.ndarray],
         residual: tuple[np.ndarray, np.ndarray] | None = None,
+        tri: list[np.ndarray] | None = None,
     ) -> None:
         """pair[(k, l)]: (M_k, M_l) for k != l (both orders); empty without pairwise terms.
-        residual: the ad's combination residuals as (slots (R, K), logit values (R,))."""
+        residual: the ad's combination residuals as (slots (R, K), logit values (R,)).
+        tri: per component (M_k, d3) three-way vectors; None without the term."""
         self.base = base  # bias + appeal (the context part is added per request)
         self.ctx_w, self.ctx_mean, self.ctx_std = ctx_w, ctx_mean, ctx_std  # over standardised x
         self.main = main
@@ -126,6 +131,7 @@ class RewardTables:
             self.inter[k][:, self.off[l_] : self.off[l_] + sizes[l_]] = table
         self.has_pairs = bool(pair)
         self.total = total
+        self.tri_flat = None if tri is None else np.concatenate(tri)  # (sum M_k, d3)
         # Combination residuals, looked up by a mixed-radix key over the ad's slots.
         self.stride = np.concatenate([np.cumprod(sizes[::-1])[::-1][1:], [1]]).astype(np.int64)
         self.residual_slots = np.zeros((0, K), np.int64)
@@ -142,9 +148,11 @@ class RewardTables:
         self._exhaustive: _Exhaustive | None = None
         # With the float64 search copies ``refine`` builds on first use (inter, both).
         M = max(sizes)
-        search = 8 * (K * M * total + K * (K - 1) // 2 * M * M + K * M * (1 + len(ctx_w)))
+        d3 = 0 if self.tri_flat is None else self.tri_flat.shape[1]
+        search = 8 * (K * M * total + K * (K - 1) // 2 * M * M + K * M * (1 + len(ctx_w) + d3))
         self.nbytes = (
-            self.main_flat.nbytes
+            (0 if self.tri_flat is None else self.tri_flat.nbytes)
+            + self.main_flat.nbytes
             + self.inter_flat.nbytes
             + search
             + self.residual_slots.nbytes
@@ -189,6 +197,8 @@ class RewardTables:
                 static = static + 0.5 * self.inter_flat[at[:, :, None] + cols[:, None, :]].sum(
                     (1, 2), dtype=np.float64
                 )
+            if self.tri_flat is not None:
+                static = static + e3(self.tri_flat[rows + self.off].astype(np.float64))
             self._exhaustive = _Exhaustive(rows, static, m[:, 1:])
             self.nbytes += rows.nbytes + static.nbytes + m.nbytes
         return self._exhaustive
@@ -202,8 +212,8 @@ class RewardTables:
     def credit(self, slots: np.ndarray, ctx: np.ndarray | None) -> tuple[float, np.ndarray]:
         """(base logit, Shapley credit (B, K)) of combinations given as slots (B, K).
 
-        Credit = main effect + half of each pairwise term + 1/K of the combination residual,
-        as ``BoundModel.credit``.
+        Credit = main effect + half of each pairwise term + a third of each three-way term +
+        1/K of the combination residual, as ``BoundModel.credit``.
         """
         x = self._x(ctx)
         base = self.base + float(x @ self.ctx_w)
@@ -213,6 +223,8 @@ class RewardTables:
             cols = slots + self.off  # (B, K): each pick's column
             at = self.row_off + slots * self.total  # (B, K): each pick's row in inter_flat
             out = out + 0.5 * self.inter_flat[at[:, :, None] + cols[:, None, :]].sum(-1)
+        if self.tri_flat is not None:
+            out = out + shares(self.tri_flat[slots + self.off])
         if len(self._res_keys):
             out = out + self.residual(slots)[:, None] / slots.shape[1]
         return base, out
@@ -240,6 +252,10 @@ class RewardTables:
             cols = s + self.off  # (B, K)
             # value[k, b, i]: slot i of component k with row b's other picks.
             value = t.inter[:, :, cols].sum(-1).transpose(0, 2, 1) + mains[:, None, :]
+            if t.tri is not None:  # u(slot i) . e2(row b's other picks), per k
+                u = t.tri[comps[None, :], s]  # (B, K, d3)
+                tri = np.einsum("kmd,bkd->kbm", t.tri, others_e2(u))
+                value = value + tri
             now = value[comps[:, None], rows[None, :], s.T]  # (K, B)
             gain = value.max(-1) - now  # (K, B)
             scored += t.n_valid * B
@@ -255,6 +271,8 @@ class RewardTables:
             vk = value[t.pk] - t.inter[t.pk[:, None, None], t.slot, cols[:, t.pl].T[:, :, None]]
             vl = value[t.pl] - t.inter[t.pl[:, None, None], t.slot, cols[:, t.pk].T[:, :, None]]
             joint = vk[..., :, None] + vl[..., None, :] + t.both[:, None]  # (P, B, M, M)
+            if t.tri is not None:
+                joint += self._pair_three_way(t, u, tri)
             P, M = len(t.pk), joint.shape[-1]
             flat = joint.reshape(P, B, M * M)
             scored += int(t.pair_size) * B
@@ -271,6 +289,22 @@ class RewardTables:
             s[b, t.pk[p[move]]] = choice // M
             s[b, t.pl[p[move]]] = choice % M
         return s, scored
+
+    @staticmethod
+    def _pair_three_way(t: _Search, u: np.ndarray, tri: np.ndarray) -> np.ndarray:
+        """(P, B, M, M) what the three-way term adds to a joint swap of each pair (k, l)
+        beyond ``value``'s single-swap terms: with R row b's picks but k and l, slot i of k
+        and j of l take part in u_i . e2(R) + u_j . e2(R) + <u_i, u_j, p1(R)>, where
+        ``tri`` (K, B, M) counted u_i . e2(R + the current pick of l) (and likewise j)."""
+        uk, ul = u[:, t.pk], u[:, t.pl]  # (B, P, d3) the current picks of k and l
+        r1 = u.sum(1)[:, None] - uk - ul  # (B, P, d3) power sums of R
+        r2 = (u * u).sum(1)[:, None] - uk * uk - ul * ul
+        e2r = (r1 * r1 - r2) / 2
+        tk, tl = t.tri[t.pk], t.tri[t.pl]  # (P, M, d3)
+        ak = np.einsum("pmd,bpd->pbm", tk, e2r) - tri[t.pk]  # (P, B, M)
+        al = np.einsum("pmd,bpd->pbm", tl, e2r) - tri[t.pl]
+        both = np.einsum("pid,bpd,pjd->pbij", tk, r1, tl)  # (P, B, M, M)
+        return both + ak[..., :, None] + al[..., None, :]
 
     def _search_tables(self, masks: AdMasks) -> _Search:
         """Padded, penalised copies of the tables for ``refine`` (built once per ad)."""
@@ -294,6 +328,11 @@ class RewardTables:
             main = np.zeros((K, M, self.main[0].shape[1]), np.float64)
             for k, m in enumerate(self.main):
                 main[k, : sizes[k]] = m
+            tri = None  # (K, M, d3), padding zero (padded slots are penalised elsewhere)
+            if self.tri_flat is not None:
+                tri = np.zeros((K, M, self.tri_flat.shape[1]), np.float64)
+                for k in range(K):
+                    tri[k, : sizes[k]] = self.tri_flat[self.off[k] : self.off[k] + sizes[k]]
             self._search = _Search(
                 valid=valid,
                 n_valid=int(valid.sum()),
@@ -304,6 +343,7 @@ class RewardTables:
                 both=both,
                 slot=np.arange(M)[None, None, :],
                 pair_size=sum(sizes[k] * sizes[l_] for k, l_ in zip(pk, pl, strict=True)),
+                tri=tri,
             )
         return self._search
 
@@ -331,3 +371,4 @@ class _Search:
     both: np.ndarray  # (P, M, M) the pair's own term, penalised where forbidden
     slot: np.ndarray  # (1, 1, M) slot indices, for gathers
     pair_size: int  # sum over pairs of M_k * M_l
+    tri: np.ndarray | None  # (K, M, d3) three-way vectors, padded with zeros; None: no term

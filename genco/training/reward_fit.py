@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -66,7 +67,9 @@ def train_reward_model(
     torch.manual_seed(config.seed)
     model = RewardModel(Vocab.from_catalog(catalog, enc.context_columns), config)
     if init is not None:
-        model.load_state_dict(init.state_dict())
+        # Tensors the previous model lacks (a three-way term it did not have) keep their
+        # random start: loading would zero them, a saddle the fit cannot leave.
+        model.load_state_dict({**model.state_dict(), **init.state_dict()})
     bound = BoundModel(model, catalog)
     tr, va, split = _split(enc, config)
     weights = _weights(enc, tr, config)
@@ -114,29 +117,50 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
     the path stops at the first L2 whose held-out loss is worse than the best so far (a
     weaker L2 would only fit the noise more); the chosen L2's fit then goes on to
     ``config.patience`` plateaus (``config.epochs`` passes at most in all). The rows are
-    merged and turned into tensors once for all."""
+    merged and turned into tensors once for all. A three-way term (``dim3``) is chosen on
+    the held-out slice at the path's first L2 (``_choose_three_way``)."""
     train = _rows(bound, enc, tr, weights)
     val = _rows(bound, enc, va, np.ones(len(enc))) if len(va) else None
+    rows = touched_rows(model, train.ad, train.elem)
     if config.l2_id > 0 or val is None:
         l2 = config.l2_id if config.l2_id > 0 else L2_ID_GRID[len(L2_ID_GRID) // 2]
-        history, best_epoch = _fit_structure(
-            model, train, val, len(tr), replace(config, l2_id=l2), progress
+        history, best_epoch, three = _choose_three_way(
+            model,
+            partial(
+                _fit_structure,
+                model,
+                train,
+                val,
+                len(tr),
+                replace(config, l2_id=l2),
+                progress,
+                rows,
+            ),
+            rows,
+            val is not None,
         )
-        return history, best_epoch, {"l2_id": l2}
+        return history, best_epoch, {"l2_id": l2, **three}
     # Copies of what the fits can change (every dense parameter, the training rows of the
     # sparse id tables), not deep copies of the state: the start only when the path is not
     # warm (warm, the first fit starts from it and none goes back to it).
     start = None if L2_WARM_PATH else Snapshot(model)
-    rows = touched_rows(model, train.ad, train.elem)
     path_patience = min(L2_PATH_PATIENCE, config.patience)
     best: tuple | None = None
     best_state: Snapshot | None = None
-    losses, epochs = {}, {}
-    for l2 in L2_ID_GRID:
+    losses, epochs, three = {}, {}, {}
+    for i, l2 in enumerate(L2_ID_GRID):
         if start is not None:
             start.restore(model)
+            if three.get("three_way") is False:  # a cold path, without the term as chosen
+                with torch.no_grad():
+                    model.id3.weight.zero_()
+                    model.w3.zero_()
         cfg = replace(config, l2_id=l2, patience=path_patience)
-        history, best_epoch = _fit_structure(model, train, val, len(tr), cfg, progress, rows)
+        fit = partial(_fit_structure, model, train, val, len(tr), cfg, progress, rows)
+        if i == 0:  # the path goes on with the three-way term or without, as chosen here
+            history, best_epoch, three = _choose_three_way(model, fit, rows, True)
+        else:
+            history, best_epoch = fit()
         losses[str(l2)] = min(h["val_loss"] for h in history)
         epochs[str(l2)] = len(history)
         if best is not None and losses[str(l2)] >= best[0]:
@@ -164,7 +188,30 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
         best_epoch = best_epoch if more_best == 0 else len(history) - len(more) + more_best
         tuning["l2_id_final_epochs"] = len(more)
         tuning["val_loss"] = min(h["val_loss"] for h in history)
-    return history, best_epoch, tuning
+    return history, best_epoch, {**tuning, **three}
+
+
+def _choose_three_way(model, fit, rows, choose: bool) -> tuple[list, int, dict]:
+    """``fit()`` (one structure fit from the model's weights) with the three-way term, and,
+    when ``choose``, also without it (its vectors held at zero, where their gradient is zero)
+    from the same start: the model keeps the one with the lower held-out loss. On the
+    per-product worlds this kept the term where the world has a three-way effect and left
+    it out where not, but for one fit of eleven (BENCHMARKS.md, "three-way term")."""
+    if not model.d3 or not choose:
+        return (*fit(), {})
+    start = Snapshot(model, rows)
+    with torch.no_grad():
+        model.id3.weight.zero_()
+        model.w3.zero_()
+    off = fit()
+    off_state = Snapshot(model, rows)
+    start.restore(model)
+    on = fit()
+    loss = {k: min(h["val_loss"] for h in r[0]) for k, r in (("off", off), ("on", on))}
+    keep = loss["on"] < loss["off"]
+    if not keep:
+        off_state.restore(model)
+    return (*(on if keep else off), {"three_way": keep, "three_way_val_loss": loss})
 
 
 def _check_learnable(enc: Encoded) -> None:
@@ -231,12 +278,14 @@ def l2_penalty(model: RewardModel, ad, elem, config: RewardModelConfig) -> torch
             model.lookup("id_main", elem).pow(2).sum()
             + model.lookup("id_ffm", elem).pow(2).sum()
             + model.lookup("appeal", ad).pow(2).sum()
+            + (model.lookup("id3", elem).pow(2).sum() if model.d3 else 0.0)
         ) / len(elem)
     if config.l2_dense:
         out = out + config.l2_dense * (
             model.w_main.pow(2).sum()
             + model.w_ffm.pow(2).sum()
             + sum(p.pow(2).sum() for t in model.tower for p in t.parameters())
+            + (model.w3.pow(2).sum() if model.d3 else 0.0)
         )
     return out
 
@@ -348,6 +397,8 @@ def _fit_structure(
         # Elements never seen in training carry no evidence: score them from features only.
         model.id_main.weight[~model.seen] = 0.0
         model.id_ffm.weight[~model.seen] = 0.0
+        if model.d3:
+            model.id3.weight[~model.seen] = 0.0
     model.to("cpu")
     model.eval()
     return history, plateau.best_epoch

@@ -179,7 +179,7 @@ def train_reward_model_stream(
     torch.manual_seed(config.seed)
     model = RewardModel(Vocab.from_catalog(catalog, stream.encoder.context_columns), config)
     if init is not None:
-        model.load_state_dict(init.state_dict())
+        model.load_state_dict({**model.state_dict(), **init.state_dict()})  # as reward_fit's
     bound = BoundModel(model, catalog)
     sample_val = stream.is_val(stream.sample_rows, sample)
     tr, va = np.flatnonzero(~sample_val), np.flatnonzero(sample_val)
@@ -362,6 +362,8 @@ def _stream_epochs(
         model.seen.copy_(seen.bool())
         model.id_main.weight[~model.seen] = 0.0
         model.id_ffm.weight[~model.seen] = 0.0
+        if model.d3:
+            model.id3.weight[~model.seen] = 0.0
     model.to("cpu")
     model.eval()
     return history, plateau.best_epoch
