@@ -102,6 +102,7 @@ def retraining(
         max_bad_fraction=max_bad_fraction,
     )
     data.set_caching_options(False)
+    data.after(decided)  # one order on every run: the canary's decision first
     data.set_cpu_request("1").set_memory_request("2G").set_memory_limit("8G")
 
     rewards = attribute_rewards(

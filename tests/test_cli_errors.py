@@ -247,13 +247,16 @@ def test_failed_local_step_is_one_line_with_its_root_cause_and_is_not_retried(
     assert r.returncode == 2, r.stderr
     lines = r.stderr.splitlines()
     assert lines == [
+        "decide-canary: running",  # no canary in a new store: nothing to decide
+        "[genco] decide-canary: nothing to decide (no canary is running)",
+        "decide-canary: success",
         "ingest: running",
         "ingest: failed",
         f"genco pipeline: error: step 'ingest' failed: ContractError: {catalog}: file not "
         f"found; full log: {out / 'pipeline.log'}",
     ]
     log = (out / "pipeline.log").read_text()
-    assert log.count("Executing task") == 1 and "Retrying" not in log
+    assert log.count("Executing task") == 2 and "Retrying" not in log  # decide-canary, ingest
     assert "Traceback (most recent call last)" in log  # the detail stays in the log
 
 
