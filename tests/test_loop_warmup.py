@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from genco.errors import ConfigError
-from genco.evaluation.online import canary_clearly_worse
+from genco.evaluation.online import canary_clearly_better, canary_clearly_worse, canary_gate
 from genco.pipeline.loop import LoopConfig, run_loop
 from genco.store import current_version
 from genco.worlds.traffic import load_traffic
@@ -86,3 +86,20 @@ def test_canary_clearly_worse_stops_a_worse_arm_and_rarely_an_equal_one():
     # no evidence: too few rows, or no click in either arm
     assert not canary_clearly_worse(np.array([0]), np.ones(100))
     assert not canary_clearly_worse(np.zeros(100), np.zeros(100))
+
+
+def test_canary_clearly_better_is_the_gates_rule_at_the_stricter_confidence():
+    rng = np.random.default_rng(1)
+    better, prod = rng.random(2000) < 0.14, rng.random(8000) < 0.10
+    assert canary_clearly_better(better, prod, margin=0.0, confidence=0.99)
+    assert not canary_clearly_better(better, prod, margin=1.0, confidence=0.99)  # +100% needed
+    version = np.array(["c"] * 2000 + ["p"] * 8000, dtype=object)
+    gate = canary_gate(version, np.concatenate([better, prod]).astype(int), "c", "p", "d", 0.0,
+                       0.99)  # fmt: skip
+    assert gate["passed"]
+    # equal arms: promoted rarely at 99%; worse ones not at all
+    promoted = sum(
+        canary_clearly_better(rng.random(2000) < 0.1, rng.random(8000) < 0.1) for _ in range(500)
+    )
+    assert promoted <= 15
+    assert not canary_clearly_better(rng.random(2000) < 0.09, rng.random(8000) < 0.1)

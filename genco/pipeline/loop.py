@@ -129,12 +129,16 @@ class LoopConfig:
         default=10,
         metadata={
             "help": "A canary round is checked this many times (after each equal part); a "
-            "canary clearly worse than production stops there. 1 = no early stop."
+            "canary clearly worse than production stops there, one clearly better is "
+            "promoted there. 1 = no mid-round decision."
         },
     )
     canary_stop_confidence: float = field(
         default=0.99,
-        metadata={"help": "Confidence that the canary is worse needed to stop it early."},
+        metadata={
+            "help": "Confidence needed to stop a canary (worse) or promote it (better) "
+            "mid-round, at one of its checks."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -240,12 +244,12 @@ def run_loop(
                     )  # fmt: skip
                     row["greedy_true_ctr"] = greedy_ctr(pred, t, ads[ev], ev_ctx)
             else:
-                combos, prop, version, stopped = serve_split(
+                combos, prop, version, stopped, promoted = serve_split(
                     t, pred, canary, ads, ctx, u, rng_serve, cfg.explore, cfg.temperature,
-                    cfg.canary, cfg.canary_checks, cfg.canary_stop_confidence,
+                    cfg.canary, cfg.canary_checks, cfg.canary_stop_confidence, cfg.margin,
                 )  # fmt: skip
                 if canary is not None:
-                    row["canary_stopped_at"] = stopped
+                    row["canary_stopped_at"], row["canary_promoted_at"] = stopped, promoted
                 row["greedy_true_ctr"] = greedy_ctr(pred, t, ads[ev], ev_ctx)
             ctr = t.ctr(ads, combos, ctx)
             clicks = (u < ctr).astype(np.int8)
@@ -288,10 +292,11 @@ def run_loop(
             logs.append(storage.read_table(os.path.join(rdir, "data", VALID_FILE)))
             for name, a in arms.items():
                 row[f"{name}_cum_regret"] = a.regret
-            if canary is not None:
-                row["canary_true_ctr"] = float(ctr[version == canary.version].mean())
-                pred = _decide_canary(cfg, t, store, pred, canary, canary_dir, version, clicks,
-                                      row, ads[ev], ev_ctx)  # fmt: skip
+            if canary is not None:  # decided on the rows up to a mid-round promotion
+                upto = slice(0, row["canary_promoted_at"] or n)
+                row["canary_true_ctr"] = float(ctr[upto][version[upto] == canary.version].mean())
+                pred = _decide_canary(cfg, t, store, pred, canary, canary_dir, version[upto],
+                                      clicks[upto], row, ads[ev], ev_ctx)  # fmt: skip
                 canary = None
             if r < cfg.rounds - 1:
                 pred, canary, canary_dir = _retrain(
@@ -346,10 +351,13 @@ def _decide_canary(cfg, t, store, pred, canary, canary_dir, version, clicks, row
                    ev_ctx) -> Predictor:  # fmt: skip
     """The online gate on this round's two arms: promote the canary into the store or roll
     it back; audit the decision with both models' true greedy CTR."""
+    early = row.get("canary_promoted_at") is not None  # at the mid-round looks' confidence
     gate = canary_gate(
         version, clicks, canary.version, pred.version, bundle_digest(canary_dir),
-        cfg.margin,
+        cfg.margin, cfg.canary_stop_confidence if early else 0.95,
     )  # fmt: skip
+    if early and not gate["passed"]:
+        raise ConfigError(f"a canary promoted mid-round fails its gate: {gate['reason']}")
     online = gate["online"]
     row.update(
         canary_version=canary.version,

@@ -6,7 +6,10 @@ clicks so far are compared (``genco.evaluation.online.canary_clearly_worse``); o
 canary is worse than production beyond doubt (the upper ``stop_confidence`` bound of its CTR
 gain below zero) it stops: the rest of the round goes to production alone, which then logs
 every remaining row with its own propensity. The stop only ever removes the canary, so it
-cannot deploy anything; the promotion decision stays with the end-of-round A/B.
+cannot deploy anything. Symmetrically, once the canary is better beyond doubt (the lower
+``stop_confidence`` bound of its gain above ``margin`` x production: the end-of-round gate's
+rule at a stricter confidence, for the repeated looks) it is promoted there and serves the
+rest of the round as production.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from genco.data.contract import AD, CLICK, IMPRESSION_ID, MODEL_VERSION, PROPENSITY, TIMESTAMP
-from genco.evaluation.online import canary_clearly_worse
+from genco.evaluation.online import canary_clearly_better, canary_clearly_worse
 from genco.inference.predictor import Predictor
 from genco.worlds.simulate import T0
 from genco.worlds.traffic import Traffic
@@ -46,11 +49,11 @@ def serve(
 
 def serve_split(
     t: Traffic, pred: Predictor, canary: Predictor | None, ads, ctx, u, rng, explore: float,
-    temperature: float, share: float, checks: int, stop_confidence: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:  # fmt: skip
-    """Production (and a canary on a random ``share`` of requests until it is stopped):
-    codes (n, K), propensities (n,), model versions (n,), and the row where the canary
-    stopped (None: it ran the whole round)."""
+    temperature: float, share: float, checks: int, stop_confidence: float, margin: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, int | None]:  # fmt: skip
+    """Production (and a canary on a random ``share`` of requests until it is stopped or
+    promoted): codes (n, K), propensities (n,), model versions (n,), and the rows where the
+    canary stopped and where it was promoted (None: it ran the whole round)."""
     n = len(ads)
     version = np.full(n, pred.version, dtype=object)
     arm = np.zeros(n, dtype=bool)
@@ -60,12 +63,15 @@ def serve_split(
     prop = np.zeros(n)
     clicks = np.zeros(n, dtype=np.int8)
     stopped: int | None = None
-    parts = np.array_split(np.arange(n), checks if canary is not None else 1)
-    for part in parts:
-        if stopped is not None:
+    promoted: int | None = None
+    prod = pred
+    for part in np.array_split(np.arange(n), checks if canary is not None else 1):
+        if stopped is not None or promoted is not None:
             arm[part] = False
-        version[part[arm[part]]] = canary.version if canary is not None else pred.version
-        for who, rows_of in ((pred, part[~arm[part]]), (canary, part[arm[part]])):
+        version[part] = prod.version
+        if canary is not None:
+            version[part[arm[part]]] = canary.version
+        for who, rows_of in ((prod, part[~arm[part]]), (canary, part[arm[part]])):
             if len(rows_of):
                 combos[rows_of], prop[rows_of] = serve(
                     who, ads[rows_of], None if ctx is None else ctx[rows_of], rng, explore,
@@ -73,12 +79,14 @@ def serve_split(
                 )  # fmt: skip
         pc = None if ctx is None else ctx[part]
         clicks[part] = u[part] < t.ctr(ads[part], combos[part], pc)
-        if canary is not None and stopped is None and part[-1] < n - 1:
+        if canary is not None and stopped is None and promoted is None and part[-1] < n - 1:
             seen = slice(0, part[-1] + 1)
-            on = arm[seen]
-            if canary_clearly_worse(clicks[seen][on], clicks[seen][~on], stop_confidence):
+            on, c = arm[seen], clicks[seen]
+            if canary_clearly_worse(c[on], c[~on], stop_confidence):
                 stopped = int(part[-1] + 1)
-    return combos, prop, version, stopped
+            elif canary_clearly_better(c[on], c[~on], margin, stop_confidence):
+                promoted, prod = int(part[-1] + 1), canary
+    return combos, prop, version, stopped, promoted
 
 
 def greedy_ctr(pred: Predictor, t: Traffic, ads: np.ndarray, ctx: np.ndarray | None) -> float:
