@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rl-steps", type=int, default=LoopConfig.rl_steps)
     p.add_argument("--reward-epochs", type=int, default=LoopConfig.reward_epochs)
     p.add_argument("--canary", type=float, default=LoopConfig.canary)
+    p.add_argument("--warmup", type=int, default=LoopConfig.warmup)
+    p.add_argument("--canary-checks", type=int, default=LoopConfig.canary_checks)
     p.add_argument("--out", default="bench/results/loop")
     p.add_argument(
         "--summarize", action="store_true", help="only summarise OUT/runs.jsonl (runs so far)"
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
                 rl_steps=args.rl_steps,
                 reward_epochs=args.reward_epochs,
                 canary=args.canary,
+                warmup=args.warmup,
+                canary_checks=args.canary_checks,
             )
             t0 = time.perf_counter()
             out_dir = os.path.join(args.out, f"{world}_s{seed}")
@@ -124,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
                             "canary_greedy_true_ctr",
                             "canary_vs_greedy_true_ctr",
                             "canary_shipped_worse",
+                            "canary_stopped_at",
+                            "warmup_impressions",
+                            "warmup_candidate_greedy_true_ctr",
                             "floor_ratio_min",
                         )
                     }

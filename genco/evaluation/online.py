@@ -71,3 +71,36 @@ def canary_gate(
         "online": asdict(ab),
         "rule": "online_ab",
     }
+
+
+def canary_clearly_worse(
+    clicks_canary: np.ndarray, clicks_production: np.ndarray, confidence: float = 0.99
+) -> bool:
+    """True when the canary arm's CTR is below production's beyond doubt: the one-sided
+    ``confidence`` lower bound of CTR(production) - CTR(canary) above zero. The closed loop
+    stops a canary mid-round on it (rolling back early cannot deploy anything); fewer than
+    two impressions or no click at all in both arms is no evidence (False)."""
+    if len(clicks_canary) < 2 or len(clicks_production) < 2:
+        return False
+    if not (np.any(clicks_canary) or np.any(clicks_production)):
+        return False
+    ab = ab_difference(np.asarray(clicks_production), np.asarray(clicks_canary), confidence)
+    return bool(ab.lower_bound > 0)
+
+
+def canary_clearly_better(
+    clicks_canary: np.ndarray,
+    clicks_production: np.ndarray,
+    margin: float = 0.0,
+    confidence: float = 0.99,
+) -> bool:
+    """True when the canary would pass ``canary_gate`` at ``confidence``: the one-sided lower
+    bound of CTR(canary) - CTR(production) above ``margin`` x CTR(production). The closed
+    loop promotes a canary mid-round on it, at a stricter confidence than the end-of-round
+    gate's because it looks up to ``canary_checks`` times."""
+    if len(clicks_canary) < 2 or len(clicks_production) < 2:
+        return False
+    if not (np.any(clicks_canary) or np.any(clicks_production)):
+        return False
+    ab = ab_difference(np.asarray(clicks_canary), np.asarray(clicks_production), confidence)
+    return bool(ab.lower_bound > margin * ab.production_ctr)

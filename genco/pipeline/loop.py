@@ -37,7 +37,6 @@ true greedy CTR of each gated candidate next to production's (the gate audit).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -47,7 +46,6 @@ import numpy as np
 import pandas as pd
 
 from genco.data import storage
-from genco.data.contract import AD, CLICK, IMPRESSION_ID, MODEL_VERSION, PROPENSITY, TIMESTAMP
 from genco.data.ingest import VALID_FILE
 from genco.data.served import join_served_log
 from genco.errors import ConfigError
@@ -57,9 +55,9 @@ from genco.evaluation.online import canary_gate
 from genco.inference.predictor import Predictor
 from genco.models.generator import GeneratorConfig
 from genco.models.reward import RewardModelConfig
+from genco.pipeline.loop_serve import floor_ratio, greedy_ctr, serve, serve_split, served_frames
 from genco.pipeline.runner import LOCAL_RL_STEPS, run_local
 from genco.store import bundle_digest, current, current_version, promote
-from genco.worlds.simulate import T0
 from genco.worlds.traffic import Traffic, load_traffic
 
 # "_online" peers update ``chunks`` times a round; the others once, after the round, as GenCO
@@ -70,8 +68,8 @@ PEERS = (
 LOOP_FLAGS = (
     "world", "rounds", "impressions_per_round", "seed", "explore", "temperature", "rl_steps",
     "reward_epochs", "margin", "tolerance", "peers", "chunks", "eval_rows", "canary",
+    "warmup", "canary_checks", "canary_stop_confidence",
 )  # fmt: skip
-DAY = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -119,9 +117,38 @@ class LoopConfig:
             "refused, promoted or rolled back on the online A/B; 0 = no canary."
         },
     )
+    warmup: int = field(
+        default=20_000,
+        metadata={
+            "help": "Round 0 is served uniformly for this many impressions; the pipeline then "
+            "trains the first model on them and it serves the rest of round 0 with its "
+            "exploration. 0 or >= impressions-per-round: all of round 0 uniform."
+        },
+    )
+    canary_checks: int = field(
+        default=10,
+        metadata={
+            "help": "A canary round is checked this many times (after each equal part); a "
+            "canary clearly worse than production stops there, one clearly better is "
+            "promoted there. 1 = no mid-round decision."
+        },
+    )
+    canary_stop_confidence: float = field(
+        default=0.99,
+        metadata={
+            "help": "Confidence needed to stop a canary (worse) or promote it (better) "
+            "mid-round, at one of its checks."
+        },
+    )
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "impressions_per_round", "chunks", "eval_rows"):
+        if self.warmup < 0:
+            raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
+        if not 0.5 < self.canary_stop_confidence < 1.0:
+            raise ConfigError(
+                f"canary_stop_confidence must be in (0.5, 1), got {self.canary_stop_confidence}"
+            )
+        for name in ("rounds", "impressions_per_round", "chunks", "eval_rows", "canary_checks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.explore <= 1.0:
@@ -141,65 +168,6 @@ class LoopConfig:
 class Arm:
     name: str
     regret: float = 0.0  # expected clicks lost to the oracle so far
-
-
-def _serve(
-    pred: Predictor, ads: np.ndarray, ctx: np.ndarray | None, rng, cfg: LoopConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """The production policy on each request: codes (n, K) and exact propensities (n,)."""
-    combos = np.zeros((len(ads), pred.catalog.n_components), dtype=np.int64)
-    prop = np.zeros(len(ads))
-    if ctx is None:
-        for a in np.unique(ads):
-            rows = np.flatnonzero(ads == a)
-            combos[rows], prop[rows] = pred.draw(
-                int(a), None, len(rows), rng, cfg.explore, cfg.temperature
-            )
-    else:
-        for i in range(len(ads)):
-            x = pred.context_vector(ctx[i])
-            c, p = pred.draw(int(ads[i]), x, 1, rng, cfg.explore, cfg.temperature)
-            combos[i], prop[i] = c[0], p[0]
-    return combos, prop
-
-
-def _greedy_ctr(pred: Predictor, t: Traffic, ads: np.ndarray, ctx: np.ndarray | None) -> float:
-    """True CTR of the bundle's greedy pick (beam top-1, what the gate judges) on requests."""
-    combos = np.zeros((len(ads), t.catalog.n_components), dtype=np.int64)
-    if ctx is None:
-        for a in np.unique(ads):
-            combos[ads == a] = pred.greedy(int(a), None)
-    else:
-        for i in range(len(ads)):
-            combos[i] = pred.greedy(int(ads[i]), pred.context_vector(ctx[i]))
-    return float(t.ctr(ads, combos, ctx).mean())
-
-
-def _served_frames(
-    t: Traffic, r: int, ads, ctx, combos, prop, clicks, version: str
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The served log (README "Served log") and the clicks file of one round."""
-    cat, n = t.catalog, len(ads)
-    ids = np.array([f"r{r}-{i}" for i in range(n)], dtype=object)
-    data: dict = {IMPRESSION_ID: ids, MODEL_VERSION: version}
-    data[AD] = cat.ads.take(ads)
-    for k, comp in enumerate(cat.components):
-        data[comp] = cat.elements[k].take(combos[:, k])
-    data[PROPENSITY] = prop
-    data["mode"] = "sample"
-    data[TIMESTAMP] = T0 + r * DAY + np.arange(n) * (DAY / n)
-    for j, col in enumerate(t.context_columns):
-        data[col] = ctx[:, j]
-    served = pd.DataFrame(data)
-    clicked = pd.DataFrame({IMPRESSION_ID: ids[clicks == 1], CLICK: 1})
-    return served, clicked
-
-
-def _floor(t: Traffic, ads: np.ndarray, prop: np.ndarray, explore: float) -> float:
-    """min over shown combinations of propensity / (explore / prod(candidates of the ad)):
-    the exploration floor holds when this is >= 1."""
-    sizes = np.array([math.prod(len(c) for c in t.catalog.candidates[a]) for a in ads])
-    return float(np.min(prop * sizes / explore))
 
 
 def _peers(cfg: LoopConfig, t: Traffic) -> dict:
@@ -255,27 +223,34 @@ def run_loop(
             _, oracle = t.oracle(ads, ctx)
             ev = slice(0, min(cfg.eval_rows, n))
             row: dict = {"round": r, "impressions": n, "oracle_true_ctr": float(oracle.mean())}
+            ev_ctx = None if ctx is None else ctx[ev]
+            explore = np.full(n, cfg.explore)
             if pred is None:
                 combos, prop = t.uniform(ads, rng_serve)
-                version, explore = np.full(n, "uniform", dtype=object), 1.0
+                version = np.full(n, "uniform", dtype=object)
+                w = cfg.warmup if 0 < cfg.warmup < n else n
+                explore[:w] = 1.0
                 row["greedy_true_ctr"] = None
+                if w < n:  # the first model, trained on the warm-up, serves the rest
+                    pred = _warmup(
+                        cfg, t, out_dir, r, (ads, ctx, u, combos, prop, version), w, logs,
+                        (catalog_path, constraints_path, store), row, ads[ev], ev_ctx,
+                    )  # fmt: skip
+                    rest = slice(w, n)
+                    version[rest] = pred.version
+                    combos[rest], prop[rest] = serve(
+                        pred, ads[rest], None if ctx is None else ctx[rest], rng_serve,
+                        cfg.explore, cfg.temperature,
+                    )  # fmt: skip
+                    row["greedy_true_ctr"] = greedy_ctr(pred, t, ads[ev], ev_ctx)
             else:
-                version, explore = np.full(n, pred.version, dtype=object), cfg.explore
-                arm = np.zeros(n, dtype=bool)
-                if canary is not None:  # a random share of requests, as a traffic split
-                    arm = rng_serve.random(n) < cfg.canary
-                    version[arm] = canary.version
-                combos = np.zeros((n, t.catalog.n_components), dtype=np.int64)
-                prop = np.zeros(n)
-                for who, rows_of in ((pred, ~arm), (canary, arm)):
-                    if rows_of.any():
-                        i = np.flatnonzero(rows_of)
-                        combos[i], prop[i] = _serve(
-                            who, ads[i], None if ctx is None else ctx[i], rng_serve, cfg
-                        )
-                row["greedy_true_ctr"] = _greedy_ctr(
-                    pred, t, ads[ev], None if ctx is None else ctx[ev]
-                )
+                combos, prop, version, stopped, promoted = serve_split(
+                    t, pred, canary, ads, ctx, u, rng_serve, cfg.explore, cfg.temperature,
+                    cfg.canary, cfg.canary_checks, cfg.canary_stop_confidence, cfg.margin,
+                )  # fmt: skip
+                if canary is not None:
+                    row["canary_stopped_at"], row["canary_promoted_at"] = stopped, promoted
+                row["greedy_true_ctr"] = greedy_ctr(pred, t, ads[ev], ev_ctx)
             ctr = t.ctr(ads, combos, ctx)
             clicks = (u < ctr).astype(np.int8)
             arms["genco"].regret += float((oracle - ctr).sum())
@@ -284,8 +259,8 @@ def run_loop(
                 model_version=pred.version if pred is not None else "uniform",
                 served_true_ctr=float(ctr.mean()),
                 served_clicks=int(clicks.sum()),
-                explore=explore,
-                floor_ratio_min=_floor(t, ads, prop, explore),
+                explore=float(explore[-1]),  # production's at the round's end
+                floor_ratio_min=floor_ratio(t, ads, prop, explore),
                 distinct_shown_per_ad=len(shown) / len(np.unique(ads)),
             )
             row["floor_holds"] = row["floor_ratio_min"] >= 1.0 - 1e-9
@@ -302,7 +277,7 @@ def run_loop(
                 row[f"{name}_true_ctr"] = total / n
             # The served log and clicks file, joined and validated like production traffic.
             rdir = os.path.join(out_dir, f"round_{r:02d}")
-            served, clicked = _served_frames(t, r, ads, ctx, combos, prop, clicks, version)
+            served, clicked = served_frames(t, r, ads, ctx, combos, prop, clicks, version)
             storage.makedirs(rdir)
             storage.write_table(served, os.path.join(rdir, "served.parquet"))
             storage.write_table(clicked, os.path.join(rdir, "clicks.parquet"))
@@ -317,11 +292,11 @@ def run_loop(
             logs.append(storage.read_table(os.path.join(rdir, "data", VALID_FILE)))
             for name, a in arms.items():
                 row[f"{name}_cum_regret"] = a.regret
-            ev_ctx = None if ctx is None else ctx[ev]
-            if canary is not None:
-                row["canary_true_ctr"] = float(ctr[version == canary.version].mean())
-                pred = _decide_canary(cfg, t, store, pred, canary, canary_dir, version, clicks,
-                                      row, ads[ev], ev_ctx)  # fmt: skip
+            if canary is not None:  # decided on the rows up to a mid-round promotion
+                upto = slice(0, row["canary_promoted_at"] or n)
+                row["canary_true_ctr"] = float(ctr[upto][version[upto] == canary.version].mean())
+                pred = _decide_canary(cfg, t, store, pred, canary, canary_dir, version[upto],
+                                      clicks[upto], row, ads[ev], ev_ctx)  # fmt: skip
                 canary = None
             if r < cfg.rounds - 1:
                 pred, canary, canary_dir = _retrain(
@@ -343,14 +318,46 @@ def run_loop(
     return _write(out_dir, cfg, rows, plot=True)
 
 
+def _warmup(cfg, t, out_dir, r, served, w, logs, paths, row, ev_ads, ev_ctx) -> Predictor:
+    """The first ``w`` (uniform) rows of round 0 logged, joined and validated as a round is;
+    the pipeline trains the first model on them and deploys it (no production yet)."""
+    ads, ctx, u, combos, prop, version = served
+    head = slice(0, w)
+    clicks = u[head] < t.ctr(ads[head], combos[head], None if ctx is None else ctx[head])
+    wdir = os.path.join(out_dir, f"round_{r:02d}", "warmup")
+    frames = served_frames(
+        t, r, ads[head], None if ctx is None else ctx[head], combos[head], prop[head],
+        clicks.astype(np.int8), version[head], 0, len(ads),
+    )  # fmt: skip
+    storage.makedirs(wdir)
+    for frame, name in zip(frames, ("served.parquet", "clicks.parquet"), strict=True):
+        storage.write_table(frame, os.path.join(wdir, name))
+    join_served_log(
+        os.path.join(wdir, "served.parquet"), os.path.join(wdir, "clicks.parquet"), t.catalog,
+        t.constraints, os.path.join(wdir, "data"),
+    )  # fmt: skip
+    logs.append(storage.read_table(os.path.join(wdir, "data", VALID_FILE)))
+    audit: dict = {}
+    pred, _, _ = _retrain(cfg, t, out_dir, r, logs, *paths, None, audit, ev_ads, ev_ctx,
+                          log_dir=wdir)  # fmt: skip
+    logs.pop()  # the round's whole log (these rows included) is appended after the round
+    row.update({"warmup_impressions": w, **{f"warmup_{k}": v for k, v in audit.items()}})
+    if pred is None or not audit.get("deployed"):
+        raise ConfigError(f"the warm-up model was not deployed: {audit.get('gate_reason')}")
+    return pred
+
+
 def _decide_canary(cfg, t, store, pred, canary, canary_dir, version, clicks, row, ev_ads,
                    ev_ctx) -> Predictor:  # fmt: skip
     """The online gate on this round's two arms: promote the canary into the store or roll
     it back; audit the decision with both models' true greedy CTR."""
+    early = row.get("canary_promoted_at") is not None  # at the mid-round looks' confidence
     gate = canary_gate(
         version, clicks, canary.version, pred.version, bundle_digest(canary_dir),
-        cfg.margin,
+        cfg.margin, cfg.canary_stop_confidence if early else 0.95,
     )  # fmt: skip
+    if early and not gate["passed"]:
+        raise ConfigError(f"a canary promoted mid-round fails its gate: {gate['reason']}")
     online = gate["online"]
     row.update(
         canary_version=canary.version,
@@ -359,8 +366,8 @@ def _decide_canary(cfg, t, store, pred, canary, canary_dir, version, clicks, row
         canary_reason=gate["reason"],
         canary_difference=online["value"],
         canary_difference_lower_bound=online["lower_bound"],
-        canary_greedy_true_ctr=_greedy_ctr(canary, t, ev_ads, ev_ctx),
-        canary_vs_greedy_true_ctr=_greedy_ctr(pred, t, ev_ads, ev_ctx),
+        canary_greedy_true_ctr=greedy_ctr(canary, t, ev_ads, ev_ctx),
+        canary_vs_greedy_true_ctr=greedy_ctr(pred, t, ev_ads, ev_ctx),
     )
     worse = row["canary_greedy_true_ctr"] < row["canary_vs_greedy_true_ctr"] * (1 - cfg.tolerance)
     row["canary_shipped_worse"] = bool(gate["passed"] and worse)
@@ -373,10 +380,12 @@ def _decide_canary(cfg, t, store, pred, canary, canary_dir, version, clicks, row
 
 
 def _retrain(cfg, t, out_dir, r, logs, catalog_path, constraints_path, store, pred, row,
-             ev_ads, ev_ctx) -> tuple[Predictor | None, Predictor | None, str]:  # fmt: skip
+             ev_ads, ev_ctx, log_dir="",
+             ) -> tuple[Predictor | None, Predictor | None, str]:  # fmt: skip
     """Run the retraining pipeline on every round's log so far; audit its gate decision.
     Returns production and the next round's canary (a refused candidate, or None)."""
-    log_path = os.path.join(out_dir, f"round_{r:02d}", "train_log.parquet")
+    log_dir = log_dir or os.path.join(out_dir, f"round_{r:02d}")
+    log_path = os.path.join(log_dir, "train_log.parquet")
     storage.write_table(pd.concat(logs, ignore_index=True), log_path)
     before = current_version(store)
     run_dir = run_local(
@@ -407,9 +416,9 @@ def _retrain(cfg, t, out_dir, r, logs, catalog_path, constraints_path, store, pr
         gate_difference_ci=[diff.get("ci_low"), diff.get("ci_high")] if diff else None,
     )
     candidate = Predictor.load(gate["candidate"]["path"])
-    row["candidate_greedy_true_ctr"] = _greedy_ctr(candidate, t, ev_ads, ev_ctx)
+    row["candidate_greedy_true_ctr"] = greedy_ctr(candidate, t, ev_ads, ev_ctx)
     if pred is not None:
-        row["production_greedy_true_ctr"] = _greedy_ctr(pred, t, ev_ads, ev_ctx)
+        row["production_greedy_true_ctr"] = greedy_ctr(pred, t, ev_ads, ev_ctx)
         worse = row["candidate_greedy_true_ctr"] < row["production_greedy_true_ctr"] * (
             1 - cfg.tolerance
         )
