@@ -14,6 +14,7 @@ from genco.cli.main import main
 from genco.data import storage
 from genco.errors import ConfigError, StoreError
 from genco.evaluation import canary
+from genco.evaluation.online import canary_gate
 from genco.inference.predictor import Predictor
 from genco.serving.archive import KSERVE_CANARY_DIR
 from genco.serving.config import mar_name
@@ -87,6 +88,24 @@ def test_a_worse_canary_is_rolled_back_and_a_young_one_keeps_running(running):
     assert current_version(store) == prod and canary.read_canary(store) is None
     with pytest.raises(StoreError, match="no canary is running"):
         canary.decide(store, *_arms(version, prod, 5000, 0.1, 0.05))
+
+
+def test_rows_from_before_the_canary_started_are_not_counted(running):
+    store, prod, version, _ = running
+    started = canary._epoch(canary.read_canary(store)["started_at"])
+    versions, clicks = _arms(version, prod, 5000, 0.10, 0.05)  # canary clearly better
+    # yesterday production served 40,000 impressions at a 30% CTR (another day's traffic)
+    old_v = np.array([prod] * 40_000)
+    old_c = (np.random.default_rng(1).random(40_000) < 0.30).astype(int)
+    all_v, all_c = np.concatenate([old_v, versions]), np.concatenate([old_c, clicks])
+    when = np.concatenate([np.full(40_000, started - 86_400.0), np.full(len(versions), started)])
+    # counted, the old rows would make production look far better than the canary ...
+    blind = canary_gate(all_v, all_c, version, prod, "0" * 64)
+    assert blind["passed"] is False and blind["online"]["value"] < 0
+    # ... within the canary's own hours the two arms compare as served: promoted
+    result = canary.decide(store, all_v, all_c, timestamp=when)
+    assert result.action == "promoted", result.reason
+    assert result.gate["online"]["production_n"] == 20_000
 
 
 def test_start_refuses_a_passed_or_stale_gate_and_a_bad_share(bundles, tmp_path):  # noqa: F811

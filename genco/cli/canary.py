@@ -29,7 +29,7 @@ def cmd_decide(args: argparse.Namespace) -> None:
 
     if canary.read_canary(args.store) is None:
         raise StoreError(f"{args.store}: no canary is running (start one: genco canary start)")
-    version, click = canary.arms(args.data)
+    version, click, when = canary.arms(args.data)
     result = canary.decide(
         args.store,
         version,
@@ -38,6 +38,7 @@ def cmd_decide(args: argparse.Namespace) -> None:
         args.confidence,
         args.min_impressions,
         _serving_hook(args),
+        timestamp=when,
     )
     print_json(result.to_dict())
 

@@ -24,15 +24,18 @@ judged on a hundred impressions.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 from genco.data import storage
-from genco.data.contract import CLICK, MODEL_VERSION
+from genco.data.contract import CLICK, MODEL_VERSION, TIMESTAMP
+from genco.data.readers import timestamps
 from genco.data.served import IDS_FILE, JOINED_FILE
 from genco.errors import ConfigError, NotFoundError, StoreError
 from genco.evaluation.online import canary_gate
@@ -66,9 +69,12 @@ class CanaryResult:
         return asdict(self)
 
 
-def arms(data_dir: str, client: Client | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(model_version, click) per impression of a joined served log (the directory
-    ``genco validate --served-log ... --clicks ...`` wrote): what ``decide`` compares."""
+def arms(
+    data_dir: str, client: Client | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(model_version, click, timestamp in epoch seconds or None) per impression of a joined
+    served log (the directory ``genco validate --served-log ... --clicks ...`` wrote): what
+    ``decide`` compares."""
     for name in (IDS_FILE, JOINED_FILE):
         if not storage.exists(storage.join(data_dir, name), client=client):
             raise NotFoundError(
@@ -82,7 +88,10 @@ def arms(data_dir: str, client: Client | None = None) -> tuple[np.ndarray, np.nd
             f"{data_dir}: {IDS_FILE} has {len(ids)} rows, {JOINED_FILE} {len(joined)}; "
             "join the served log again"
         )
-    return ids[MODEL_VERSION].astype(str).to_numpy(), joined[CLICK].to_numpy()
+    when = None
+    if TIMESTAMP in joined.columns:
+        when = timestamps(pa.array(joined[TIMESTAMP]))
+    return ids[MODEL_VERSION].astype(str).to_numpy(), joined[CLICK].to_numpy(), when
 
 
 def read_canary(store: str, client: Client | None = None) -> dict | None:
@@ -158,14 +167,22 @@ def decide(
     min_impressions: int = MIN_IMPRESSIONS,
     on_promote: OnPromote | None = None,
     client: Client | None = None,
+    timestamp: np.ndarray | None = None,
 ) -> CanaryResult:
     """Promote the running canary or roll it back on its online A/B against production.
 
     model_version, click (n,): the served log joined to its clicks (other versions' rows are
-    not counted). Fewer than ``min_impressions`` canary rows: it keeps running."""
+    not counted). timestamp (n,) epoch seconds, when the log has them: rows from before the
+    canary started are not counted either, so both arms are compared over the same hours
+    (production's older traffic would otherwise weigh in another day's CTR). Fewer than
+    ``min_impressions`` canary rows: it keeps running."""
     record = read_canary(store, client=client)
     if record is None:
         raise StoreError(f"{store}: no canary is running ({CANARY} is missing)")
+    if timestamp is not None:
+        since = _epoch(record["started_at"])
+        keep = ~(np.asarray(timestamp, np.float64) < since)  # NaN (no time): kept
+        model_version, click = np.asarray(model_version)[keep], np.asarray(click)[keep]
     version = record["version"]
     production = current_version(store, client=client)
     n = int((np.asarray(model_version) == version).sum())
@@ -233,3 +250,7 @@ def _gate_problem(gate: dict, digest: str, production: str) -> str | None:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _epoch(iso: str) -> float:
+    return float(calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")))

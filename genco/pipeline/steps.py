@@ -423,9 +423,11 @@ def decide_canary_step(
         why = "no canary is running" if record is None else "no canary_data given"
         say(f"decide-canary: nothing to decide ({why})")
         return canary.CanaryResult("none", None, None, why)
-    version, click = canary.arms(data_dir)
+    version, click, when = canary.arms(data_dir)
     hook = serving_hook(model_store, serving, management_url, key_file)
-    result = canary.decide(model_store, version, click, margin, 0.95, min_impressions, hook)
+    result = canary.decide(
+        model_store, version, click, margin, 0.95, min_impressions, hook, timestamp=when
+    )
     say(f"decide-canary: {result.action}: {result.reason}")
     return result
 
