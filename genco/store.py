@@ -192,8 +192,7 @@ def promote(
 
 
 def add_version(bundle_dir: str, store: str, client: Client | None = None) -> str:
-    """Copy a bundle into the store as a version without moving production (a canary's
-    bundle: ``genco.evaluation.canary``); returns its version id. Idempotent."""
+    """Copy a bundle in as a version without moving production (a canary); its version id."""
     manifest, raw, files = verify_bundle(bundle_dir, client, complete=True)
     version = version_id(manifest, hashlib.sha256(raw).hexdigest())
     _place(version_dir(store, version), version, files, raw, client)
@@ -201,8 +200,7 @@ def add_version(bundle_dir: str, store: str, client: Client | None = None) -> st
 
 
 def _place(target: str, version: str, files: dict, raw: bytes, client) -> tuple[list, list]:
-    """Copy a verified bundle to ``target`` unless an identical one is there; returns the
-    files and folders this call created."""
+    """Copy a verified bundle to ``target`` unless there; the files and folders it created."""
     if storage.exists(storage.join(target, MANIFEST), client=client):
         if storage.read_bytes(storage.join(target, MANIFEST), client=client) != raw:
             raise StoreError(f"{target}: version '{version}' exists with different content")
@@ -267,15 +265,19 @@ def run_deploy(
 ) -> DeployResult:
     """``genco deploy`` and the pipeline's deploy step: ``promote`` with the gate read from a
     file (written by the evaluate step), so the gate is re-checked where the pointer moves."""
-    gate = None
-    if gate_path:
-        try:
-            gate = storage.read_json(gate_path, client=client)
-        except ValueError as exc:
-            raise StoreError(f"{gate_path}: not a gate file (invalid JSON: {exc})") from None
-        if not isinstance(gate, dict):
-            raise StoreError(f"{gate_path}: a gate file must hold a JSON object")
+    gate = read_gate(gate_path, client) if gate_path else None
     return promote(bundle_dir, store, version, gate, on_promote, client)
+
+
+def read_gate(gate_path: str, client: Client | None = None) -> dict:
+    """A gate file (``genco evaluate``'s gate.json) as a dict; StoreError when it is not one."""
+    try:
+        gate = storage.read_json(gate_path, client=client)
+    except ValueError as exc:
+        raise StoreError(f"{gate_path}: not a gate file (invalid JSON: {exc})") from None
+    if not isinstance(gate, dict):
+        raise StoreError(f"{gate_path}: a gate file must hold a JSON object")
+    return gate
 
 
 def _check_pointer_backend(path: str) -> None:

@@ -11,13 +11,11 @@ from genco.errors import StoreError
 
 
 def cmd_start(args: argparse.Namespace) -> None:
-    from genco.data import storage
     from genco.evaluation import canary
-    from genco.serving.archive import canary_hook, is_published
+    from genco.serving.archive import canary_hook
 
-    gate = storage.read_json(args.gate_file)
-    hook = canary_hook(args.store) if args.serving or is_published(args.store) else None
-    result = canary.start(args.model, args.store, args.share, gate, hook)
+    hook = canary_hook(args.store, args.serving)
+    result = canary.run_start(args.model, args.store, args.share, args.gate_file, hook)
     print_json(result.to_dict())
     if result.action == "refused":
         raise StoreError(f"no canary started: {result.reason}")
@@ -27,18 +25,13 @@ def cmd_decide(args: argparse.Namespace) -> None:
     from genco.cli.pipeline import _serving_hook
     from genco.evaluation import canary
 
-    if canary.read_canary(args.store) is None:
-        raise StoreError(f"{args.store}: no canary is running (start one: genco canary start)")
-    version, click, when = canary.arms(args.data)
-    result = canary.decide(
+    result = canary.run_decide(
         args.store,
-        version,
-        click,
+        args.data,
         args.margin,
         args.confidence,
         args.min_impressions,
         _serving_hook(args),
-        timestamp=when,
     )
     print_json(result.to_dict())
 

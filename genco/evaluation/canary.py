@@ -40,7 +40,7 @@ from genco.data.served import IDS_FILE, JOINED_FILE
 from genco.errors import ConfigError, NotFoundError, StoreError
 from genco.evaluation.online import canary_gate
 from genco.models.checkpoint import read_manifest
-from genco.store import OnPromote, add_version, current_version, promote, version_dir
+from genco.store import OnPromote, add_version, current_version, promote, read_gate, version_dir
 
 if TYPE_CHECKING:
     from google.cloud.storage import Client
@@ -208,6 +208,38 @@ def decide(
         action = "rolled_back"
     _close(store, record, action, gate, client)
     return CanaryResult(action, version, production, gate["reason"], gate)
+
+
+def run_start(
+    bundle_dir: str,
+    store: str,
+    share: float,
+    gate_path: str,
+    on_canary: OnCanary | None = None,
+    client: Client | None = None,
+) -> CanaryResult:
+    """``genco canary start`` and the pipeline's start-canary step: ``start`` with the gate
+    read from the evaluate step's file."""
+    return start(bundle_dir, store, share, read_gate(gate_path, client), on_canary, client)
+
+
+def run_decide(
+    store: str,
+    data_dir: str,
+    margin: float = 0.0,
+    confidence: float = 0.95,
+    min_impressions: int = MIN_IMPRESSIONS,
+    on_promote: OnPromote | None = None,
+    client: Client | None = None,
+) -> CanaryResult:
+    """``genco canary decide`` and the pipeline's decide-canary step: ``decide`` on the
+    joined served log at ``data_dir`` (read only once a canary is known to run)."""
+    if read_canary(store, client=client) is None:
+        raise StoreError(f"{store}: no canary is running (start one: genco canary start)")
+    version, click, when = arms(data_dir, client)
+    return decide(
+        store, version, click, margin, confidence, min_impressions, on_promote, client, when
+    )
 
 
 def stop(store: str, reason: str, client: Client | None = None) -> CanaryResult:

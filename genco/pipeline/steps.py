@@ -423,11 +423,8 @@ def decide_canary_step(
         why = "no canary is running" if record is None else "no canary_data given"
         say(f"decide-canary: nothing to decide ({why})")
         return canary.CanaryResult("none", None, None, why)
-    version, click, when = canary.arms(data_dir)
     hook = serving_hook(model_store, serving, management_url, key_file)
-    result = canary.decide(
-        model_store, version, click, margin, 0.95, min_impressions, hook, timestamp=when
-    )
+    result = canary.run_decide(model_store, data_dir, margin, 0.95, min_impressions, hook)
     say(f"decide-canary: {result.action}: {result.reason}")
     return result
 
@@ -439,13 +436,13 @@ def start_canary_step(
     """The start_canary component's work (``genco.evaluation.canary.start``); share 0 = no
     canary (``action`` none)."""
     from genco.evaluation import canary
-    from genco.serving.archive import canary_hook, is_published
+    from genco.serving.archive import canary_hook
 
     if share <= 0:
         say("start-canary: canary share is 0, no canary")
         return canary.CanaryResult("none", None, None, "canary share is 0")
-    gate = storage.read_json(gate_path)
-    hook = canary_hook(model_store) if serving or is_published(model_store) else None
-    result = canary.start(bundle_dir, model_store, share, gate, hook)
+    result = canary.run_start(
+        bundle_dir, model_store, share, gate_path, canary_hook(model_store, serving)
+    )
     say(f"start-canary: {result.action}: {result.reason}")
     return result

@@ -316,10 +316,16 @@ def make_on_promote(
     return on_promote
 
 
-def canary_hook(store_uri: str, client: Any = None) -> Callable[[str, str], object]:
+def canary_hook(
+    store_uri: str, publish_layout: bool = False, client: Any = None
+) -> Callable[[str, str], object] | None:
     """The ``on_canary`` of ``genco.evaluation.canary.start``: publish the canary's version
     as its own KServe layout, ``STORE/kserve-canary`` (the canary InferenceService's
-    storageUri, ``genco.serving.manifest``). An archive published before is reused."""
+    storageUri, ``genco.serving.manifest``), with ``publish_layout`` or when the store already
+    publishes for serving (as ``serving_hook``); None otherwise. An archive published before
+    is reused."""
+    if not (publish_layout or is_published(store_uri, client=client)):
+        return None
     root = storage.join(store_uri, KSERVE_CANARY_DIR)
 
     def on_canary(version_dir: str, version: str) -> object:
