@@ -191,6 +191,13 @@ class RewardModel(nn.Module):
         self._residual_index = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @torch.no_grad()
+    def drop_three_way(self) -> None:
+        """Zero the three-way vectors: the term is then exactly off, and stays off in
+        training (each vector's gradient is a product of the others, all zero)."""
+        self.id3.weight.zero_()
+        self.w3.zero_()
+
     def set_residuals(self, keys: np.ndarray, values: np.ndarray, sd: float) -> None:
         """keys (R, 1 + K) int64 (ad index, global element indices); values (R,) logits."""
         self.residual_keys = torch.as_tensor(keys, dtype=torch.long)

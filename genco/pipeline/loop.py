@@ -357,7 +357,8 @@ def _decide_canary(cfg, t, store, pred, canary, canary_dir, version, clicks, row
         cfg.margin, cfg.canary_stop_confidence if early else 0.95,
     )  # fmt: skip
     if early and not gate["passed"]:
-        raise ConfigError(f"a canary promoted mid-round fails its gate: {gate['reason']}")
+        # the mid-round look passed this same rule on these same rows: a bug if not
+        raise RuntimeError(f"a canary promoted mid-round fails its gate: {gate['reason']}")
     online = gate["online"]
     row.update(
         canary_version=canary.version,

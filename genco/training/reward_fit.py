@@ -152,9 +152,7 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
         if start is not None:
             start.restore(model)
             if three.get("three_way") is False:  # a cold path, without the term as chosen
-                with torch.no_grad():
-                    model.id3.weight.zero_()
-                    model.w3.zero_()
+                model.drop_three_way()
         cfg = replace(config, l2_id=l2, patience=path_patience)
         fit = partial(_fit_structure, model, train, val, len(tr), cfg, progress, rows)
         if i == 0:  # the path goes on with the three-way term or without, as chosen here
@@ -200,9 +198,7 @@ def _choose_three_way(model, fit, rows, choose: bool) -> tuple[list, int, dict]:
     if not model.d3 or not choose:
         return (*fit(), {})
     start = Snapshot(model, rows)
-    with torch.no_grad():
-        model.id3.weight.zero_()
-        model.w3.zero_()
+    model.drop_three_way()
     off = fit()
     off_state = Snapshot(model, rows)
     start.restore(model)
