@@ -161,7 +161,7 @@ def test_predictor_recommends_and_explains(constrained):
     assert all(0 < r.propensity <= 1 for r in sampled)
     with pytest.raises(ValueError, match="top_k must be in \\[1, 100\\], got 0"):
         pred.recommend(ad_id, top_k=0)
-    with pytest.raises(ValueError, match="mode must be one of beam, sample, got 'best'"):
+    with pytest.raises(ValueError, match="mode must be one of beam, sample, thompson, got 'best'"):
         pred.recommend(ad_id, mode="best")
     with pytest.raises(ValueError, match="refine must be one of pairs, single, none, got 'x'"):
         pred.recommend(ad_id, refine="x")

@@ -76,6 +76,18 @@ def test_rest_response_carries_the_log_fields(predictor):
     }
 
 
+def test_thompson_mode_answers_a_draw_with_its_propensity(predictor):
+    """mode thompson over REST: a posterior draw, logged like a sample (this bundle's evidence
+    chose no residuals, so the policy is its mode plus the exploration floor)."""
+    out = rest.answer(predictor, {"ad_id": AD0, "mode": "thompson", "seed": 3, "explore": 0.2})
+    shown = out["shown"]
+    assert out["mode"] == "thompson" and shown["deterministic"] is False
+    assert shown["explore"] == 0.2 and shown["propensity"] >= 0.2 / 125 - 1e-12
+    best = rest.answer(predictor, {"ad_id": AD0, "top_k": 1})["recommendations"][0]["elements"]
+    top = predictor.serve(AD0, top_k=1, mode="thompson", seed=0, explore=0.0)
+    assert top.elements == best and top.propensity == 1.0  # no doubt: the mode, always
+
+
 def _served_log(predictor: Predictor, n: int) -> pd.DataFrame:
     rows = []
     for i in range(n):

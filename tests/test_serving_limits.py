@@ -48,7 +48,7 @@ BAD: list[tuple[object, str | None, int, str]] = [
         b'{"ad_id": "ad_0000", "mode": "[[\\"' + b"[" * 100 + b'"}',
         None,
         400,
-        "mode: must be one of beam, sample, got " + repr('[["' + "[" * 100),
+        "mode: must be one of beam, sample, thompson, got " + repr('[["' + "[" * 100),
     ),
     (
         {"ad_id": AD0, "constraints": _nested(40)},

@@ -1,9 +1,11 @@
 """The predictor: one object that turns a bundle into recommendations.
 
 The CLI's ``recommend``, the pipeline's evaluation and the TorchServe handler all call it.
-Modes: ``beam`` (the best combinations: generator beam search re-ranked by the reward model)
-and ``sample`` (exploration: combinations drawn from the generator with their exact
-propensities, for logging and off-policy evaluation).
+Modes: ``beam`` (the best combinations: generator beam search re-ranked by the reward model),
+``sample`` (exploration: combinations drawn from the generator with their exact
+propensities, for logging and off-policy evaluation) and ``thompson`` (posterior draws of the
+reward model, ``genco.inference.thompson``: exploration aimed where the model is unsure, with
+exact propensities).
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from genco.models.policy_tables import PolicyTables
 from genco.models.reward import BoundModel, RewardModel
 from genco.models.tables import REFINES, RewardTables, TableCache
 
-MODES = ("beam", "sample")
+from .thompson import mixed_draws, thompson_policy
+
+MODES = ("beam", "sample", "thompson")
 EXACT_MAX = 4096
 MAX_TOP_K = 100
 
@@ -125,6 +129,8 @@ class Predictor:
     exact_max: int = EXACT_MAX
     _bound: tuple[BoundModel, BoundGenerator] | None = field(default=None, repr=False)
     _reward_tables: TableCache = field(default_factory=TableCache, repr=False)
+    # The posterior-draw policy per (ad, context) (``genco.inference.thompson``)
+    _thompson: TableCache = field(default_factory=TableCache, repr=False)
 
     @staticmethod
     def load(
@@ -217,7 +223,8 @@ class Predictor:
         one component, and with "pairs" of two, while they help), and the union is ranked
         again. sample: ``top_k`` draws, each from the policy with probability 1 - ``explore``
         (default: the generator's ``explore``) else from the exploration draw, duplicates
-        merged, with the exact mixture propensities.
+        merged, with the exact mixture propensities. thompson: the same, with the
+        posterior-draw policy (``thompson``) in place of the generator's.
         """
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
@@ -257,7 +264,10 @@ class Predictor:
                 slots = distinct(np.concatenate([slots, better]))[0]
         else:
             rng = np.random.default_rng(seed)
-            slots, propensity = self._draws(policy, x, top_k, rng, temperature, explore)
+            if mode == "thompson":
+                slots, propensity = self._thompson_draws(ad, x, top_k, rng, explore)
+            else:
+                slots, propensity = self._draws(policy, x, top_k, rng, temperature, explore)
             slots, first = distinct(slots)
             propensity = propensity[first]
         base, credit = reward.credit(slots, x)
@@ -305,11 +315,13 @@ class Predictor:
         rng: np.random.Generator,
         explore: float | None = None,
         temperature: float = 1.0,
+        thompson: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """n impressions served to catalog ad ``ad`` in context ``x``: catalog codes (n, K)
         and each one's exact propensity (n,). Each impression is the exploration draw with
-        probability ``explore``, else the policy's: a generator sample at ``temperature``
-        (as ``serve`` in ``sample`` mode), or with ``temperature`` 0 the greedy pick (beam
+        probability ``explore``, else the policy's: with ``thompson`` the posterior-draw
+        policy (``thompson_policy``); else a generator sample at ``temperature`` (as
+        ``serve`` in ``sample`` mode), or with ``temperature`` 0 the greedy pick (beam
         mode's top-1), so that the propensity is ``(1 - explore) 1[c = greedy] + explore q(c)``.
         """
         if n < 1:
@@ -317,6 +329,9 @@ class Predictor:
         if temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {temperature}")
         policy, _ = self.tables(ad)
+        if thompson:
+            slots, propensity = self._thompson_draws(ad, x, n, rng, explore)
+            return policy.masks.to_codes(slots), propensity
         if temperature > 0:
             slots, propensity = self._draws(policy, x, n, rng, temperature, explore)
             return policy.masks.to_codes(slots), propensity
@@ -337,6 +352,31 @@ class Predictor:
             propensity = propensity + eps * np.exp(policy.log_uniform(slots))
         codes = masks.to_codes(slots)
         return codes, propensity
+
+    def thompson(self, ad: int, x: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The posterior-draw policy of catalog ad ``ad`` in context ``x``: candidate slots
+        (N, K) and their probabilities (N,), built once per (ad, context) and cached."""
+        key = (ad, None if x is None else np.ascontiguousarray(x, np.float32).tobytes())
+        hit = self._thompson.get(key)
+        if hit is None:
+            policy, reward = self.tables(ad)
+            beam = self.generator.config.beam_width
+            sd = float(self.reward.residual_sd)
+            hit = thompson_policy(policy, reward, x, ad, self.exact_max, beam, sd)
+            self._thompson.put(key, hit, hit[0].nbytes + hit[1].nbytes)
+        return hit
+
+    def _thompson_draws(
+        self, ad: int, x: np.ndarray | None, n: int, rng: np.random.Generator,
+        explore: float | None,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """n draws (slots (n, K)) of the posterior-draw policy mixed with the exploration
+        draw, and their exact propensities."""
+        eps = self.generator.config.explore if explore is None else explore
+        if not 0.0 <= eps <= 1.0:
+            raise ConfigError(f"explore must be in [0, 1], got {eps}")
+        policy, reward = self.tables(ad)
+        return mixed_draws(policy, reward, *self.thompson(ad, x), n, rng, eps)
 
     def greedy(self, ad: int, x: np.ndarray | None) -> np.ndarray:
         """The served policy's best combination (beam mode's top-1) as catalog codes (K,)."""
@@ -399,7 +439,7 @@ class Predictor:
         d = self.decode(ad, x, top_k, mode, temperature, seed, refine, explore)
         recs = self._recommendations(d, explain)
         shown = recs[d.shown]
-        sampled = mode == "sample"
+        sampled = mode != "beam"
         eps = (self.generator.config.explore if explore is None else explore) if sampled else 0.0
         return Served(
             impression_id=impression_id or uuid.uuid4().hex,

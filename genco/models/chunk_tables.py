@@ -53,7 +53,7 @@ class RewardFold:
     ctx_std: np.ndarray
     main: np.ndarray  # (U, T, 1 + C) float32, T = sum M_k: each slot's main-effect terms
     inter: np.ndarray | None  # (U, T, T) float32 pairwise terms, zero blocks k = l; None: none
-    residuals: list | None  # per ad (slots (R, K), values (R,)) or None; None: no residuals
+    residuals: list | None  # per ad (slots (R, K), values (R,), SDs (R,)) or None; None: none
     tri: np.ndarray | None = None  # (U, T, d3) float32 three-way vectors; None: no such term
 
 
@@ -219,7 +219,7 @@ class Scorer:
         if span * U >= 2**62:
             raise ValueError("combination keys of this chunk overflow int64: use smaller chunks")
         keys, values, tops = [], [], []
-        for i, (slots, vals) in found:
+        for i, (slots, vals, _) in found:
             key = slots @ self.stride
             order = np.argsort(key)
             keys.append(i * span + key[order])

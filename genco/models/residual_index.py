@@ -37,4 +37,5 @@ class ResidualIndex:
         h = row_hash(rows)
         at = np.minimum(np.searchsorted(self.hash, h), len(self.hash) - 1)
         hit = (self.hash[at] == h) & np.all(self.keys[at] == rows, axis=1)
+        hit = hit.reshape(-1, *([1] * (self.values.ndim - 1)))  # values (R,) or (R, m)
         return np.where(hit, self.values[at], 0.0).astype(np.float32)

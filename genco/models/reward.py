@@ -58,6 +58,9 @@ class RewardModel(nn.Module):
         self.register_buffer("residual_keys", torch.zeros(0, 1 + K, dtype=torch.long))
         self.register_buffer("residual_values", torch.zeros(0))
         self.register_buffer("residual_sd", torch.zeros(()))
+        # Each residual's posterior SD (logit), for posterior draws; empty in bundles from
+        # before it was kept (their residuals then count as unseen: the prior's width).
+        self.register_buffer("residual_width", torch.zeros(0))
         self._residual_index: ResidualIndex | None = None
         self.bias = nn.Parameter(torch.zeros(()))
         self.appeal = nn.Embedding(len(vocab.ads) + 1, 1, padding_idx=len(vocab.ads))
@@ -179,7 +182,7 @@ class RewardModel(nn.Module):
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        for name in ("residual_keys", "residual_values", "residual_sd"):
+        for name in ("residual_keys", "residual_values", "residual_sd", "residual_width"):
             saved = state_dict.get(prefix + name)
             if saved is None:  # a bundle from before residuals existed: none
                 state_dict[prefix + name] = getattr(self, name)
@@ -198,33 +201,43 @@ class RewardModel(nn.Module):
         self.id3.weight.zero_()
         self.w3.zero_()
 
-    def set_residuals(self, keys: np.ndarray, values: np.ndarray, sd: float) -> None:
-        """keys (R, 1 + K) int64 (ad index, global element indices); values (R,) logits."""
+    def set_residuals(
+        self, keys: np.ndarray, values: np.ndarray, sd: float, width: np.ndarray | None = None
+    ) -> None:
+        """keys (R, 1 + K) int64 (ad index, global element indices); values (R,) logits;
+        width (R,) their posterior SDs (None: not known)."""
         self.residual_keys = torch.as_tensor(keys, dtype=torch.long)
         self.residual_values = torch.as_tensor(values, dtype=torch.float32)
+        self.residual_width = torch.as_tensor(
+            np.zeros(0) if width is None else width, dtype=torch.float32
+        )
         self.residual_sd.fill_(float(sd))
         self._residual_index = None
+
+    def _residuals(self) -> ResidualIndex:
+        """The residuals' index: values and posterior SDs (NaN where not known) as columns."""
+        if self._residual_index is None:
+            width = self.residual_width.numpy()
+            if len(width) != len(self.residual_values):
+                width = np.full(len(self.residual_values), np.nan, np.float32)
+            both = np.column_stack([self.residual_values.numpy(), width])
+            self._residual_index = ResidualIndex(self.residual_keys.numpy(), both)
+        return self._residual_index
 
     def residual(self, keys: np.ndarray) -> np.ndarray:
         """(B,) residual logit of rows (B, 1 + K) (ad index, global element indices); 0 where
         the combination has none."""
         if len(self.residual_values) == 0:
             return np.zeros(len(keys), np.float32)
-        if self._residual_index is None:
-            self._residual_index = ResidualIndex(
-                self.residual_keys.numpy(), self.residual_values.numpy()
-            )
-        return self._residual_index.lookup(keys)
+        return self._residuals().lookup(keys)[:, 0]
 
-    def residuals_of_ad(self, ad_index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The residual rows (R_a, K) global element indices, and values, of one ad."""
+    def residuals_of_ad(self, ad_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The residual rows (R_a, K) global element indices, values and posterior SDs (NaN
+        where not known) of one ad."""
         if len(self.residual_values) == 0:
-            return np.zeros((0, self.K), np.int64), np.zeros(0, np.float32)
-        if self._residual_index is None:
-            self._residual_index = ResidualIndex(
-                self.residual_keys.numpy(), self.residual_values.numpy()
-            )
-        return self._residual_index.of_ad(ad_index)
+            return np.zeros((0, self.K), np.int64), np.zeros(0, np.float32), np.zeros(0)
+        rows, both = self._residuals().of_ad(ad_index)
+        return rows, both[:, 0], both[:, 1]
 
 
 class BoundModel:
@@ -399,9 +412,9 @@ class BoundModel:
         )
 
     def _slot_residuals(self, ad: int, slot_codes: list[np.ndarray]):
-        """The ad's combination residuals as (slots (R, K), values (R,)), dropping rows
-        with an element that is not one of the ad's slots now."""
-        rows, values = self.model.residuals_of_ad(int(self.ad_map[ad]))
+        """The ad's combination residuals as (slots (R, K), values (R,), posterior SDs (R,)),
+        dropping rows with an element that is not one of the ad's slots now."""
+        rows, values, width = self.model.residuals_of_ad(int(self.ad_map[ad]))
         if len(rows) == 0:
             return None
         slots = np.zeros(rows.shape, np.int64)
@@ -414,7 +427,7 @@ class BoundModel:
             found = g[order][at] == rows[:, k]
             slots[:, k] = order[at]
             keep &= found
-        return (slots[keep], values[keep]) if keep.any() else None
+        return (slots[keep], values[keep], width[keep]) if keep.any() else None
 
     @torch.no_grad()
     def element_effects(self, ctx: np.ndarray | None = None) -> list[np.ndarray]:

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Degrees of freedom of the combination residuals' Student-t prior (``genco.training.
+# residuals``): heavy tails, so the few combinations far from the structure (the ones an argmax
+# cares about) are shrunk less than the many near it. Serving's posterior draws use it too.
+RESIDUAL_DOF = 4.0
+
 
 @dataclass(frozen=True)
 class RewardModelConfig:

@@ -108,7 +108,8 @@ class RewardTables:
         tri: list[np.ndarray] | None = None,
     ) -> None:
         """pair[(k, l)]: (M_k, M_l) for k != l (both orders); empty without pairwise terms.
-        residual: the ad's combination residuals as (slots (R, K), logit values (R,)).
+        residual: the ad's combination residuals as (slots (R, K), logit values (R,),
+        posterior SDs (R,), NaN where not known).
         tri: per component (M_k, d3) three-way vectors; None without the term."""
         self.base = base  # bias + appeal (the context part is added per request)
         self.ctx_w, self.ctx_mean, self.ctx_std = ctx_w, ctx_mean, ctx_std  # over standardised x
@@ -137,11 +138,13 @@ class RewardTables:
         self.residual_slots = np.zeros((0, K), np.int64)
         self._res_keys = np.zeros(0, np.int64)
         self._res_values = np.zeros(0, np.float32)
+        self._res_width = np.zeros(0, np.float32)
         if residual is not None and len(residual[0]):
             keys = residual[0] @ self.stride
             order = np.argsort(keys)
             self.residual_slots = residual[0][order]
             self._res_keys, self._res_values = keys[order], residual[1][order]
+            self._res_width = residual[2][order]
         # The combinations the residuals lift most: candidates next to the beam's.
         top = np.argsort(-self._res_values, kind="stable")[:RESIDUAL_CANDIDATES]
         self.residual_top = self.residual_slots[top]
@@ -157,6 +160,7 @@ class RewardTables:
             + search
             + self.residual_slots.nbytes
             + self._res_values.nbytes
+            + self._res_width.nbytes
             + self._res_keys.nbytes
         )
         self._search: _Search | None = None
@@ -168,6 +172,15 @@ class RewardTables:
         keys = slots @ self.stride
         at = np.minimum(np.searchsorted(self._res_keys, keys), len(self._res_keys) - 1)
         return np.where(self._res_keys[at] == keys, self._res_values[at], 0.0).astype(np.float32)
+
+    def residual_width(self, slots: np.ndarray) -> np.ndarray:
+        """(B,) the posterior SD of the combination residual of slot rows: NaN where the ad
+        has none (never seen, or its SD not known), the prior's width then applies."""
+        if not len(self._res_keys):
+            return np.full(len(slots), np.nan)
+        keys = slots @ self.stride
+        at = np.minimum(np.searchsorted(self._res_keys, keys), len(self._res_keys) - 1)
+        return np.where(self._res_keys[at] == keys, self._res_width[at], np.nan)
 
     def exhaustive(self, masks: AdMasks, limit: int) -> _Exhaustive | None:
         """Every legal combination of the ad with its context-free logit, when the ad's space

@@ -11,6 +11,7 @@ import torch
 
 from genco.models.residual_index import row_hash
 from genco.models.reward import BoundModel, RewardModel
+from genco.models.reward_config import RESIDUAL_DOF
 from genco.models.vocab import Encoded
 
 # Merge identical impressions only when that shrinks the rows at least this much.
@@ -44,11 +45,6 @@ RESIDUAL_SD_GRID = (0.0, 0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.3, 0.5, 0.7, 
 # AES, per-product, today's worlds), and each SD costs a quadrature over every combination
 # (~5 s CPU on `large` at 1M), mostly for SDs far past the peak.
 EVIDENCE_FALLS = 2
-
-
-# Degrees of freedom of the residuals' Student-t prior: heavy tails, so the few combinations
-# far from the structure (the ones an argmax cares about) are shrunk less than the many near it.
-RESIDUAL_DOF = 4.0
 
 
 class _Groups:
@@ -91,6 +87,21 @@ def _residual_newton(
         if np.abs(step).max() < 1e-5:
             break
     return r
+
+
+def _residual_width(
+    group: np.ndarray, n_groups: int, s: np.ndarray, w: np.ndarray, r: np.ndarray, sd: float
+) -> np.ndarray:
+    """Each residual's posterior SD (Laplace: one over the root of the log posterior's
+    curvature at its mode ``r``), what ``mode: thompson`` draws from. The Student-t prior's
+    curvature turns negative past |r| = sqrt(nu) sd; it is counted as zero there (the
+    clicks' curvature alone), never as a width wider than the data allow."""
+    g = _Groups(group, n_groups)
+    p = 1.0 / (1.0 + np.exp(-(s + g.rows(r))))
+    nu = RESIDUAL_DOF
+    a = nu * sd**2 + r**2
+    prior = np.maximum((nu + 1) * (nu * sd**2 - r**2) / a**2, 0.0)
+    return 1.0 / np.sqrt(np.maximum(g.sum(w * p * (1 - p)) + prior, 1e-12))
 
 
 # Each group's one-dimensional evidence integral: trapezoid rule in v over [-V, V] with
@@ -210,7 +221,8 @@ def fit_residuals(
     first = np.zeros(n_groups, np.int64)
     first[group] = np.arange(len(group))  # any row of a group: they share its key
     keep = np.abs(r) > 1e-6
-    model.set_residuals(rows[first[keep]], r[keep].astype(np.float32), sd)
+    width = _residual_width(group, n_groups, s, w, r, sd)[keep] if sd > 0 else None
+    model.set_residuals(rows[first[keep]], r[keep].astype(np.float32), sd, width)
     return {
         "residual_sd": sd,
         "residual_log_evidence": evidence,
