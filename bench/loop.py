@@ -49,10 +49,13 @@ def targets(final: dict, rounds: list[dict]) -> dict:
         ("element_ts_online", 0.5, "regret_vs_ts_online"),
         ("vw_squarecb", 0.8, "regret_vs_vw"),
         ("vw_squarecb_online", 0.8, "regret_vs_vw_online"),
+        ("combo_ts", None, "regret_vs_combo_ts"),  # a reference, no target
+        ("combo_ts_online", None, "regret_vs_combo_ts_online"),
     ):
         if peer in reg and reg[peer] > 0:
             out[f"{key}_ratio"] = reg["genco"] / reg[peer]
-            out[key] = out[f"{key}_ratio"] <= bound
+            if bound is not None:
+                out[key] = out[f"{key}_ratio"] <= bound
     return out
 
 
@@ -68,6 +71,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--canary", type=float, default=LoopConfig.canary)
     p.add_argument("--warmup", type=int, default=LoopConfig.warmup)
     p.add_argument("--canary-checks", type=int, default=LoopConfig.canary_checks)
+    p.add_argument(
+        "--thompson",
+        action=argparse.BooleanOptionalAction,
+        default=LoopConfig.thompson,
+        help="serve the reward model's posterior draws (LoopConfig.thompson)",
+    )
     p.add_argument("--out", default="bench/results/loop")
     p.add_argument(
         "--summarize", action="store_true", help="only summarise OUT/runs.jsonl (runs so far)"
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                 canary=args.canary,
                 warmup=args.warmup,
                 canary_checks=args.canary_checks,
+                thompson=args.thompson,
             )
             t0 = time.perf_counter()
             out_dir = os.path.join(args.out, f"{world}_s{seed}")
@@ -115,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "vw_squarecb_cum_regret",
                             "vw_squarecb_online_cum_regret",
                             "uniform_cum_regret",
+                            "combo_ts_cum_regret",
+                            "combo_ts_online_cum_regret",
                             "gate_passed",
                             "deployed",
                             "gate_reason",
@@ -156,6 +168,8 @@ def summarize(runs: list[dict], args: argparse.Namespace) -> dict:
             "regret_vs_ts_online_ratio",
             "regret_vs_vw_ratio",
             "regret_vs_vw_online_ratio",
+            "regret_vs_combo_ts_ratio",
+            "regret_vs_combo_ts_online_ratio",
         ):
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:

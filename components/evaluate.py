@@ -17,6 +17,7 @@ def evaluate(
     model_store: str = "",
     margin: float = 0.0,
     ground_truth: str = "",
+    served: str = "greedy",
 ) -> bool:
     """Score the candidate ``bundle`` and the production bundle of ``model_store`` on ``data``.
 
@@ -28,7 +29,7 @@ def evaluate(
     value reaches production's x (1 + ``margin``). A single unnamed output, because local
     runs resolve ``dsl.If`` conditions only on a task's ``Output``.
     ``ground_truth``: a simulated world's ground_truth.npz, to add the true-CTR gap closed
-    (never used by the gate).
+    (never used by the gate). ``served``: the policy judged, "greedy" or "thompson".
     """
     from genco.pipeline.steps import evaluate_step
 
@@ -42,4 +43,5 @@ def evaluate(
         report.path,
         summary.path,
         metrics.log_metric,
+        served=served,
     ).passed

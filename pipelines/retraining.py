@@ -57,6 +57,7 @@ def retraining(
     rl_steps: int = GeneratorConfig.rl_steps,
     seed: int = RewardModelConfig.seed,
     margin: float = EvalConfig.margin,
+    served: str = EvalConfig.served,
     warm_start: bool = True,
     ground_truth: str = "",
     serving: bool = True,
@@ -71,6 +72,8 @@ def retraining(
 
     Paths are local or gs://. ``window_days``: keep the last N days of the log (0 = all).
     ``margin``: the candidate's off-policy value must reach production's x (1 + margin).
+    ``served``: the policy the gate judges, as serving runs it: "greedy" (beam's top-1) or
+    "thompson" (posterior draws).
     ``warm_start``: start both models from the store's production bundle when compatible.
     ``ground_truth``: a simulated world's ground_truth.npz, for the report only.
     ``serving``: a promotion also publishes the .mar in ``model_store``/kserve (the
@@ -132,6 +135,7 @@ def retraining(
         model_store=model_store,
         margin=margin,
         ground_truth=ground_truth,
+        served=served,
     )
     gate.set_caching_options(False)
     gate.after(decided)  # judged against production as the canary's decision left it

@@ -57,7 +57,7 @@ def test_rounds_end_to_end(loop):
     assert second["greedy_true_ctr"] <= second["oracle_true_ctr"] + 1e-12
     # the trained policy beats uniform on the same requests
     assert second["served_true_ctr"] > second["uniform_true_ctr"]
-    for arm in ("genco", "element_ts", "element_ts_online", "vw_squarecb", "uniform"):
+    for arm in ("genco", "element_ts", "element_ts_online", "vw_squarecb", "uniform", "combo_ts"):
         assert 0 < first[f"{arm}_cum_regret"] < second[f"{arm}_cum_regret"]
     assert summary["final"]["floor_held_every_round"] is True
     assert (out / "loop.png").stat().st_size > 10_000

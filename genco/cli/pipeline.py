@@ -25,6 +25,7 @@ def _pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "rl_steps": args.rl_steps,
         "seed": args.seed,
         "margin": args.margin,
+        "served": args.served,
         "warm_start": not args.no_warm_start,
         "canary_share": args.canary_share,
     }
@@ -187,7 +188,7 @@ def _add_pipeline_params(
     add_config_args(p, RewardModelConfig, ["epochs"], prefix="reward_")
     add_config_args(p, GeneratorConfig, ["rl_steps"], overrides=rl_steps_override)
     add_config_args(p, RewardModelConfig, ["seed"])  # seeds both models
-    add_config_args(p, EvalConfig, ["margin"])
+    add_config_args(p, EvalConfig, ["margin", "served"])
     p.add_argument(
         "--no-warm-start", action="store_true", help="train from scratch, not from production"
     )

@@ -6,6 +6,10 @@
   impressions showing it; each request draws every element's rate and shows, per component,
   the element with the highest draw (when that combination breaks a constraint: the legal
   combination with the highest sum of log draws). It ignores the context.
+* ``ComboThompson``: Thompson sampling per (ad, legal combination), a Beta(1, 1) posterior on
+  each combination's own click rate, nothing shared between combinations or ads: the
+  textbook bandit over the whole space, what GenCO's structure has to beat when combinations
+  are many and traffic per combination is thin.
 * ``genco.evaluation.bandits_vw.VWOnline`` (needs ``genco[bench]``): Vowpal Wabbit
   ``--cb_explore_adf --squarecb`` (SquareCB exploration on VW's own regression,
   ``--cb_type mtr``), every legal combination of the ad one action, with the namespaces and
@@ -81,3 +85,37 @@ class ElementThompson:
         for k in range(self.catalog.n_components):
             np.add.at(self.alpha[k], (ads, combos[:, k]), clicks)
             np.add.at(self.beta[k], (ads, combos[:, k]), 1 - clicks)
+
+
+class ComboThompson:
+    name = "combo_ts"
+
+    def __init__(self, legal: list[np.ndarray]) -> None:
+        self.legal = legal
+        self.alpha = [np.ones(len(rows)) for rows in legal]
+        self.beta = [np.ones(len(rows)) for rows in legal]
+        # Each ad's legal rows by a mixed-radix key, to find a shown combination's row.
+        self.radix = [rows.max(0) + 1 for rows in legal]
+        keys = [self._key(a, rows) for a, rows in enumerate(legal)]
+        self.order = [np.argsort(k) for k in keys]
+        self.keys = [k[o] for k, o in zip(keys, self.order, strict=True)]
+
+    def _key(self, a: int, combos: np.ndarray) -> np.ndarray:
+        stride = np.cumprod(np.concatenate([[1], self.radix[a][:0:-1]]))[::-1]
+        return combos @ stride
+
+    def choose(self, ads: np.ndarray, ctx: np.ndarray | None, rng: np.random.Generator):
+        combos = np.zeros((len(ads), self.legal[0].shape[1]), dtype=np.int64)
+        for a in np.unique(ads):
+            rows = np.flatnonzero(ads == a)
+            for part in np.array_split(rows, max(1, len(rows) * len(self.legal[a]) // 4_000_000)):
+                theta = rng.beta(self.alpha[a], self.beta[a], size=(len(part), len(self.alpha[a])))
+                combos[part] = self.legal[a][theta.argmax(1)]
+        return combos, np.full(len(ads), np.nan)  # a TS propensity has no closed form
+
+    def update(self, ads, ctx, combos, clicks, propensity) -> None:
+        for a in np.unique(ads):
+            rows = np.flatnonzero(ads == a)
+            at = self.order[a][np.searchsorted(self.keys[a], self._key(a, combos[rows]))]
+            np.add.at(self.alpha[a], at, clicks[rows])
+            np.add.at(self.beta[a], at, 1 - clicks[rows])

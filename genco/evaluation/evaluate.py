@@ -3,9 +3,10 @@
 Both bundles are scored on the same rows. The click model: held-out AUC, log loss and
 calibration of each reward model on the latest ``holdout_fraction`` of the log by time (rows
 the candidate's reward model did not train on). The policy: the off-policy value of each
-served policy (the top-1 of ``Predictor.recommend``) by self-normalised IPS,
-``V(pi) = sum_i w_i click_i / sum_i w_i``, ``w_i = 1[logged combo_i == pi(ad_i, ctx_i)] / p_i``,
-with a delta-method interval, on those same held-out rows (``value_rows="holdout"``): on rows
+served policy by self-normalised IPS, ``V(pi) = sum_i w_i click_i / sum_i w_i``, ``w_i =
+pi(logged combo_i | ad_i, ctx_i) / p_i``: pi is the top-1 of ``Predictor.recommend`` (0 or 1,
+``served="greedy"``) or the posterior-draw policy's probability (``served="thompson"``,
+``genco.inference.thompson``), on those same held-out rows (``value_rows="holdout"``): on rows
 it trained on, a candidate whose reward model memorised lucky clicks looks better than it is
 (BENCHMARKS.md, "Closed loop"). p_i is the logged ``propensity``, else the per-ad frequency of
 the combination (``propensity_source``).
@@ -53,6 +54,7 @@ from genco.evaluation.truth_eval import true_ctr as _true_ctr
 from genco.evaluation.truth_eval import truth_baselines as _truth_baselines
 from genco.evaluation.truth_eval import truth_ctx as _truth_ctx
 from genco.inference.predictor import Predictor
+from genco.inference.thompson import served_shares
 from genco.models.reward import BoundModel
 from genco.models.vocab import Encoded, encode
 
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
 
 GATE_FILE = "gate.json"
 GATE_RULES = ("bernstein", "lcb", "point")
+SERVED = ("greedy", "thompson")
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,16 @@ class EvalConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the row subset."})
+    served: str = field(
+        default="greedy",
+        metadata={"help": "Policy judged: 'greedy' (beam top-1) or 'thompson' (posterior draws)."},
+    )
 
     def __post_init__(self) -> None:
+        for name, allowed in (("served", SERVED), ("rule", GATE_RULES)):
+            if getattr(self, name) not in allowed:
+                got = getattr(self, name)
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got '{got}'")
         if not self.margin > -1.0:
             raise ConfigError(f"margin must be > -1, got {self.margin}")
         if not 0.0 < self.holdout_fraction < 1.0:
@@ -119,8 +130,6 @@ class EvalConfig:
             raise ConfigError(f"n_bins must be >= 1, got {self.n_bins}")
         if self.value_rows not in ("holdout", "all"):
             raise ConfigError(f"value_rows must be 'holdout' or 'all', got '{self.value_rows}'")
-        if self.rule not in GATE_RULES:
-            raise ConfigError(f"rule must be one of {', '.join(GATE_RULES)}, got '{self.rule}'")
         if not self.clip >= 1.0:
             raise ConfigError(f"clip must be >= 1, got {self.clip}")
         if not self.min_ess >= 0.0:
@@ -461,14 +470,12 @@ def _score(
     if len(test) and 0 < test.click.sum() < len(test):
         bound = BoundModel(pred.reward, catalog, allow_unknown_ads=True)
         m = evaluate_reward(bound, test, n_bins=config.n_bins)
-        out.auc, out.log_loss, out.ece, out.reliability = (
-            m["auc"],
-            m["log_loss"],
-            m["ece"],
-            m["reliability"],
-        )
+        out.auc, out.log_loss, out.ece = m["auc"], m["log_loss"], m["ece"]
+        out.reliability = m["reliability"]
     combos, scores = _choices(pred, enc, rows)
     match = np.all(enc.combos[rows] == combos, axis=1).astype(np.float64)
+    if config.served == "thompson":  # the served policy's probability of each logged row
+        match = served_shares(pred, enc.ads[rows], enc.ctx[rows], enc.combos[rows])
     out.policy = _snips(match, enc.click[rows], propensity[rows], config.confidence)
     out.predicted_ctr = float(scores.mean())
     if truth is not None:

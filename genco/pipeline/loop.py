@@ -26,6 +26,8 @@ numbers deciding clicks (common random numbers: a combination shown by two arms 
 request is clicked by both or neither). Each peer runs twice: updating once per round, after
 it, on the same cadence as GenCO's retraining (``element_ts``, ``vw_squarecb``), and online,
 after every ``chunks``-th of a round (``element_ts_online``, ``vw_squarecb_online``).
+``combo_ts`` (Thompson sampling per legal combination, nothing shared) is the textbook
+reference: what a bandit over the whole space learns from the same traffic.
 
 Per round (``OUT/rounds.csv``, ``rounds.json``, ``loop.png``): the true CTR of the served
 policy (exploration included), of its greedy pick, of the oracle; expected regret (oracle
@@ -49,7 +51,7 @@ from genco.data import storage
 from genco.data.ingest import VALID_FILE
 from genco.data.served import join_served_log
 from genco.errors import ConfigError
-from genco.evaluation.bandits import ElementThompson, UniformPeer
+from genco.evaluation.bandits import ComboThompson, ElementThompson, UniformPeer
 from genco.evaluation.evaluate import EvalConfig
 from genco.evaluation.online import canary_gate
 from genco.inference.predictor import Predictor
@@ -63,12 +65,13 @@ from genco.worlds.traffic import Traffic, load_traffic
 # "_online" peers update ``chunks`` times a round; the others once, after the round, as GenCO
 PEERS = (
     "element_ts", "element_ts_online", "vw_squarecb", "vw_squarecb_online", "uniform",
+    "combo_ts", "combo_ts_online",
 )  # fmt: skip
 # LoopConfig fields that `genco loop` exposes as flags (all of them)
 LOOP_FLAGS = (
     "world", "rounds", "impressions_per_round", "seed", "explore", "temperature", "rl_steps",
     "reward_epochs", "margin", "tolerance", "peers", "chunks", "eval_rows", "canary",
-    "warmup", "canary_checks", "canary_stop_confidence",
+    "warmup", "canary_checks", "canary_stop_confidence", "thompson",
 )  # fmt: skip
 
 
@@ -89,6 +92,14 @@ class LoopConfig:
         metadata={
             "help": "Served policy: 0 = the greedy pick (beam top-1) mixed with the "
             "exploration draw; > 0 = a generator sample at this temperature, mixed likewise."
+        },
+    )
+    thompson: bool = field(
+        default=False,
+        metadata={
+            "help": "Served policy: posterior draws of the reward model (Thompson sampling by "
+            "probability matching, genco.inference.thompson) mixed with the exploration draw; "
+            "overrides temperature."
         },
     )
     rl_steps: int = field(default=LOCAL_RL_STEPS, metadata={"help": "Generator updates."})
@@ -177,6 +188,8 @@ def _peers(cfg: LoopConfig, t: Traffic) -> dict:
             out[name] = UniformPeer(t.legal)
         elif name.startswith("element_ts"):
             out[name] = ElementThompson(t.catalog, t.constraints, t.legal)
+        elif name.startswith("combo_ts"):
+            out[name] = ComboThompson(t.legal)
         else:
             try:
                 from genco.evaluation.bandits_vw import VWOnline
@@ -240,13 +253,14 @@ def run_loop(
                     version[rest] = pred.version
                     combos[rest], prop[rest] = serve(
                         pred, ads[rest], None if ctx is None else ctx[rest], rng_serve,
-                        cfg.explore, cfg.temperature,
+                        cfg.explore, cfg.temperature, cfg.thompson,
                     )  # fmt: skip
                     row["greedy_true_ctr"] = greedy_ctr(pred, t, ads[ev], ev_ctx)
             else:
                 combos, prop, version, stopped, promoted = serve_split(
                     t, pred, canary, ads, ctx, u, rng_serve, cfg.explore, cfg.temperature,
                     cfg.canary, cfg.canary_checks, cfg.canary_stop_confidence, cfg.margin,
+                    cfg.thompson,
                 )  # fmt: skip
                 if canary is not None:
                     row["canary_stopped_at"], row["canary_promoted_at"] = stopped, promoted
@@ -277,7 +291,10 @@ def run_loop(
                 row[f"{name}_true_ctr"] = total / n
             # The served log and clicks file, joined and validated like production traffic.
             rdir = os.path.join(out_dir, f"round_{r:02d}")
-            served, clicked = served_frames(t, r, ads, ctx, combos, prop, clicks, version)
+            mode = "thompson" if cfg.thompson else "sample"
+            served, clicked = served_frames(
+                t, r, ads, ctx, combos, prop, clicks, version, mode=mode
+            )
             storage.makedirs(rdir)
             storage.write_table(served, os.path.join(rdir, "served.parquet"))
             storage.write_table(clicked, os.path.join(rdir, "clicks.parquet"))
@@ -399,6 +416,7 @@ def _retrain(cfg, t, out_dir, r, logs, catalog_path, constraints_path, store, pr
             "rl_steps": cfg.rl_steps,
             "seed": cfg.seed + r,
             "margin": cfg.margin,
+            "served": "thompson" if cfg.thompson else "greedy",
             "serving": False,
         },
         os.path.join(out_dir, "pipeline_root"),

@@ -30,19 +30,20 @@ DAY = 86_400.0
 
 def serve(
     pred: Predictor, ads: np.ndarray, ctx: np.ndarray | None, rng, explore: float,
-    temperature: float,
+    temperature: float, thompson: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The bundle's policy on each request: codes (n, K) and exact propensities (n,)."""
+    kw = {"explore": explore, "temperature": temperature, "thompson": thompson}
     combos = np.zeros((len(ads), pred.catalog.n_components), dtype=np.int64)
     prop = np.zeros(len(ads))
     if ctx is None:
         for a in np.unique(ads):
             rows = np.flatnonzero(ads == a)
-            combos[rows], prop[rows] = pred.draw(int(a), None, len(rows), rng, explore, temperature)
+            combos[rows], prop[rows] = pred.draw(int(a), None, len(rows), rng, **kw)
     else:
         for i in range(len(ads)):
             x = pred.context_vector(ctx[i])
-            c, p = pred.draw(int(ads[i]), x, 1, rng, explore, temperature)
+            c, p = pred.draw(int(ads[i]), x, 1, rng, **kw)
             combos[i], prop[i] = c[0], p[0]
     return combos, prop
 
@@ -50,6 +51,7 @@ def serve(
 def serve_split(
     t: Traffic, pred: Predictor, canary: Predictor | None, ads, ctx, u, rng, explore: float,
     temperature: float, share: float, checks: int, stop_confidence: float, margin: float = 0.0,
+    thompson: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, int | None]:  # fmt: skip
     """Production (and a canary on a random ``share`` of requests until it is stopped or
     promoted): codes (n, K), propensities (n,), model versions (n,), and the rows where the
@@ -75,7 +77,7 @@ def serve_split(
             if len(rows_of):
                 combos[rows_of], prop[rows_of] = serve(
                     who, ads[rows_of], None if ctx is None else ctx[rows_of], rng, explore,
-                    temperature,
+                    temperature, thompson,
                 )  # fmt: skip
         pc = None if ctx is None else ctx[part]
         clicks[part] = u[part] < t.ctr(ads[part], combos[part], pc)
@@ -103,7 +105,7 @@ def greedy_ctr(pred: Predictor, t: Traffic, ads: np.ndarray, ctx: np.ndarray | N
 
 def served_frames(
     t: Traffic, r: int, ads, ctx, combos, prop, clicks, version, start: int = 0,
-    total: int | None = None,
+    total: int | None = None, mode: str = "sample",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """The served log (README "Served log") and the clicks file of rows ``start`` ..
     ``start + len(ads)`` of round ``r`` (``total`` rows in the round: ids and timestamps are
@@ -117,7 +119,7 @@ def served_frames(
     for k, comp in enumerate(cat.components):
         data[comp] = cat.elements[k].take(combos[:, k])
     data[PROPENSITY] = prop
-    data["mode"] = "sample"
+    data["mode"] = mode
     data[TIMESTAMP] = T0 + r * DAY + idx * (DAY / total)
     for j, col in enumerate(t.context_columns):
         data[col] = ctx[:, j]

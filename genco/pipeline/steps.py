@@ -358,6 +358,7 @@ def evaluate_step(
     summary_path: str | None = None,
     log_metric: Callable[[str, float], None] | None = None,
     client: Client | None = None,
+    served: str = "greedy",
 ) -> Any:
     """The evaluate component's work: ``run_evaluate`` against the store's production,
     with the gate file, HTML report and Markdown summary; returns the ``EvalResult``."""
@@ -369,7 +370,7 @@ def evaluate_step(
         model_store,
         gate_path,
         report_path,
-        EvalConfig(margin=margin),
+        EvalConfig(margin=margin, served=served),
         ground_truth,
         log_metric,
         client,
