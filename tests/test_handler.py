@@ -306,7 +306,11 @@ BAD_REQUESTS: list[tuple[object, int, str]] = [
     ({"ad_id": AD0, "top_k": "5"}, 400, "top_k: must be an integer in [1, 100], got '5'"),
     ({"ad_id": AD0, "top_k": True}, 400, "top_k: must be an integer in [1, 100], got True"),
     ({"ad_id": AD0, "top_k": 2.5}, 400, "top_k: must be an integer in [1, 100], got 2.5"),
-    ({"ad_id": AD0, "mode": "greedy"}, 400, "mode: must be one of beam, sample, thompson, got 'greedy'"),
+    (
+        {"ad_id": AD0, "mode": "greedy"},
+        400,
+        "mode: must be one of beam, sample, thompson, got 'greedy'",
+    ),
     (
         {"ad_id": AD0, "refine": "all"},
         400,

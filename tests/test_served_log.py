@@ -77,15 +77,26 @@ def test_rest_response_carries_the_log_fields(predictor):
 
 
 def test_thompson_mode_answers_a_draw_with_its_propensity(predictor):
-    """mode thompson over REST: a posterior draw, logged like a sample (this bundle's evidence
-    chose no residuals, so the policy is its mode plus the exploration floor)."""
+    """mode thompson over REST: a posterior draw, logged like a sample, with the exact
+    propensity of the policy (its candidates' shares mixed with the exploration draw)."""
     out = rest.answer(predictor, {"ad_id": AD0, "mode": "thompson", "seed": 3, "explore": 0.2})
     shown = out["shown"]
     assert out["mode"] == "thompson" and shown["deterministic"] is False
     assert shown["explore"] == 0.2 and shown["propensity"] >= 0.2 / 125 - 1e-12
-    best = rest.answer(predictor, {"ad_id": AD0, "top_k": 1})["recommendations"][0]["elements"]
-    top = predictor.serve(AD0, top_k=1, mode="thompson", seed=0, explore=0.0)
-    assert top.elements == best and top.propensity == 1.0  # no doubt: the mode, always
+    ad = predictor.catalog.ad_code(AD0)
+    cand, share = predictor.thompson(ad, None)
+    codes = predictor.tables(ad)[0].masks.to_codes(cand)
+    shares = {tuple(c): float(p) for c, p in zip(codes.tolist(), share, strict=True)}
+    assert len(shares) > 1  # the elements' widths spread the policy
+    best = predictor.decode(ad, None, top_k=1).codes[0]
+    assert shares[tuple(best.tolist())] == max(shares.values())  # its mode wins most
+    for seed in range(5):
+        top = predictor.serve(AD0, top_k=1, mode="thompson", seed=seed, explore=0.0)
+        key = tuple(
+            predictor.catalog.element_code(k, top.elements[c])
+            for k, c in enumerate(predictor.catalog.components)
+        )
+        assert top.propensity == pytest.approx(shares[key])
 
 
 def _served_log(predictor: Predictor, n: int) -> pd.DataFrame:

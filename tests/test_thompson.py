@@ -11,7 +11,12 @@ from genco.data.space import legal_combinations
 from genco.inference.thompson import win_frequencies
 from genco.models.reward import BoundModel, RewardModel
 from genco.models.reward_config import RESIDUAL_DOF
-from genco.training.residuals import _residual_newton, _residual_width
+from genco.training.residuals import (
+    ELEMENT_WIDTH_CAP,
+    _element_widths,
+    _residual_newton,
+    _residual_width,
+)
 from tests.test_evidence import _predictor, fitted  # noqa: F401  (the module's fixture)
 
 
@@ -38,6 +43,34 @@ def test_win_frequencies_are_a_distribution_that_follows_the_posterior():
     a = win_frequencies(z, np.full(3, 0.5), 0.0, 1000, np.random.default_rng(3))
     b = win_frequencies(z, np.full(3, 0.5), 0.0, 1000, np.random.default_rng(3))
     np.testing.assert_array_equal(a, b)
+
+
+def test_element_draws_are_shared_by_every_candidate_showing_the_element():
+    rng = np.random.default_rng(2)
+    z = np.array([0.0, -0.1])
+    none = np.zeros(2)
+    # Two candidates that differ in component 1: its elements' doubt splits them.
+    split = [np.zeros(1), np.array([0.5, 0.5])]
+    slots = np.array([[0, 0], [0, 1]])
+    share = win_frequencies(z, none, 0.0, 20_000, rng, slots, split)
+    assert 0.3 < share[1] < 0.5
+    # Differing in component 0, whose slots have no doubt, and sharing component 1's only
+    # element: its draw shifts both alike, so the better mode always wins.
+    shared = [np.zeros(2), np.array([0.5])]
+    slots = np.array([[0, 0], [1, 0]])
+    np.testing.assert_array_equal(win_frequencies(z, none, 0.0, 5000, rng, slots, shared), [1, 0])
+
+
+def test_element_widths_are_the_clicks_fisher_information_capped():
+    rows = np.array([[0, 0, 2], [0, 1, 2], [1, 0, 3]])  # ad, then global elements of 2 parts
+    z = np.array([0.0, -1.0, 2.0])
+    w = np.array([100.0, 50.0, 10.0])
+    p = 1 / (1 + np.exp(-z))
+    info = w * p * (1 - p)
+    got = _element_widths(rows, z, w, 5)
+    want = 1 / np.sqrt([info[0] + info[2], info[1], info[0] + info[1], info[2]])
+    np.testing.assert_allclose(got[:4], np.minimum(want, ELEMENT_WIDTH_CAP))
+    assert got[4] == ELEMENT_WIDTH_CAP  # never shown: the cap
 
 
 def test_residual_width_is_the_laplace_width_of_the_posterior():
@@ -74,13 +107,16 @@ def test_fitted_residuals_keep_their_widths_through_a_state_dict(fitted):  # noq
     clone = RewardModel(model.vocab, model.config)
     clone.load_state_dict(model.state_dict())
     np.testing.assert_array_equal(clone.residual_width.numpy(), width)
+    elem = model.elem_width.numpy()
+    assert len(elem) == model.id_main.num_embeddings and (elem > 0).all()
+    np.testing.assert_array_equal(clone.elem_width.numpy(), elem)
     # A bundle from before widths were kept: its residuals load, with widths not known (NaN),
     # and its logits are unchanged.
-    old = {k: v for k, v in model.state_dict().items() if k != "residual_width"}
+    old = {k: v for k, v in model.state_dict().items() if k not in ("residual_width", "elem_width")}
     legacy = RewardModel(model.vocab, model.config)
     legacy.load_state_dict(old)
     _, values, widths = legacy.residuals_of_ad(0)
-    assert len(values) and np.isnan(widths).all()
+    assert len(values) and np.isnan(widths).all() and len(legacy.elem_width) == 0
     a, b = BoundModel(model, world.catalog), BoundModel(legacy, world.catalog)
     np.testing.assert_allclose(
         a.logit(enc.ads[:200], enc.combos[:200], enc.ctx[:200]),

@@ -1,9 +1,11 @@
 """Posterior draws (``mode: thompson``): Thompson sampling over an ad's combinations, served
 with exact propensities by probability matching.
 
-Each candidate combination's logit is uncertain: a combination the log has seen has its
-residual's posterior (``RewardModel.residual_width``: the clicks it got and the prior),
-one never seen has the residual prior itself (Student-t with the fitted scale). Thompson
+Each candidate combination's logit is uncertain: each element's main effect by the width
+its own clicks leave (``RewardModel.elem_width``, shared by every combination showing it),
+and the combination's residual: a combination the log has seen by its residual's posterior
+(``RewardModel.residual_width``: the clicks it got and the prior), one never seen by the
+residual prior itself (Student-t with the fitted scale). Thompson
 sampling shows the argmax of one posterior draw per impression; the probability that a
 combination wins that draw is not known in closed form, so the propensity of a per-request
 draw could only be estimated. Instead the policy *is* the win frequencies over ``DRAWS``
@@ -33,12 +35,16 @@ _DRAW_BLOCK = 500
 
 
 def win_frequencies(
-    z: np.ndarray, width: np.ndarray, prior_sd: float, draws: int, rng: np.random.Generator
-) -> np.ndarray:
+    z: np.ndarray, width: np.ndarray, prior_sd: float, draws: int, rng: np.random.Generator,
+    slots: np.ndarray | None = None, elem_width: list[np.ndarray] | None = None,
+) -> np.ndarray:  # fmt: skip
     """(N,) the share of ``draws`` posterior draws each candidate wins (sums to 1).
 
-    z (N,): posterior-mode logits; width (N,): each one's posterior SD, NaN where the
-    combination was never seen (then a Student-t(RESIDUAL_DOF) of scale ``prior_sd``).
+    z (N,): posterior-mode logits; width (N,): each one's residual posterior SD, NaN where
+    the combination was never seen (then a Student-t(RESIDUAL_DOF) of scale ``prior_sd``).
+    With ``elem_width`` (per component (M_k,), over the slots of ``slots`` (N, K)) each draw
+    also shifts every element's main effect by N(0, its width^2), shared by every candidate
+    that shows the element: the structure's doubt, not only each combination's own.
     """
     n = len(z)
     unseen = np.isnan(width)
@@ -49,6 +55,8 @@ def win_frequencies(
         noise = rng.standard_normal((b, n)) * np.where(unseen, 0.0, width)
         if unseen.any() and prior_sd > 0:
             noise[:, unseen] = prior_sd * rng.standard_t(RESIDUAL_DOF, (b, int(unseen.sum())))
+        for k, wk in enumerate(elem_width or []):
+            noise += (rng.standard_normal((b, len(wk))) * wk)[:, slots[:, k]]
         wins += np.bincount(np.argmax(z + noise, axis=1), minlength=n)
         left -= b
     return wins / draws
@@ -79,7 +87,7 @@ def thompson_policy(
     width = reward.residual_width(slots)
     ctx = b"" if x is None else np.ascontiguousarray(x, np.float32).tobytes()
     rng = np.random.default_rng([ad, zlib.crc32(ctx)])
-    share = win_frequencies(z, width, prior_sd, draws, rng)
+    share = win_frequencies(z, width, prior_sd, draws, rng, slots, reward.elem_width)
     keep = share > 0
     return slots[keep], share[keep]
 

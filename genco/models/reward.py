@@ -61,6 +61,8 @@ class RewardModel(nn.Module):
         # Each residual's posterior SD (logit), for posterior draws; empty in bundles from
         # before it was kept (their residuals then count as unseen: the prior's width).
         self.register_buffer("residual_width", torch.zeros(0))
+        # Each element's main-effect width (logit), same use; empty: none known (no doubt).
+        self.register_buffer("elem_width", torch.zeros(0))
         self._residual_index: ResidualIndex | None = None
         self.bias = nn.Parameter(torch.zeros(()))
         self.appeal = nn.Embedding(len(vocab.ads) + 1, 1, padding_idx=len(vocab.ads))
@@ -182,7 +184,9 @@ class RewardModel(nn.Module):
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        for name in ("residual_keys", "residual_values", "residual_sd", "residual_width"):
+        for name in (
+            "residual_keys", "residual_values", "residual_sd", "residual_width", "elem_width"
+        ):  # fmt: skip
             saved = state_dict.get(prefix + name)
             if saved is None:  # a bundle from before residuals existed: none
                 state_dict[prefix + name] = getattr(self, name)
@@ -213,6 +217,10 @@ class RewardModel(nn.Module):
         )
         self.residual_sd.fill_(float(sd))
         self._residual_index = None
+
+    def set_element_widths(self, width: np.ndarray) -> None:
+        """(n_elements,) each element's main-effect width (logit), by global index."""
+        self.elem_width = torch.as_tensor(width, dtype=torch.float32)
 
     def _residuals(self) -> ResidualIndex:
         """The residuals' index: values and posterior SDs (NaN where not known) as columns."""
@@ -335,13 +343,15 @@ class BoundModel:
         slot of component k, -1 for padding): see ``genco.models.tables``."""
         m = self.model
         K = len(slot_codes)
-        main, vec, tri = [], [], []
+        main, vec, tri, width = [], [], [], []
         for k, codes in enumerate(slot_codes):
             g = torch.as_tensor(np.maximum(codes, 0) + self.cat_offsets[k], dtype=torch.long)
             elem, f = self.elem_map[g], self.feat_table[g]
             f = (f - m.feat_mean[k]) / m.feat_std[k] if m.F else torch.zeros(len(g), 1)
             fm, fv = self._component_features(k, f)
             main.append((m.id_main(elem) + fm).numpy())  # (M_k, 1 + C)
+            if len(m.elem_width):
+                width.append(m.elem_width[elem].numpy())
             if m.d3:
                 tri.append(self._three_way(k, elem, f).numpy())  # (M_k, d3)
             v = m.id_ffm(elem) + fv
@@ -364,6 +374,7 @@ class BoundModel:
             pair=pair,
             residual=self._slot_residuals(ad, slot_codes),
             tri=tri or None,
+            elem_width=width or None,
         )
 
     @torch.inference_mode()

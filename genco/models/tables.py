@@ -106,11 +106,14 @@ class RewardTables:
         pair: dict[tuple[int, int], np.ndarray],
         residual: tuple[np.ndarray, np.ndarray] | None = None,
         tri: list[np.ndarray] | None = None,
+        elem_width: list[np.ndarray] | None = None,
     ) -> None:
         """pair[(k, l)]: (M_k, M_l) for k != l (both orders); empty without pairwise terms.
         residual: the ad's combination residuals as (slots (R, K), logit values (R,),
         posterior SDs (R,), NaN where not known).
-        tri: per component (M_k, d3) three-way vectors; None without the term."""
+        tri: per component (M_k, d3) three-way vectors; None without the term.
+        elem_width: per component (M_k,) main-effect widths (posterior draws); None: none."""
+        self.elem_width = elem_width
         self.base = base  # bias + appeal (the context part is added per request)
         self.ctx_w, self.ctx_mean, self.ctx_std = ctx_w, ctx_mean, ctx_std  # over standardised x
         self.main = main
