@@ -36,6 +36,7 @@ import torch
 from genco.inference.predictor import Predictor
 from genco.models.generator import GeneratorConfig
 from genco.models.reward import RewardModelConfig
+from genco.models.tables import TableCache
 from genco.serving import kserve, torchserve
 from genco.serving.grpc_client import GrpcClient
 from genco.serving.requests import load_predictor
@@ -84,6 +85,19 @@ def in_process(predictor: Predictor, calls: int) -> dict:
         for i in range(calls):
             t = time.perf_counter()
             predictor.recommend(ads[i % len(ads)], top_k=5, mode=mode, refine=refine)
+            ms.append((time.perf_counter() - t) * 1e3)
+        out[f"recommend_{name}"] = percentiles(ms)
+    # thompson: the policy is built once per (ad, context) and cached; a continuous context
+    # makes every request a first one, measured with the cache emptied before each call.
+    for name, fresh in (("thompson", False), ("thompson_first_request", True)):
+        for i in range(200):
+            predictor.recommend(ads[i % len(ads)], top_k=5, mode="thompson")
+        ms = []
+        for i in range(calls):
+            if fresh:
+                predictor._thompson = TableCache()
+            t = time.perf_counter()
+            predictor.recommend(ads[i % len(ads)], top_k=5, mode="thompson")
             ms.append((time.perf_counter() - t) * 1e3)
         out[f"recommend_{name}"] = percentiles(ms)
     ms = []
