@@ -288,7 +288,12 @@ class _Rows:
         return len(self.y)
 
     def batch(self, b: torch.Tensor) -> tuple:
-        return self.ad[b], self.elem[b], self.feats[b], self.x[b], self.y[b], self.weight[b]
+        # index_select, not t[b]: the same rows at a third of the CPU (1.22 against 0.38 ms
+        # a step of 4,096 on `large`, whose steps spent 11% of the fit here under t[b])
+        return tuple(
+            t.index_select(0, b)
+            for t in (self.ad, self.elem, self.feats, self.x, self.y, self.weight)
+        )
 
     def to(self, device: torch.device) -> _Rows:
         return _Rows(*(getattr(self, f.name).to(device) for f in fields(self)))
