@@ -111,12 +111,12 @@ L2_PATH_PATIENCE = 2
 # Above L2_SAMPLE_MIN_ROWS training rows (after merging: what an epoch costs), the path runs
 # on a uniform sample of L2_SAMPLE_ROWS training impressions (the held-out slice as always),
 # and only the chosen L2 is fitted on every row, from the path's best weights. `large` at 1M
-# spent ~30 of its ~33 full epochs on the path whose choice was never close (BENCHMARKS.md,
-# "training time at 1M"). On the sample each L2 is tried at grid value x (training
-# impressions / sampled ones): the penalty is averaged per impression, so the same prior on
-# the id vectors is an L2 that falls as 1 / impressions (and the chosen L2 did move toward
-# stronger ones on smaller logs: AES, per_product_contextual). Logs at or below the
-# threshold (every per-product benchmark at 500k) take the path on all rows as before.
+# spent 20 of its 33 epochs on the two L2s not chosen, whose held-out losses were never close
+# (BENCHMARKS.md, "the L2 path on a sample"). On the sample each L2 is tried at grid value
+# x (training impressions / sampled ones): the penalty is averaged per impression, so the
+# same prior on the id vectors is an L2 that falls as 1 / impressions (and the chosen L2 did
+# move toward stronger ones on smaller logs: AES, per_product_contextual). Logs at or below
+# the threshold (every per-product benchmark at 500k) take the path on all rows as before.
 L2_SAMPLE_ROWS = 250_000
 L2_SAMPLE_MIN_ROWS = 2 * L2_SAMPLE_ROWS
 
