@@ -76,6 +76,76 @@ def test_nothing_to_go_on_with(small_log, kw):
     assert report.epochs <= config.epochs
 
 
+def test_a_small_log_runs_the_path_on_every_row(small_log, monkeypatch):
+    """At or below L2_SAMPLE_MIN_ROWS merged training rows nothing is sampled."""
+    world, enc = small_log
+    calls = _record_fits(monkeypatch)
+    _, report = _fit(world, enc, patience=3, epochs=8)
+    n_train = report.train_rows
+    assert "l2_id_sample_rows" not in report.tuning
+    assert calls and all(n == n_train for n, _ in calls)
+
+
+def _record_fits(monkeypatch) -> list[tuple[int, float]]:
+    """(training impressions, L2) of every ``_fit_structure`` call: the real fit, recorded."""
+    calls: list[tuple[int, float]] = []
+    real = reward_fit._fit_structure
+
+    def recorded(model, train, val, n_train, config, *args, **kw):
+        calls.append((n_train, config.l2_id))
+        return real(model, train, val, n_train, config, *args, **kw)
+
+    monkeypatch.setattr(reward_fit, "_fit_structure", recorded)
+    return calls
+
+
+def test_a_large_log_chooses_the_l2_on_a_sample_and_fits_it_once_on_every_row(
+    small_log, monkeypatch
+):
+    """Above the threshold (lowered here) the path's fits see a sample of the training
+    impressions, each L2 scaled by the sample's share; then one fit on every training row at
+    the chosen L2, from the path's best weights, whose held-out loss never ends worse."""
+    world, enc = small_log
+    monkeypatch.setattr(reward_fit, "L2_SAMPLE_ROWS", 6_000)
+    monkeypatch.setattr(reward_fit, "L2_SAMPLE_MIN_ROWS", 0)
+    calls = _record_fits(monkeypatch)
+    _, report = _fit(world, enc, patience=3, epochs=8)
+    t, n_train = report.tuning, report.train_rows
+    scale = n_train / 6_000
+    tried = [float(k) for k in t["l2_id_val_loss"]]
+    assert t["l2_id_sample_rows"] == 6_000
+    assert calls[:-1] == [(6_000, pytest.approx(c * scale)) for c in tried]
+    assert calls[-1] == (n_train, t["l2_id"])
+    assert t["l2_id"] == min(tried, key=lambda c: t["l2_id_val_loss"][str(c)])
+    # The report's epochs are the passes over every row: the final fit's alone.
+    assert report.epochs == t["l2_id_final_epochs"] == len(report.history) <= 8
+    assert t["val_loss"] <= t["l2_id_val_loss"][str(t["l2_id"])]
+
+
+def test_the_sampled_path_still_stops_where_the_held_out_loss_rises(small_log, monkeypatch):
+    world, enc = small_log
+    monkeypatch.setattr(reward_fit, "L2_ID_GRID", (1e-2, 10.0, 1e-4))
+    monkeypatch.setattr(reward_fit, "L2_SAMPLE_ROWS", 6_000)
+    monkeypatch.setattr(reward_fit, "L2_SAMPLE_MIN_ROWS", 0)
+    _, report = _fit(world, enc)
+    assert list(report.tuning["l2_id_val_loss"]) == ["0.01", "10.0"]
+    assert report.tuning["l2_id"] == 1e-2
+
+
+def test_path_sample_is_a_seeded_uniform_subset_of_the_training_rows(monkeypatch):
+    monkeypatch.setattr(reward_fit, "L2_SAMPLE_ROWS", 1_000)
+    monkeypatch.setattr(reward_fit, "L2_SAMPLE_MIN_ROWS", 2_000)
+    tr = np.random.default_rng(0).permutation(10_000)[:9_000]  # a time split's order
+    assert reward_fit._path_sample(tr, 2_000, seed=0) is None  # merged rows at the threshold
+    a = reward_fit._path_sample(tr, 9_000, seed=0)
+    assert len(a) == len(np.unique(a)) == 1_000 and np.all(np.diff(a) > 0)
+    assert np.isin(a, tr).all()
+    assert np.array_equal(a, reward_fit._path_sample(tr, 9_000, seed=0))
+    assert not np.array_equal(a, reward_fit._path_sample(tr, 9_000, seed=1))
+    # Uniform over the training rows: the sample's mean row is near theirs.
+    assert abs(a.mean() - tr.mean()) < 4 * tr.std() / np.sqrt(1_000)
+
+
 @pytest.mark.parametrize("true_sd", [0.0, 0.05, 0.2])
 def test_evidence_scan_stops_past_its_peak_with_the_full_grids_choice(true_sd):
     """Groups of 200-2,000 impressions whose true residuals have SD true_sd: the scan

@@ -108,6 +108,17 @@ L2_WARM_PATH = True
 # per_product, 500k, 5 seeds: the first point stopped after one useful epoch, and the next,
 # weaker L2 won on that extra training alone: 1e-2 on 3 seeds, 0.820 gap closed vs 0.847).
 L2_PATH_PATIENCE = 2
+# Above L2_SAMPLE_MIN_ROWS training rows (after merging: what an epoch costs), the path runs
+# on a uniform sample of L2_SAMPLE_ROWS training impressions (the held-out slice as always),
+# and only the chosen L2 is fitted on every row, from the path's best weights. `large` at 1M
+# spent 20 of its 33 epochs on the two L2s not chosen, whose held-out losses were never close
+# (BENCHMARKS.md, "the L2 path on a sample"). On the sample each L2 is tried at grid value
+# x (training impressions / sampled ones): the penalty is averaged per impression, so the
+# same prior on the id vectors is an L2 that falls as 1 / impressions (and the chosen L2 did
+# move toward stronger ones on smaller logs: AES, per_product_contextual). Logs at or below
+# the threshold (every per-product benchmark at 500k) take the path on all rows as before.
+L2_SAMPLE_ROWS = 250_000
+L2_SAMPLE_MIN_ROWS = 2 * L2_SAMPLE_ROWS
 
 
 def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[list, int, dict]:
@@ -116,9 +127,13 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
     previous, more regularised, one ended and stops at its first L2_PATH_PATIENCE plateaus;
     the path stops at the first L2 whose held-out loss is worse than the best so far (a
     weaker L2 would only fit the noise more); the chosen L2's fit then goes on to
-    ``config.patience`` plateaus (``config.epochs`` passes at most in all). The rows are
-    merged and turned into tensors once for all. A three-way term (``dim3``) is chosen on
-    the held-out slice at the path's first L2 (``_choose_three_way``)."""
+    ``config.patience`` plateaus (``config.epochs`` passes at most in all). Above
+    L2_SAMPLE_MIN_ROWS merged training rows the path runs on a sample (``_path_sample``,
+    each L2 scaled to its size) and the chosen L2 is then fitted once on every row, from the
+    path's best weights at half the step, to ``config.patience`` plateaus (``config.epochs``
+    passes on every row at most). The rows are merged and turned into tensors once for all.
+    A three-way term (``dim3``) is chosen on the held-out slice at the path's first L2
+    (``_choose_three_way``)."""
     train = _rows(bound, enc, tr, weights)
     val = _rows(bound, enc, va, np.ones(len(enc))) if len(va) else None
     rows = touched_rows(model, train.ad, train.elem)
@@ -140,6 +155,13 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
             val is not None,
         )
         return history, best_epoch, {"l2_id": l2, **three}
+    sample = _path_sample(tr, len(train), config.seed)
+    if sample is None:
+        path_train, path_rows, n_path, scale = train, rows, len(tr), 1.0
+    else:
+        path_train = _rows(bound, enc, sample, weights)
+        path_rows = touched_rows(model, path_train.ad, path_train.elem)
+        n_path, scale = len(sample), len(tr) / len(sample)
     # Copies of what the fits can change (every dense parameter, the training rows of the
     # sparse id tables), not deep copies of the state: the start only when the path is not
     # warm (warm, the first fit starts from it and none goes back to it).
@@ -153,10 +175,10 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
             start.restore(model)
             if three.get("three_way") is False:  # a cold path, without the term as chosen
                 model.drop_three_way()
-        cfg = replace(config, l2_id=l2, patience=path_patience)
-        fit = partial(_fit_structure, model, train, val, len(tr), cfg, progress, rows)
+        cfg = replace(config, l2_id=l2 * scale, patience=path_patience)
+        fit = partial(_fit_structure, model, path_train, val, n_path, cfg, progress, path_rows)
         if i == 0:  # the path goes on with the three-way term or without, as chosen here
-            history, best_epoch, three = _choose_three_way(model, fit, rows, True)
+            history, best_epoch, three = _choose_three_way(model, fit, path_rows, True)
         else:
             history, best_epoch = fit()
         losses[str(l2)] = min(h["val_loss"] for h in history)
@@ -165,13 +187,23 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
             break  # held out, this L2 fits worse than a stronger one: weaker ones will too
         best = (losses[str(l2)], l2, history, best_epoch)
         if best_state is None:
-            best_state = Snapshot(model, rows)
+            best_state = Snapshot(model, path_rows)
         else:
             best_state.take(model)
     loss, l2, history, best_epoch = best
     best_state.restore(model)
     tuning = {"l2_id": l2, "l2_id_val_loss": losses, "l2_id_epochs": epochs}
-    if config.patience > path_patience and len(history) < config.epochs:
+    if sample is not None:
+        # Every training row at the chosen L2, from the sample's best weights at half the
+        # step and full patience, as the streamed fit goes on from its sample's fit.
+        cfg = replace(config, l2_id=l2, lr=config.lr / 2)
+        history, best_epoch = _fit_structure(
+            model, train, val, len(tr), cfg, progress, rows, start_loss=loss
+        )
+        tuning["l2_id_sample_rows"] = len(sample)
+        tuning["l2_id_final_epochs"] = len(history)
+        tuning["val_loss"] = min([loss] + [h["val_loss"] for h in history])
+    elif config.patience > path_patience and len(history) < config.epochs:
         cfg = replace(
             config,
             l2_id=l2,
@@ -187,6 +219,16 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
         tuning["l2_id_final_epochs"] = len(more)
         tuning["val_loss"] = min(h["val_loss"] for h in history)
     return history, best_epoch, {**tuning, **three}
+
+
+def _path_sample(tr: np.ndarray, n_rows: int, seed: int) -> np.ndarray | None:
+    """The training impressions the L2 path runs on: a uniform sample of L2_SAMPLE_ROWS of
+    ``tr`` (sorted) when the merged training rows ``n_rows`` exceed L2_SAMPLE_MIN_ROWS, else
+    None (all of them)."""
+    if n_rows <= L2_SAMPLE_MIN_ROWS or len(tr) <= L2_SAMPLE_ROWS:
+        return None
+    rng = np.random.default_rng([seed, 7])
+    return np.sort(rng.choice(tr, L2_SAMPLE_ROWS, replace=False))
 
 
 def _choose_three_way(model, fit, rows, choose: bool) -> tuple[list, int, dict]:
@@ -246,7 +288,12 @@ class _Rows:
         return len(self.y)
 
     def batch(self, b: torch.Tensor) -> tuple:
-        return self.ad[b], self.elem[b], self.feats[b], self.x[b], self.y[b], self.weight[b]
+        # index_select, not t[b]: the same rows at a third of the CPU (1.22 against 0.38 ms
+        # a step of 4,096 on `large`, whose steps spent 11% of the fit here under t[b])
+        return tuple(
+            t.index_select(0, b)
+            for t in (self.ad, self.elem, self.feats, self.x, self.y, self.weight)
+        )
 
     def to(self, device: torch.device) -> _Rows:
         return _Rows(*(getattr(self, f.name).to(device) for f in fields(self)))

@@ -7,7 +7,9 @@ Cost is linear in impressions and memory is bounded by the chunk and shuffle-buf
    sample; random by row when there is no timestamp) and draws a uniform sample of at most
    ``sample_rows`` impressions;
 2. the sample is fitted in memory by the usual trainer (``reward_fit._fit_tuned``), which
-   chooses the id-embedding L2 on the sample's held-out rows; that model is the warm start;
+   chooses the id-embedding L2 on the sample's held-out rows (its path on a sub-sample
+   when the sample is larger than ``reward_fit.L2_SAMPLE_MIN_ROWS``); that model is the
+   warm start;
 3. epochs stream the whole log in chunks through a shuffle buffer, from the warm start at
    half the step, Adam on the dense parameters and RowAdam (SparseAdam's update) on the
    rows of the large id tables each batch touched, early stopping and step halving on the
