@@ -27,6 +27,7 @@ CFG = LoopConfig(
     eval_rows=500,
     canary=0.2,
     warmup=0,  # round 0 all uniform (tests/test_loop_warmup.py: the warm-up)
+    explore=0.1,  # 400 exploration rows a round on this small world (the default is 0.02)
 )
 
 

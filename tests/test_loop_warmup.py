@@ -22,6 +22,7 @@ CFG = LoopConfig(
     reward_epochs=3,
     eval_rows=300,
     peers="uniform",
+    explore=0.1,  # 120 exploration rows a round on this small world (the default is 0.02)
 )
 
 
