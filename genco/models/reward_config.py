@@ -46,7 +46,8 @@ class RewardModelConfig:
         metadata={
             "help": "Size of each element's three-way vector u(e) (id part + feature "
             "projection): adds sum over component triples k<l<m of <u(e_k), u(e_l), u(e_m)> "
-            "(a third-order factorization machine), kept only if it lowers the held-out loss; "
+            "(a third-order factorization machine), kept only if it lowers the held-out loss "
+            "by more than 2 standard errors (a paired test over the held-out impressions); "
             "0 = no three-way term."
         },
     )
