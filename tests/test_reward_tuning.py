@@ -246,6 +246,7 @@ def test_the_three_way_term_is_kept_only_beyond_z_standard_errors(small3_log, mo
     assert t["l2_id_val_loss"]["0.1"] == loss["on" if t["three_way"] else "off"]
     has_term = bool(model.w3.any() or model.id3.weight.any())
     assert has_term == t["three_way"]
+    assert model.d3 == (3 if t["three_way"] else 0)  # a rejected term is not even computed
 
 
 def test_the_three_way_choice_runs_on_the_path_sample(small3_log, monkeypatch):
@@ -262,3 +263,27 @@ def test_the_three_way_choice_runs_on_the_path_sample(small3_log, monkeypatch):
     assert calls[:2] == [first, first]
     assert all(n == 8_000 for n, _ in calls[:-1]) and calls[-1][0] == report.train_rows
     assert "three_way_gain" in report.tuning
+
+
+def test_a_rejected_term_saves_and_loads_to_the_same_scores(small3_log, monkeypatch, tmp_path):
+    """Rejected, the fitted model skips the term (d3 = 0); its bundle loads with the config's
+    d3 and zero vectors: the same logits."""
+    import torch
+
+    from genco.models.checkpoint import load_reward_model, save_reward_model
+    from genco.models.reward import BoundModel
+
+    world, enc = small3_log
+    monkeypatch.setattr(reward_fit, "THREE_WAY_Z", np.inf)
+    model, _ = _fit(world, enc, dim3=3, epochs=2)
+    assert model.d3 == 0
+    save_reward_model(model, str(tmp_path))
+    again, _ = load_reward_model(str(tmp_path))
+    assert again.d3 == 3 and not again.id3.weight.any()
+    rows = slice(0, 2_000)
+    scores = []
+    for m in (model, again):
+        b = BoundModel(m, world.catalog)
+        with torch.no_grad():
+            scores.append(m(*b._inputs(enc.ads[rows], enc.combos[rows], enc.ctx[rows])))
+    assert torch.equal(scores[0], scores[1])

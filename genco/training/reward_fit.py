@@ -241,8 +241,8 @@ THREE_WAY_Z = 2.0
 
 def _choose_three_way(model, fit, rows, val: _Rows | None) -> tuple[list, int, dict]:
     """``fit()`` (one structure fit from the model's weights) with the three-way term, and,
-    with a held-out slice ``val``, also without it (its vectors held at zero, where their
-    gradient is zero) from the same start: the model keeps the term only when it lowers the
+    with a held-out slice ``val``, also without it (``drop_three_way``: its vectors zero and
+    the term skipped) from the same start: the model keeps the term only when it lowers the
     held-out log loss by more than THREE_WAY_Z standard errors of the paired per-impression
     differences (``three_way_gain``), else the fit without it."""
     if not model.d3 or val is None:
@@ -253,11 +253,13 @@ def _choose_three_way(model, fit, rows, val: _Rows | None) -> tuple[list, int, d
     z_off = _val_logits(model, val)
     off_state = Snapshot(model, rows)
     start.restore(model)
+    model.restore_three_way()
     on = fit()
     gain, se = three_way_gain(z_off, _val_logits(model, val), val.y, val.weight)
     keep = gain > THREE_WAY_Z * se
     if not keep:
         off_state.restore(model)
+        model.drop_three_way()
     loss = {k: min(h["val_loss"] for h in r[0]) for k, r in (("off", off), ("on", on))}
     info = {"three_way": keep, "three_way_val_loss": loss, "three_way_gain": gain}
     return (*(on if keep else off), {**info, "three_way_gain_se": se, "three_way_z": THREE_WAY_Z})
