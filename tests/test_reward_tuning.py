@@ -266,8 +266,9 @@ def test_the_three_way_choice_runs_on_the_path_sample(small3_log, monkeypatch):
 
 
 def test_a_rejected_term_saves_and_loads_to_the_same_scores(small3_log, monkeypatch, tmp_path):
-    """Rejected, the fitted model skips the term (d3 = 0); its bundle loads with the config's
-    d3 and zero vectors: the same logits."""
+    """Rejected, the fitted model skips the term (d3 = 0); its bundle loads with zero
+    vectors, skipped too: the same logits. Warm started from it, a fit can still take the
+    term up (the zeros, a saddle, are not loaded)."""
     import torch
 
     from genco.models.checkpoint import load_reward_model, save_reward_model
@@ -279,7 +280,7 @@ def test_a_rejected_term_saves_and_loads_to_the_same_scores(small3_log, monkeypa
     assert model.d3 == 0
     save_reward_model(model, str(tmp_path))
     again, _ = load_reward_model(str(tmp_path))
-    assert again.d3 == 3 and not again.id3.weight.any()
+    assert not again.id3.weight.any() and again.d3 == 0  # zero vectors: skipped
     rows = slice(0, 2_000)
     scores = []
     for m in (model, again):
@@ -287,3 +288,8 @@ def test_a_rejected_term_saves_and_loads_to_the_same_scores(small3_log, monkeypa
         with torch.no_grad():
             scores.append(m(*b._inputs(enc.ads[rows], enc.combos[rows], enc.ctx[rows])))
     assert torch.equal(scores[0], scores[1])
+    monkeypatch.setattr(reward_fit, "THREE_WAY_Z", -np.inf)
+    warm, report = reward_fit.train_reward_model(
+        world.catalog, enc, replace(again.config, epochs=2), init=again
+    )
+    assert report.tuning["three_way"] and warm.d3 == 3 and warm.id3.weight.any()

@@ -67,9 +67,12 @@ def train_reward_model(
     torch.manual_seed(config.seed)
     model = RewardModel(Vocab.from_catalog(catalog, enc.context_columns), config)
     if init is not None:
-        # Tensors the previous model lacks (a three-way term it did not have) keep their
-        # random start: loading would zero them, a saddle the fit cannot leave.
-        model.load_state_dict({**model.state_dict(), **init.state_dict()})
+        # Tensors the previous model lacks or left at zero (a three-way term it did not
+        # have, or rejected) keep their random start: zeros are a saddle the fit cannot leave.
+        state = init.state_dict()
+        if not init.d3:
+            state = {k: v for k, v in state.items() if k.split(".")[0] not in ("id3", "w3")}
+        model.load_state_dict({**model.state_dict(), **state})
     bound = BoundModel(model, catalog)
     tr, va, split = _split(enc, config)
     weights = _weights(enc, tr, config)
