@@ -207,11 +207,15 @@ class RewardModel(nn.Module):
         self.id3.weight.zero_()
         self.w3.zero_()
         self.d3 = 0
+        for p in (self.id3.weight, self.w3):  # no parameter DDP would wait for in vain
+            p.requires_grad_(False)
 
     def restore_three_way(self) -> None:
         """Compute the three-way term again (``d3`` from the config), e.g. after its
         vectors were restored from a snapshot taken before ``drop_three_way``."""
         self.d3 = self.id3.weight.shape[1]
+        for p in (self.id3.weight, self.w3):
+            p.requires_grad_(True)
 
     def set_residuals(
         self, keys: np.ndarray, values: np.ndarray, sd: float, width: np.ndarray | None = None
