@@ -179,15 +179,20 @@ def test_three_way_effects_average_over_uniform_partners():
 
 
 def test_a_bundle_from_before_the_three_way_term_loads_and_scores_the_same(additive):
-    world, log, model, _ = additive
-    old = {k: v for k, v in model.state_dict().items()}
-    assert not any(k.startswith(("id3", "w3")) for k in old)
+    world, log, fitted, _ = additive
     from genco.models.reward import RewardModel
 
+    # A model from before the term: the fitted one's other tensors, no id3 / w3 at all.
+    model = RewardModel(fitted.vocab, dataclasses.replace(fitted.config, dim3=0))
+    three = ("id3.", "w3")
+    model.load_state_dict({k: v for k, v in fitted.state_dict().items() if not k.startswith(three)})
+    old = {k: v for k, v in model.state_dict().items()}
+    assert not any(k.startswith(three) for k in old)
     config = {**dataclasses.asdict(model.config)}
     config.pop("dim3")  # an old bundle's config has no such field
     again = RewardModel(model.vocab, RewardModelConfig(**{**config, "dim3": 4}))
     again.load_state_dict(old)
+    assert again.d3 == 4 and not again.id3.weight.any()
     enc = encode(log.iloc[:500], world.catalog)
     a = BoundModel(model, world.catalog).logit(enc.ads, enc.combos)
     b = BoundModel(again, world.catalog).logit(enc.ads, enc.combos)

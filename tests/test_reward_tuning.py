@@ -114,7 +114,10 @@ def test_a_large_log_chooses_the_l2_on_a_sample_and_fits_it_once_on_every_row(
     scale = n_train / 6_000
     tried = [float(k) for k in t["l2_id_val_loss"]]
     assert t["l2_id_sample_rows"] == 6_000
-    assert calls[:-1] == [(6_000, pytest.approx(c * scale)) for c in tried]
+    # The first L2 twice: the three-way term's choice (on by default) fits it without and with.
+    assert "three_way_gain" in t
+    path = [(6_000, pytest.approx(c * scale)) for c in tried]
+    assert calls[:-1] == path[:1] + path
     assert calls[-1] == (n_train, t["l2_id"])
     assert t["l2_id"] == min(tried, key=lambda c: t["l2_id_val_loss"][str(c)])
     # The report's epochs are the passes over every row: the final fit's alone.
