@@ -114,7 +114,10 @@ def test_a_large_log_chooses_the_l2_on_a_sample_and_fits_it_once_on_every_row(
     scale = n_train / 6_000
     tried = [float(k) for k in t["l2_id_val_loss"]]
     assert t["l2_id_sample_rows"] == 6_000
-    assert calls[:-1] == [(6_000, pytest.approx(c * scale)) for c in tried]
+    # The first L2 twice: the three-way term's choice (on by default) fits it without and with.
+    assert "three_way_gain" in t
+    path = [(6_000, pytest.approx(c * scale)) for c in tried]
+    assert calls[:-1] == path[:1] + path
     assert calls[-1] == (n_train, t["l2_id"])
     assert t["l2_id"] == min(tried, key=lambda c: t["l2_id_val_loss"][str(c)])
     # The report's epochs are the passes over every row: the final fit's alone.
@@ -187,3 +190,109 @@ def test_groups_of_one_row_take_the_shortcut_to_the_same_evidence():
         assert _log_evidence(own, n, s, y, w, sd) == pytest.approx(shuffled, rel=1e-12)
         r = _residual_newton(own, n, s, y, w, sd)
         assert np.allclose(r, _residual_newton(perm, n, s[perm], y[perm], w[perm], sd))
+
+
+def test_three_way_gain_is_the_paired_mean_and_its_standard_error_over_impressions():
+    """Merged rows (impressions, click rate) give the mean and standard error of the
+    per-impression log-loss differences of the rows written out one impression each."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    n_rows = 300
+    count = rng.integers(1, 40, n_rows)
+    clicks = rng.binomial(count, 0.1)
+    z_off = rng.normal(-2.0, 0.5, n_rows)
+    z_on = z_off + rng.normal(0.0, 0.2, n_rows)
+    gain, se = reward_fit.three_way_gain(
+        *(torch.as_tensor(a, dtype=torch.float32) for a in (z_off, z_on, clicks / count, count))
+    )
+    # One impression per line: clicks then non-clicks of every row.
+    zo, zn = np.repeat(z_off, count), np.repeat(z_on, count)
+    y = np.concatenate([np.r_[np.ones(c), np.zeros(n - c)] for c, n in zip(clicks, count)])
+    loss = lambda z: np.logaddexp(0.0, -z) * y + np.logaddexp(0.0, z) * (1 - y)  # noqa: E731
+    d = loss(zo) - loss(zn)
+    assert gain == pytest.approx(d.mean(), rel=1e-5)
+    assert se == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)), rel=1e-5)
+    # The same fit twice gains nothing, with no noise: 0 is not > z x 0, so not kept.
+    same = torch.as_tensor(z_off, dtype=torch.float32)
+    ones = torch.ones(n_rows)
+    assert reward_fit.three_way_gain(same, same, ones * 0.1, ones) == (0.0, 0.0)
+
+
+SMALL3 = replace(WORLDS["per_product_3way"], n_ads=8, n_candidates=4)
+
+
+@pytest.fixture(scope="module")
+def small3_log():
+    world = make_world(SMALL3, seed=2)
+    return world, encode(log_impressions(world, 40_000, seed=2), world.catalog)
+
+
+@pytest.mark.parametrize("z", [-np.inf, None, np.inf])
+def test_the_three_way_term_is_kept_only_beyond_z_standard_errors(small3_log, monkeypatch, z):
+    """The fit with the term is kept exactly when its held-out gain over the fit without it
+    exceeds THREE_WAY_Z standard errors (z = -inf: always; inf: never; None: the default);
+    the gain reported is the two held-out losses' difference, and a rejected term is exactly
+    zero in the model returned."""
+    world, enc = small3_log
+    if z is not None:
+        monkeypatch.setattr(reward_fit, "THREE_WAY_Z", z)
+    model, report = _fit(world, enc, dim3=3, epochs=4)
+    t = report.tuning
+    gain, se, loss = t["three_way_gain"], t["three_way_gain_se"], t["three_way_val_loss"]
+    assert gain == pytest.approx(loss["off"] - loss["on"], abs=1e-6)
+    assert se > 0
+    assert t["three_way_z"] == reward_fit.THREE_WAY_Z
+    assert t["three_way"] == (gain > reward_fit.THREE_WAY_Z * se)
+    if z is not None:
+        assert t["three_way"] == (z < 0)
+    assert t["l2_id_val_loss"]["0.1"] == loss["on" if t["three_way"] else "off"]
+    has_term = bool(model.w3.any() or model.id3.weight.any())
+    assert has_term == t["three_way"]
+    assert model.d3 == (3 if t["three_way"] else 0)  # a rejected term is not even computed
+
+
+def test_the_three_way_choice_runs_on_the_path_sample(small3_log, monkeypatch):
+    """Above the sample threshold both fits of the choice (without, then with the term) see
+    the path's sample, at the first L2 scaled to it; only the chosen L2's last fit sees
+    every row."""
+    world, enc = small3_log
+    monkeypatch.setattr(reward_fit, "L2_SAMPLE_ROWS", 8_000)
+    monkeypatch.setattr(reward_fit, "L2_SAMPLE_MIN_ROWS", 0)
+    calls = _record_fits(monkeypatch)
+    _, report = _fit(world, enc, dim3=3, epochs=4)
+    scale = report.train_rows / 8_000
+    first = (8_000, pytest.approx(reward_fit.L2_ID_GRID[0] * scale))
+    assert calls[:2] == [first, first]
+    assert all(n == 8_000 for n, _ in calls[:-1]) and calls[-1][0] == report.train_rows
+    assert "three_way_gain" in report.tuning
+
+
+def test_a_rejected_term_saves_and_loads_to_the_same_scores(small3_log, monkeypatch, tmp_path):
+    """Rejected, the fitted model skips the term (d3 = 0); its bundle loads with zero
+    vectors, skipped too: the same logits. Warm started from it, a fit can still take the
+    term up (the zeros, a saddle, are not loaded)."""
+    import torch
+
+    from genco.models.checkpoint import load_reward_model, save_reward_model
+    from genco.models.reward import BoundModel
+
+    world, enc = small3_log
+    monkeypatch.setattr(reward_fit, "THREE_WAY_Z", np.inf)
+    model, _ = _fit(world, enc, dim3=3, epochs=2)
+    assert model.d3 == 0
+    save_reward_model(model, str(tmp_path))
+    again, _ = load_reward_model(str(tmp_path))
+    assert not again.id3.weight.any() and again.d3 == 0  # zero vectors: skipped
+    rows = slice(0, 2_000)
+    scores = []
+    for m in (model, again):
+        b = BoundModel(m, world.catalog)
+        with torch.no_grad():
+            scores.append(m(*b._inputs(enc.ads[rows], enc.combos[rows], enc.ctx[rows])))
+    assert torch.equal(scores[0], scores[1])
+    monkeypatch.setattr(reward_fit, "THREE_WAY_Z", -np.inf)
+    warm, report = reward_fit.train_reward_model(
+        world.catalog, enc, replace(again.config, epochs=2), init=again
+    )
+    assert report.tuning["three_way"] and warm.d3 == 3 and warm.id3.weight.any()

@@ -103,6 +103,8 @@ def load_reward_model(model_dir: str, client=None) -> tuple[RewardModel, dict]:
     meta, vocab, state = _load(model_dir, _REWARD, "reward model", client)
     model = RewardModel(vocab, RewardModelConfig(**meta["config"]))
     model.load_state_dict(state)
+    if model.d3 and not (model.id3.weight.any() or model.w3.any()):
+        model.drop_three_way()  # rejected in training, or a bundle from before the term
     model.eval()
     return model, meta
 

@@ -201,9 +201,21 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def drop_three_way(self) -> None:
         """Zero the three-way vectors: the term is then exactly off, and stays off in
-        training (each vector's gradient is a product of the others, all zero)."""
+        training (each vector's gradient is a product of the others, all zero). This model
+        then also skips it (``d3`` = 0: no forward, backward or table work for a term of
+        zeros); a bundle saved from it loads with the zero vectors, the same scores."""
         self.id3.weight.zero_()
         self.w3.zero_()
+        self.d3 = 0
+        for p in (self.id3.weight, self.w3):  # no parameter DDP would wait for in vain
+            p.requires_grad_(False)
+
+    def restore_three_way(self) -> None:
+        """Compute the three-way term again (``d3`` from the config), e.g. after its
+        vectors were restored from a snapshot taken before ``drop_three_way``."""
+        self.d3 = self.id3.weight.shape[1]
+        for p in (self.id3.weight, self.w3):
+            p.requires_grad_(True)
 
     def set_residuals(
         self, keys: np.ndarray, values: np.ndarray, sd: float, width: np.ndarray | None = None
