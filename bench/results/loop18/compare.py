@@ -35,15 +35,13 @@ def figures(s):
     }
 
 
-def main():
-    new = load(os.path.join(HERE, "explore002"))
-    old = load(os.path.join(HERE, "..", "loop17"))
+def table(new, old, explore):
     cols = ["served", "greedy", "regret", *PEERS]
     for world in ("interactions", "per_product", "aes"):
         seeds = sorted(s for w, s in new if w == world)
         if not seeds:
             continue
-        print(f"#### {world} (explore 0.02; in brackets loop17's 0.05, same seed)\n")
+        print(f"#### {world} (explore {explore}; in brackets loop17's 0.05, same seed)\n")
         print(
             "| seed | served / oracle | greedy / oracle | GenCO regret | / TS | / TS online "
             "| / VW | / VW online | / combo TS | shipped worse | floor |"
@@ -76,6 +74,12 @@ def main():
                 cell += f", min {np.min(va):.3f}" if c in ("served", "greedy") else ""
             mean.append(cell)
         print("| mean | " + " | ".join(mean) + " | | |\n")
+
+
+def main():
+    old = load(os.path.join(HERE, "..", "loop17"))
+    for sub, explore in (("explore002", "0.02"), ("explore001", "0.01")):
+        table(load(os.path.join(HERE, sub)), old, explore)
     ts = load(os.path.join(HERE, "thompson"))
     for (world, s), run in sorted(ts.items()):
         a = figures(run)
