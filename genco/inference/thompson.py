@@ -134,10 +134,11 @@ def served_shares(pred, ads: np.ndarray, ctx: np.ndarray, codes: np.ndarray) -> 
     """``served_share`` of logged rows: ads (n,), contexts (n, C) (C may be 0), catalog-coded
     combinations (n, K); one policy per distinct (ad, context)."""
     keys = np.column_stack([ads, ctx.view(np.int32) if ctx.shape[1] else ctx]).astype(np.int64)
-    uniq, group = np.unique(keys, axis=0, return_inverse=True)
+    _, group = np.unique(keys, axis=0, return_inverse=True)
+    order = np.argsort(group.reshape(-1), kind="stable")
+    starts = np.flatnonzero(np.diff(group.reshape(-1)[order], prepend=-1))
     out = np.zeros(len(ads))
-    for j in range(len(uniq)):
-        rows = np.flatnonzero(group.reshape(-1) == j)
+    for rows in np.split(order, starts[1:]):  # one key's rows each, one pass over the log
         x = ctx[rows[0]] if ctx.shape[1] else None
         out[rows] = served_share(pred, int(ads[rows[0]]), x, codes[rows])
     return out
