@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--canary", type=float, default=LoopConfig.canary)
     p.add_argument("--warmup", type=int, default=LoopConfig.warmup)
     p.add_argument("--canary-checks", type=int, default=LoopConfig.canary_checks)
+    p.add_argument("--canary-ab", choices=("triggered", "all"), default=LoopConfig.canary_ab)
     p.add_argument(
         "--thompson",
         action=argparse.BooleanOptionalAction,
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                 canary=args.canary,
                 warmup=args.warmup,
                 canary_checks=args.canary_checks,
+                canary_ab=args.canary_ab,
                 thompson=args.thompson,
             )
             t0 = time.perf_counter()

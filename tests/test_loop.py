@@ -134,8 +134,17 @@ def test_a_refused_candidate_is_served_as_a_canary_then_promoted_or_rolled_back(
             q = np.exp(policy.log_uniform(np.array([slots])))[0]
             greedy = np.array_equal(shown, pred.greedy(ad, None))
             assert r["propensity"] == pytest.approx((1 - cfg.explore) * greedy + cfg.explore * q)
-    # the online gate decided on the two arms' own clicks, and the store follows it
-    assert third["canary_reason"].startswith("online A/B: canary CTR ")
+    # the online gate decided on the two arms' own clicks, counted where their greedy picks
+    # differ (the triggered A/B), and the store follows it
+    assert third["canary_reason"].startswith("online A/B: ")
+    ads = np.array([cat.ad_code(a) for a in served["ad_id"]])
+    differ = np.array(
+        [not np.array_equal(bundles[production].greedy(a, None), bundles[canary].greedy(a, None))
+         for a in ads]
+    )  # fmt: skip
+    assert third["canary_triggered_share"] == pytest.approx(differ.mean())
+    words = "serve differently" if differ.any() else "serve alike on all but 0 canary"
+    assert words in third["canary_reason"]
     now = current_version(str(out / "model_store"))
     assert now == (canary if third["canary_promoted"] else production)
     assert summary["final"]["canaries"] == 1

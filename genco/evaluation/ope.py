@@ -123,7 +123,10 @@ def bernstein_difference(
 
 @dataclass
 class ABDifference:
-    """Online A/B: CTR(canary arm) - CTR(production arm), each arm's own served clicks."""
+    """Online A/B: CTR(canary arm) - CTR(production arm), each arm's own served clicks.
+
+    Triggered (``triggered_share`` < 1): estimated on the requests where the two policies
+    differ only, and scaled to all traffic by their share (``ab_difference``)."""
 
     value: float
     se: float
@@ -133,17 +136,34 @@ class ABDifference:
     production_ctr: float
     canary_n: int
     production_n: int
+    triggered_share: float = 1.0  # share of both arms' requests counted
+    canary_triggered_ctr: float | None = None
+    production_triggered_ctr: float | None = None
+    canary_triggered_n: int | None = None
+    production_triggered_n: int | None = None
 
 
 def ab_difference(
-    clicks_canary: np.ndarray, clicks_production: np.ndarray, confidence: float
+    clicks_canary: np.ndarray,
+    clicks_production: np.ndarray,
+    confidence: float,
+    triggered_canary: np.ndarray | None = None,
+    triggered_production: np.ndarray | None = None,
 ) -> ABDifference:
     """Two-proportion lower bound of the CTR difference of two randomly assigned arms.
 
     Each arm's clicks are Bernoulli draws of its own served policy (exploration included),
     so the difference of the two means is unbiased, its weights are all 1 and the normal
     bound ``d - z sqrt(p_c (1 - p_c) / n_c + p_p (1 - p_p) / n_p)`` is accurate at the
-    thousands of impressions an arm gets."""
+    thousands of impressions an arm gets.
+
+    triggered_canary, triggered_production: per row of each arm, whether the two policies
+    serve differently on that request (a function of the request alone, not of its arm:
+    ``genco.evaluation.online.policies_differ``). Where they serve alike both arms draw
+    from the same distribution, so those rows add noise and no difference: the A/B is then
+    the difference on the triggered rows times their share s of all rows (a "triggered
+    analysis"). Its variance is s times the plain one: at s = 0.3 it settles as fast as
+    3.3 times the traffic would."""
     for name, arm in (("canary", clicks_canary), ("production", clicks_production)):
         if len(arm) < 2:
             raise ContractError(f"{name} arm: {len(arm)} impressions, need at least 2")
@@ -152,6 +172,26 @@ def ab_difference(
             raise ContractError(f"{name} arm: click must be 0 or 1, row {bad[0]} is {arm[bad[0]]}")
     pc, pp = float(clicks_canary.mean()), float(clicks_production.mean())
     nc, npr = len(clicks_canary), len(clicks_production)
-    se = float(np.sqrt(pc * (1 - pc) / nc + pp * (1 - pp) / npr))
     z1 = NormalDist().inv_cdf(confidence)
-    return ABDifference(pc - pp, se, pc - pp - z1 * se, confidence, pc, pp, nc, npr)
+    if triggered_canary is None and triggered_production is None:
+        se = float(np.sqrt(pc * (1 - pc) / nc + pp * (1 - pp) / npr))
+        return ABDifference(pc - pp, se, pc - pp - z1 * se, confidence, pc, pp, nc, npr)
+    if triggered_canary is None or triggered_production is None:
+        raise ContractError("triggered: give it for both arms or for neither")
+    tc, tp = np.asarray(triggered_canary, bool), np.asarray(triggered_production, bool)
+    for name, mask, n in (("canary", tc, nc), ("production", tp, npr)):
+        if len(mask) != n:
+            raise ContractError(f"triggered: {len(mask)} rows for the {name} arm's {n}")
+        if mask.sum() < 2:
+            raise ContractError(
+                f"{name} arm: {int(mask.sum())} impressions where the two policies differ, "
+                "need at least 2"
+            )
+    share = float(tc.sum() + tp.sum()) / (nc + npr)
+    qc, qp = float(clicks_canary[tc].mean()), float(clicks_production[tp].mean())
+    mc, mp = int(tc.sum()), int(tp.sum())
+    se = share * float(np.sqrt(qc * (1 - qc) / mc + qp * (1 - qp) / mp))
+    value = share * (qc - qp)
+    return ABDifference(
+        value, se, value - z1 * se, confidence, pc, pp, nc, npr, share, qc, qp, mc, mp
+    )

@@ -18,8 +18,9 @@ row's ``model_version`` names the arm that served it and its ``propensity`` is t
 says), so the off-policy code, which divides by the logged propensity, weighs each row by
 the policy that actually chose it (unbiased with several loggers as long as each explores).
 After the round the online gate (``genco.evaluation.online.canary_gate``) compares the two
-arms' own clicks: the canary is promoted into the store when the lower bound of its CTR gain
-clears the margin, else rolled back; then the next candidate is trained and gated.
+arms' own clicks (``canary_ab`` "triggered": on the requests where their greedy picks
+differ): the canary is promoted into the store when the lower bound of its CTR gain clears
+the margin, else rolled back; then the next candidate is trained and gated.
 
 Peers (``genco.evaluation.bandits``) are served the same requests, with the same uniform
 numbers deciding clicks (common random numbers: a combination shown by two arms to the same
@@ -51,15 +52,21 @@ from genco.data import storage
 from genco.data.ingest import VALID_FILE
 from genco.data.served import join_served_log
 from genco.errors import ConfigError
-from genco.evaluation.bandits import ComboThompson, ElementThompson, UniformPeer
 from genco.evaluation.evaluate import EvalConfig
-from genco.evaluation.online import canary_gate
+from genco.evaluation.online import canary_gate, policies_differ
 from genco.inference.predictor import Predictor
 from genco.models.reward import RewardModelConfig
-from genco.pipeline.loop_serve import floor_ratio, greedy_ctr, serve, serve_split, served_frames
+from genco.pipeline.loop_serve import (
+    floor_ratio,
+    greedy_ctr,
+    make_peers,
+    serve,
+    serve_split,
+    served_frames,
+)
 from genco.pipeline.runner import LOCAL_RL_STEPS, run_local
 from genco.store import bundle_digest, current, current_version, promote
-from genco.worlds.traffic import Traffic, load_traffic
+from genco.worlds.traffic import load_traffic
 
 # "_online" peers update ``chunks`` times a round; the others once, after the round, as GenCO
 PEERS = (
@@ -70,7 +77,7 @@ PEERS = (
 LOOP_FLAGS = (
     "world", "rounds", "impressions_per_round", "seed", "explore", "temperature", "rl_steps",
     "reward_epochs", "margin", "tolerance", "peers", "chunks", "eval_rows", "canary",
-    "warmup", "canary_checks", "canary_stop_confidence", "thompson",
+    "warmup", "canary_checks", "canary_stop_confidence", "thompson", "canary_ab",
 )  # fmt: skip
 
 
@@ -145,6 +152,14 @@ class LoopConfig:
             "promoted there. 1 = no mid-round decision."
         },
     )
+    canary_ab: str = field(
+        default="triggered",
+        metadata={
+            "help": "The canary's A/B: 'triggered' counts the requests where the two greedy "
+            "picks differ (elsewhere both serve alike), scaled by their share; 'all' every "
+            "request. A sampling policy (temperature > 0, thompson) is always 'all'."
+        },
+    )
     canary_stop_confidence: float = field(
         default=0.99,
         metadata={
@@ -167,9 +182,15 @@ class LoopConfig:
             raise ConfigError(f"explore must be in (0, 1], got {self.explore}")
         if not 0.0 <= self.canary < 1.0:
             raise ConfigError(f"canary must be in [0, 1), got {self.canary}")
+        if self.canary_ab not in ("triggered", "all"):
+            raise ConfigError(f"canary_ab must be 'triggered' or 'all', got '{self.canary_ab}'")
         unknown = [p for p in self.peer_names if p not in PEERS]
         if unknown:
             raise ConfigError(f"unknown peer '{unknown[0]}'; choose from {', '.join(PEERS)}")
+
+    @property
+    def triggered(self) -> bool:  # the canary's A/B is: asked for, and the policy is greedy
+        return self.canary_ab == "triggered" and not (self.thompson or self.temperature)
 
     @property
     def peer_names(self) -> tuple[str, ...]:
@@ -180,27 +201,6 @@ class LoopConfig:
 class Arm:
     name: str
     regret: float = 0.0  # expected clicks lost to the oracle so far
-
-
-def _peers(cfg: LoopConfig, t: Traffic) -> dict:
-    out: dict = {}
-    for name in cfg.peer_names:
-        if name == "uniform":
-            out[name] = UniformPeer(t.legal)
-        elif name.startswith("element_ts"):
-            out[name] = ElementThompson(t.catalog, t.constraints, t.legal)
-        elif name.startswith("combo_ts"):
-            out[name] = ComboThompson(t.legal)
-        else:
-            try:
-                from genco.evaluation.bandits_vw import VWOnline
-            except ModuleNotFoundError as exc:
-                raise ConfigError(
-                    f"peer '{name}' needs {exc.name}: pip install 'genco[bench]', or leave it "
-                    "out of --peers"
-                ) from None
-            out[name] = VWOnline(t.catalog, t.legal, len(t.context_columns))
-    return out
 
 
 def run_loop(
@@ -220,7 +220,7 @@ def run_loop(
     store = os.path.join(out_dir, "model_store")
     rng_traffic = np.random.default_rng([cfg.seed, 101])
     rng_serve = np.random.default_rng([cfg.seed, 102])
-    peers = _peers(cfg, t)
+    peers = make_peers(cfg.peer_names, t)
     peer_rng = {name: np.random.default_rng([cfg.seed, 103, i]) for i, name in enumerate(peers)}
     arms = {"genco": Arm("genco"), **{name: Arm(name) for name in peers}}
     pred: Predictor | None = None
@@ -239,6 +239,7 @@ def run_loop(
             row: dict = {"round": r, "impressions": n, "oracle_true_ctr": float(oracle.mean())}
             ev_ctx = None if ctx is None else ctx[ev]
             explore = np.full(n, cfg.explore)
+            trig = None  # where production and the canary serve differently (cfg.canary_ab)
             if pred is None:
                 combos, prop = t.uniform(ads, rng_serve)
                 version = np.full(n, "uniform", dtype=object)
@@ -258,10 +259,13 @@ def run_loop(
                     )  # fmt: skip
                     row["greedy_true_ctr"] = greedy_ctr(pred, t, ads[ev], ev_ctx)
             else:
+                if canary is not None and cfg.triggered:
+                    trig = policies_differ(pred, canary, ads, ctx)
+                    row["canary_triggered_share"] = float(trig.mean())
                 combos, prop, version, stopped, promoted = serve_split(
                     t, pred, canary, ads, ctx, u, rng_serve, cfg.explore, cfg.temperature,
                     cfg.canary, cfg.canary_checks, cfg.canary_stop_confidence, cfg.margin,
-                    cfg.thompson,
+                    cfg.thompson, trig,
                 )  # fmt: skip
                 if canary is not None:
                     row["canary_stopped_at"], row["canary_promoted_at"] = stopped, promoted
@@ -314,7 +318,8 @@ def run_loop(
                 upto = slice(0, row["canary_promoted_at"] or n)
                 row["canary_true_ctr"] = float(ctr[upto][version[upto] == canary.version].mean())
                 pred = _decide_canary(cfg, t, store, pred, canary, canary_dir, version[upto],
-                                      clicks[upto], row, ads[ev], ev_ctx)  # fmt: skip
+                                      clicks[upto], row, ads[ev], ev_ctx,
+                                      None if trig is None else trig[upto])  # fmt: skip
                 canary = None
             if r < cfg.rounds - 1:
                 pred, canary, canary_dir = _retrain(
@@ -366,13 +371,14 @@ def _warmup(cfg, t, out_dir, r, served, w, logs, paths, row, ev_ads, ev_ctx) -> 
 
 
 def _decide_canary(cfg, t, store, pred, canary, canary_dir, version, clicks, row, ev_ads,
-                   ev_ctx) -> Predictor:  # fmt: skip
-    """The online gate on this round's two arms: promote the canary into the store or roll
-    it back; audit the decision with both models' true greedy CTR."""
+                   ev_ctx, triggered=None) -> Predictor:  # fmt: skip
+    """The online gate on this round's two arms (on the ``triggered`` rows when given):
+    promote the canary into the store or roll it back; audit the decision with both models'
+    true greedy CTR."""
     early = row.get("canary_promoted_at") is not None  # at the mid-round looks' confidence
     gate = canary_gate(
         version, clicks, canary.version, pred.version, bundle_digest(canary_dir),
-        cfg.margin, cfg.canary_stop_confidence if early else 0.95,
+        cfg.margin, cfg.canary_stop_confidence if early else 0.95, triggered,
     )  # fmt: skip
     if early and not gate["passed"]:
         # the mid-round look passed this same rule on these same rows: a bug if not

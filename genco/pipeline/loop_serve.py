@@ -20,7 +20,9 @@ import numpy as np
 import pandas as pd
 
 from genco.data.contract import AD, CLICK, IMPRESSION_ID, MODEL_VERSION, PROPENSITY, TIMESTAMP
-from genco.evaluation.online import canary_clearly_better, canary_clearly_worse
+from genco.errors import ConfigError
+from genco.evaluation.bandits import ComboThompson, ElementThompson, UniformPeer
+from genco.evaluation.online import canary_clearly_better, canary_clearly_worse, greedy_picks
 from genco.inference.predictor import Predictor
 from genco.worlds.simulate import T0
 from genco.worlds.traffic import Traffic
@@ -51,11 +53,12 @@ def serve(
 def serve_split(
     t: Traffic, pred: Predictor, canary: Predictor | None, ads, ctx, u, rng, explore: float,
     temperature: float, share: float, checks: int, stop_confidence: float, margin: float = 0.0,
-    thompson: bool = False,
+    thompson: bool = False, triggered: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, int | None]:  # fmt: skip
     """Production (and a canary on a random ``share`` of requests until it is stopped or
     promoted): codes (n, K), propensities (n,), model versions (n,), and the rows where the
-    canary stopped and where it was promoted (None: it ran the whole round)."""
+    canary stopped and where it was promoted (None: it ran the whole round). triggered (n,):
+    where the two serve differently; the mid-round looks then count only those requests."""
     n = len(ads)
     version = np.full(n, pred.version, dtype=object)
     arm = np.zeros(n, dtype=bool)
@@ -84,23 +87,19 @@ def serve_split(
         if canary is not None and stopped is None and promoted is None and part[-1] < n - 1:
             seen = slice(0, part[-1] + 1)
             on, c = arm[seen], clicks[seen]
-            if canary_clearly_worse(c[on], c[~on], stop_confidence):
+            tc = tp = None
+            if triggered is not None:
+                tc, tp = triggered[seen][on], triggered[seen][~on]
+            if canary_clearly_worse(c[on], c[~on], stop_confidence, tc, tp):
                 stopped = int(part[-1] + 1)
-            elif canary_clearly_better(c[on], c[~on], margin, stop_confidence):
+            elif canary_clearly_better(c[on], c[~on], margin, stop_confidence, tc, tp):
                 promoted, prod = int(part[-1] + 1), canary
     return combos, prop, version, stopped, promoted
 
 
 def greedy_ctr(pred: Predictor, t: Traffic, ads: np.ndarray, ctx: np.ndarray | None) -> float:
     """True CTR of the bundle's greedy pick (beam top-1, what the gate judges) on requests."""
-    combos = np.zeros((len(ads), t.catalog.n_components), dtype=np.int64)
-    if ctx is None:
-        for a in np.unique(ads):
-            combos[ads == a] = pred.greedy(int(a), None)
-    else:
-        for i in range(len(ads)):
-            combos[i] = pred.greedy(int(ads[i]), pred.context_vector(ctx[i]))
-    return float(t.ctr(ads, combos, ctx).mean())
+    return float(t.ctr(ads, greedy_picks(pred, ads, ctx), ctx).mean())
 
 
 def served_frames(
@@ -133,3 +132,25 @@ def floor_ratio(t: Traffic, ads: np.ndarray, prop: np.ndarray, explore: np.ndarr
     ``explore`` per row: the exploration floor holds when this is >= 1."""
     sizes = np.array([math.prod(len(c) for c in t.catalog.candidates[a]) for a in ads])
     return float(np.min(prop * sizes / explore))
+
+
+def make_peers(names: tuple[str, ...], t: Traffic) -> dict:
+    """The peers named (``genco.pipeline.loop.PEERS``), each a fresh bandit on ``t``."""
+    out: dict = {}
+    for name in names:
+        if name == "uniform":
+            out[name] = UniformPeer(t.legal)
+        elif name.startswith("element_ts"):
+            out[name] = ElementThompson(t.catalog, t.constraints, t.legal)
+        elif name.startswith("combo_ts"):
+            out[name] = ComboThompson(t.legal)
+        else:
+            try:
+                from genco.evaluation.bandits_vw import VWOnline
+            except ModuleNotFoundError as exc:
+                raise ConfigError(
+                    f"peer '{name}' needs {exc.name}: pip install 'genco[bench]', or leave it "
+                    "out of --peers"
+                ) from None
+            out[name] = VWOnline(t.catalog, t.legal, len(t.context_columns))
+    return out
