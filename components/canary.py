@@ -19,6 +19,7 @@ def decide_canary(
     serving: bool = True,
     management_url: str = "",
     key_file: str = "",
+    canary_ab: str = "all",
 ) -> NamedTuple("CanaryDecision", [("action", str), ("version", str), ("reason", str)]):
     """Before the candidate is evaluated: decide the store's running canary, if any, on
     ``canary_data`` (the served log joined to its clicks: ``genco validate --served-log``'s
@@ -34,6 +35,7 @@ def decide_canary(
         serving,
         management_url or None,
         key_file or None,
+        canary_ab,
     )
     return (r.action, r.version or "", r.reason)
 

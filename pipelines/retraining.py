@@ -67,6 +67,7 @@ def retraining(
     trainer_image: str = "",
     canary_share: float = 0.0,
     canary_data: str = "",
+    canary_ab: str = "all",
 ) -> None:
     """Retrain from the log at ``impressions`` and promote into ``model_store`` on a win.
 
@@ -84,7 +85,8 @@ def retraining(
     ``canary_share`` > 0: a candidate the gate refuses is started as the store's canary on
     that share of requests (``genco canary manifest`` renders KServe's traffic split);
     ``canary_data``: the served log joined to its clicks, on which the next run first
-    promotes or rolls back the running canary (``genco.evaluation.canary``).
+    promotes or rolls back the running canary (``genco.evaluation.canary``); ``canary_ab``
+    "triggered": on the requests where the two bundles' greedy picks differ (greedy serving).
     """
     decided = decide_canary(
         model_store=model_store,
@@ -93,6 +95,7 @@ def retraining(
         serving=serving,
         management_url=management_url,
         key_file=key_file,
+        canary_ab=canary_ab,
     )
     decided.set_caching_options(False)
     decided.set_cpu_request("500m").set_memory_request("1G")

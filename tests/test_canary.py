@@ -12,14 +12,14 @@ import yaml
 
 from genco.cli.main import main
 from genco.data import storage
-from genco.errors import ConfigError, StoreError
+from genco.errors import ConfigError, ContractError, StoreError
 from genco.evaluation import canary
 from genco.evaluation.online import canary_gate
 from genco.inference.predictor import Predictor
 from genco.serving.archive import KSERVE_CANARY_DIR
 from genco.serving.config import mar_name
 from genco.serving.manifest import inference_service
-from genco.store import bundle_digest, current_version, promote
+from genco.store import bundle_digest, current_version, promote, version_dir
 from tests.test_deploy import bundles  # noqa: F401  (the module-scoped fixture)
 
 
@@ -138,12 +138,14 @@ def test_manifest_splits_traffic_only_while_a_canary_runs():
         inference_service("gs://b/s", 0.0)
 
 
-def _served(bundle: str, version_arm: str, n: int, start: int, ctr: float, rng) -> tuple:
+def _served(
+    bundle: str, version_arm: str, n: int, start: int, ctr: float, rng, mode: str = "sample"
+) -> tuple:
     pred = Predictor.load(bundle)
     rows, clicks = [], []
     for i in range(start, start + n):
         ad = pred.catalog.ads[i % len(pred.catalog.ads)]
-        s = pred.serve(ad, mode="sample", seed=i, top_k=1, impression_id=f"imp{i}")
+        s = pred.serve(ad, mode=mode, seed=i, top_k=1, impression_id=f"imp{i}")
         rows.append({**s.log_fields(), "model_version": version_arm})
         if rng.random() < ctr:
             clicks.append({"impression_id": f"imp{i}", "click": 1})
@@ -190,3 +192,36 @@ def test_cli_canary_lifecycle_with_a_joined_served_log(bundles, tmp_path, capsys
     assert main(["canary", "manifest", "--store", store]) == 0
     doc = yaml.safe_load(capsys.readouterr().out)
     assert "canaryTrafficPercent" not in doc["spec"]["predictor"]
+
+
+def test_triggered_decide_counts_the_requests_where_the_greedy_picks_differ(running, tmp_path):
+    store, prod, version, b = running
+    a = version_dir(store, prod)
+    rng = np.random.default_rng(2)
+    c_rows, c_clicks = _served(b, version, 600, 0, 0.25, rng, mode="beam")
+    p_rows, p_clicks = _served(a, prod, 2400, 600, 0.05, rng, mode="beam")
+    pd.DataFrame(c_rows + p_rows).to_csv(tmp_path / "served.csv", index=False)
+    pd.DataFrame(c_clicks + p_clicks).to_csv(tmp_path / "clicks.csv", index=False)
+    joined = str(tmp_path / "joined")
+    argv = ["validate", "--served-log", str(tmp_path / "served.csv")]
+    argv += ["--clicks", str(tmp_path / "clicks.csv"), "--catalog", os.path.join(a, "catalog.csv")]
+    assert main([*argv, "--out", joined]) == 0
+    trig = canary.triggered_rows(store, version, joined)
+    pa_, pb = Predictor.load(a), Predictor.load(b)
+    ads = [pa_.catalog.ad_code(r["ad_id"]) for r in c_rows + p_rows]
+    expect = [not np.array_equal(pa_.greedy(x, None), pb.greedy(x, None)) for x in ads]
+    assert trig.tolist() == expect and 0 < trig.sum() < len(trig)  # both kinds of request
+    with pytest.raises(ConfigError, match="canary_ab must be 'all' or 'triggered', got 'some'"):
+        canary.run_decide(store, joined, canary_ab="some")
+    result = canary.run_decide(store, joined, min_impressions=500, canary_ab="triggered")
+    assert "where the two serve differently" in result.reason
+    assert result.gate["online"]["triggered_share"] == pytest.approx(trig.mean())
+    assert result.gate["rule"] == "online_ab_triggered"
+    assert result.gate["online"]["canary_triggered_n"] == trig[:600].sum()
+    # posterior draws differ on every request: a thompson log is refused, naming its row
+    served = pd.read_csv(tmp_path / "served.csv")
+    served.loc[4, "mode"] = "thompson"
+    served.to_csv(tmp_path / "served.csv", index=False)
+    assert main([*argv, "--out", joined]) == 0
+    with pytest.raises(ContractError, match="served-log row 5 has mode 'thompson'"):
+        canary.triggered_rows(store, version, joined)

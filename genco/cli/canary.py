@@ -32,6 +32,7 @@ def cmd_decide(args: argparse.Namespace) -> None:
         args.confidence,
         args.min_impressions,
         _serving_hook(args),
+        canary_ab=args.canary_ab,
     )
     print_json(result.to_dict())
 
@@ -103,6 +104,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=MIN_IMPRESSIONS,
         help=f"keep serving the canary below this many of its rows (default {MIN_IMPRESSIONS})",
+    )
+    de.add_argument(
+        "--canary-ab",
+        choices=("all", "triggered"),
+        default="all",
+        help="triggered: count only the requests where the two bundles' greedy picks differ "
+        "(both arms serve greedy picks with the same exploration floor: beam, or sample at "
+        "temperature 0); all: every request (default)",
     )
     _add_serving_flags(de, "a promoted canary")
     de.set_defaults(func=cmd_decide)

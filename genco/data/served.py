@@ -177,6 +177,8 @@ def join_served_log(
     ids = pd.DataFrame(
         {IMPRESSION_ID: sid, MODEL_VERSION: served[MODEL_VERSION], "served_row": served_rows + 1}
     )
+    if SERVED_MODE in served.columns:  # what the canary's triggered A/B checks
+        ids[SERVED_MODE] = served[SERVED_MODE].to_numpy()
     storage.write_table(ids, storage.join(out_dir, IDS_FILE), client=client)
     cols = ["file", "row", IMPRESSION_ID, "reason_code", "reason"]
     storage.write_table(

@@ -20,6 +20,12 @@ promoted through ``genco.store.promote`` with that online gate record, or rolled
 (CANARY.json removed; production never moved). While the canary arm has fewer than
 ``min_impressions`` rows the canary keeps running: a canary started an hour ago is not
 judged on a hundred impressions.
+
+``canary_ab="triggered"`` (``genco canary decide --canary-ab triggered``): the A/B counts
+only the requests where the two bundles' greedy picks differ, scaled by their share
+(``genco.evaluation.online``): the same decision on a fraction of the noise. It holds when
+both arms serve their greedy pick with the same exploration floor (``beam``, or ``sample``
+at temperature 0); a log with ``thompson`` rows is refused (those arms differ everywhere).
 """
 
 from __future__ import annotations
@@ -34,11 +40,12 @@ import numpy as np
 import pyarrow as pa
 
 from genco.data import storage
-from genco.data.contract import CLICK, MODEL_VERSION, TIMESTAMP
+from genco.data.contract import AD, CLICK, MODEL_VERSION, SERVED_MODE, TIMESTAMP
 from genco.data.readers import timestamps
 from genco.data.served import IDS_FILE, JOINED_FILE
-from genco.errors import ConfigError, NotFoundError, StoreError
-from genco.evaluation.online import canary_gate
+from genco.errors import ConfigError, ContractError, NotFoundError, StoreError
+from genco.evaluation.online import canary_gate, policies_differ
+from genco.inference.predictor import Predictor
 from genco.models.checkpoint import read_manifest
 from genco.store import OnPromote, add_version, current_version, promote, read_gate, version_dir
 
@@ -168,6 +175,7 @@ def decide(
     on_promote: OnPromote | None = None,
     client: Client | None = None,
     timestamp: np.ndarray | None = None,
+    triggered: np.ndarray | None = None,
 ) -> CanaryResult:
     """Promote the running canary or roll it back on its online A/B against production.
 
@@ -175,7 +183,8 @@ def decide(
     not counted). timestamp (n,) epoch seconds, when the log has them: rows from before the
     canary started are not counted either, so both arms are compared over the same hours
     (production's older traffic would otherwise weigh in another day's CTR). Fewer than
-    ``min_impressions`` canary rows: it keeps running."""
+    ``min_impressions`` canary rows: it keeps running. triggered (n,): where the two
+    policies serve differently (``canary_ab`` "triggered", module docstring)."""
     record = read_canary(store, client=client)
     if record is None:
         raise StoreError(f"{store}: no canary is running ({CANARY} is missing)")
@@ -183,6 +192,7 @@ def decide(
         since = _epoch(record["started_at"])
         keep = ~(np.asarray(timestamp, np.float64) < since)  # NaN (no time): kept
         model_version, click = np.asarray(model_version)[keep], np.asarray(click)[keep]
+        triggered = None if triggered is None else np.asarray(triggered)[keep]
     version = record["version"]
     production = current_version(store, client=client)
     n = int((np.asarray(model_version) == version).sum())
@@ -195,7 +205,14 @@ def decide(
             "keep serving it",
         )
     gate = canary_gate(
-        model_version, click, version, production, record["candidate_digest"], margin, confidence
+        model_version,
+        click,
+        version,
+        production,
+        record["candidate_digest"],
+        margin,
+        confidence,
+        triggered,
     )
     if gate["passed"]:
         result = promote(
@@ -231,15 +248,57 @@ def run_decide(
     min_impressions: int = MIN_IMPRESSIONS,
     on_promote: OnPromote | None = None,
     client: Client | None = None,
+    canary_ab: str = "all",
 ) -> CanaryResult:
     """``genco canary decide`` and the pipeline's decide-canary step: ``decide`` on the
-    joined served log at ``data_dir`` (read only once a canary is known to run)."""
-    if read_canary(store, client=client) is None:
+    joined served log at ``data_dir`` (read only once a canary is known to run); with
+    ``canary_ab`` "triggered", on the requests where the two bundles' greedy picks differ."""
+    if canary_ab not in ("all", "triggered"):
+        raise ConfigError(f"canary_ab must be 'all' or 'triggered', got '{canary_ab}'")
+    record = read_canary(store, client=client)
+    if record is None:
         raise StoreError(f"{store}: no canary is running (start one: genco canary start)")
     version, click, when = arms(data_dir, client)
+    triggered = None
+    if canary_ab == "triggered":
+        triggered = triggered_rows(store, record["version"], data_dir, client)
     return decide(
-        store, version, click, margin, confidence, min_impressions, on_promote, client, when
-    )
+        store, version, click, margin, confidence, min_impressions, on_promote, client, when,
+        triggered,
+    )  # fmt: skip
+
+
+def triggered_rows(
+    store: str, canary_version: str, data_dir: str, client: Client | None = None
+) -> np.ndarray:
+    """Per row of the joined served log at ``data_dir``: True where production's and the
+    canary's greedy picks differ for the row's ad and context (``policies_differ``)."""
+    ids = storage.read_table(storage.join(data_dir, IDS_FILE), client=client)
+    if SERVED_MODE in ids.columns:
+        bad = np.flatnonzero(ids[SERVED_MODE].astype(str).to_numpy() == "thompson")
+        if len(bad):
+            raise ContractError(
+                f"{data_dir}: served-log row {ids['served_row'].iloc[bad[0]]} has mode "
+                "'thompson': posterior draws differ on every request, so the triggered A/B "
+                "does not apply (use canary_ab 'all')"
+            )
+    production = current_version(store, client=client)
+    prod = Predictor.load(version_dir(store, production), client=client)
+    canary = Predictor.load(version_dir(store, canary_version), client=client)
+    joined = storage.read_table(storage.join(data_dir, JOINED_FILE), client=client)
+    ads = prod.catalog.ads.codes(joined[AD].astype(str).to_numpy())
+    if np.any(ads < 0):
+        row = int(np.flatnonzero(ads < 0)[0])
+        raise ContractError(
+            f"{data_dir}: {JOINED_FILE} row {row + 1}: ad_id '{joined[AD].iloc[row]}' is not "
+            f"in production's catalog ({production})"
+        )
+    cols = list(prod.context_columns)
+    missing = [c for c in cols if c not in joined.columns]
+    if missing:
+        raise ContractError(f"{data_dir}: {JOINED_FILE} has no context column '{missing[0]}'")
+    ctx = joined[cols].to_numpy(np.float32) if cols else None
+    return policies_differ(prod, canary, ads, ctx)
 
 
 def stop(store: str, reason: str, client: Client | None = None) -> CanaryResult:

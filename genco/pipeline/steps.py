@@ -413,9 +413,11 @@ def decide_canary_step(
     serving: bool = True,
     management_url: str | None = None,
     key_file: str | None = None,
+    canary_ab: str = "all",
 ) -> Any:
     """The decide_canary component's work: the running canary, if any, promoted or rolled
-    back on the joined served log at ``data_dir``; returns the ``CanaryResult``."""
+    back on the joined served log at ``data_dir`` (``canary_ab``: its A/B on every request,
+    or "triggered"); returns the ``CanaryResult``."""
     from genco.evaluation import canary
     from genco.serving.archive import serving_hook
 
@@ -425,7 +427,9 @@ def decide_canary_step(
         say(f"decide-canary: nothing to decide ({why})")
         return canary.CanaryResult("none", None, None, why)
     hook = serving_hook(model_store, serving, management_url, key_file)
-    result = canary.run_decide(model_store, data_dir, margin, 0.95, min_impressions, hook)
+    result = canary.run_decide(
+        model_store, data_dir, margin, 0.95, min_impressions, hook, canary_ab=canary_ab
+    )
     say(f"decide-canary: {result.action}: {result.reason}")
     return result
 
