@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from genco.data.space import legal_combinations
-from genco.inference.predictor import distinct
+from genco.inference.candidates import distinct
 from genco.models.generator import BoundGenerator, Generator, GeneratorConfig
 from genco.models.reward import BoundModel, RewardModelConfig
 from genco.models.tables import TableCache

@@ -11,7 +11,6 @@ exact propensities).
 from __future__ import annotations
 
 import hashlib
-import math
 import uuid
 from dataclasses import dataclass, field
 
@@ -43,6 +42,7 @@ from genco.models.policy_tables import PolicyTables
 from genco.models.reward import BoundModel, RewardModel
 from genco.models.tables import REFINES, RewardTables, TableCache
 
+from .candidates import beam_candidates, distinct
 from .thompson import mixed_draws, thompson_policy
 
 MODES = ("beam", "sample", "thompson")
@@ -250,12 +250,7 @@ class Predictor:
                 scored=len(z),
             )
         if mode == "beam":
-            slots, _ = policy.beam(x, max(self.generator.config.beam_width, top_k))
-            # The ad's best-evidenced combinations compete too, those legal under the
-            # constraints served now (residuals may predate a constraint).
-            top = reward.residual_top[policy.masks.legal(reward.residual_top)]
-            if len(top):
-                slots = distinct(np.concatenate([slots, top]))[0]
+            slots = beam_candidates(policy, reward, x, max(self.generator.config.beam_width, top_k))
             if refine != "none":
                 _, credit = reward.credit(slots, x)
                 best = np.argsort(-credit.sum(1), kind="stable")[:top_k]
@@ -452,21 +447,6 @@ class Predictor:
             explore=float(eps),
             recommendations=recs,
         )
-
-
-def distinct(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of (B, K) non-negative slots without repeats, first occurrences in order, and
-    their indices (``np.unique(axis=0)`` sorts structured rows: ~10x slower here)."""
-    radix = [int(slots[:, k].max()) + 1 for k in range(slots.shape[1])] if len(slots) else []
-    if math.prod(radix) >= 2**62:  # the mixed-radix key would overflow int64
-        _, first = np.unique(slots, axis=0, return_index=True)
-    else:
-        key = np.zeros(len(slots), np.int64)
-        for k, r in enumerate(radix):
-            key = key * r + slots[:, k]
-        _, first = np.unique(key, return_index=True)
-    first.sort()
-    return slots[first], first
 
 
 def inline_catalog(

@@ -24,6 +24,7 @@ import zlib
 
 import numpy as np
 
+from genco.inference.candidates import beam_candidates
 from genco.models.policy_tables import PolicyTables
 from genco.models.reward_config import RESIDUAL_DOF
 from genco.models.tables import RewardTables
@@ -78,10 +79,7 @@ def thompson_policy(
     if exhaustive is not None and len(exhaustive.slots):
         slots, z = exhaustive.slots, exhaustive.logits(reward, x)
     else:
-        slots, _ = policy.beam(x, beam_width)
-        top = reward.residual_top[policy.masks.legal(reward.residual_top)]
-        if len(top):
-            slots = np.unique(np.concatenate([slots, top]), axis=0)
+        slots = beam_candidates(policy, reward, x, beam_width)
         base, credit = reward.credit(slots, x)
         z = base + credit.sum(1, dtype=np.float64)
     width = reward.residual_width(slots)
