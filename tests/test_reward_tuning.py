@@ -35,6 +35,36 @@ def _fit(world, enc, **kw):
     return reward_fit.train_reward_model(world.catalog, enc, config)
 
 
+def _by_the_rule(t: dict) -> float:
+    """The L2 the path's rule keeps: the last point tried whose paired held-out gain over the
+    point kept before it exceeds L2_PATH_Z standard errors (the first, strongest, otherwise);
+    every point tried after the first has its gain recorded and the path stops at the first
+    one it does not keep."""
+    tried, kept = [float(k) for k in t["l2_id_val_loss"]], None
+    assert set(t["l2_id_gain"]) == {str(c) for c in tried[1:]} and t["l2_id_z"] == 1.0
+    for i, c in enumerate(tried):
+        g = t["l2_id_gain"].get(str(c))
+        if g is not None and not g["gain"] > t["l2_id_z"] * g["se"]:
+            assert i == len(tried) - 1  # the path stopped there
+            break
+        kept = c
+    return kept
+
+
+def test_the_path_moves_to_a_weaker_l2_only_past_its_paired_noise(small_log, monkeypatch):
+    """With the bar below any difference the path runs to its weakest point; at an
+    unreachable bar it never leaves its first, whatever the second's held-out loss."""
+    world, enc = small_log
+    monkeypatch.setattr(reward_fit, "L2_PATH_Z", -1e9)
+    t = _fit(world, enc)[1].tuning
+    assert t["l2_id"] == float(list(t["l2_id_val_loss"])[-1]) == reward_fit.L2_ID_GRID[-1]
+    monkeypatch.setattr(reward_fit, "L2_PATH_Z", 1e9)
+    t = _fit(world, enc)[1].tuning
+    assert t["l2_id"] == reward_fit.L2_ID_GRID[0] and len(t["l2_id_val_loss"]) == 2
+    gain = t["l2_id_gain"][str(reward_fit.L2_ID_GRID[1])]
+    assert gain["se"] > 0 and t["l2_id_z"] == 1e9
+
+
 def test_l2_path_stops_where_the_held_out_loss_rises(small_log, monkeypatch):
     """A middle point far too strong (10: ids and appeal crushed to zero) fits worse held
     out than the first, so the path ends there: the weaker third point is never fitted."""
@@ -54,7 +84,7 @@ def test_the_chosen_l2_alone_runs_to_full_patience(small_log):
     losses = t["l2_id_val_loss"]
     tried = [float(k) for k in losses]
     assert tried == list(reward_fit.L2_ID_GRID[: len(tried)])
-    assert t["l2_id"] == min(tried, key=lambda c: losses[str(c)])
+    assert t["l2_id"] == _by_the_rule(t)
     # The chosen point went on from its best weights: its history is the path's epochs plus
     # the rest (within the epoch cap), whose best is never worse than where it started.
     n_path, n_more = t["l2_id_epochs"][str(t["l2_id"])], t["l2_id_final_epochs"]
@@ -119,7 +149,7 @@ def test_a_large_log_chooses_the_l2_on_a_sample_and_fits_it_once_on_every_row(
     path = [(6_000, pytest.approx(c * scale)) for c in tried]
     assert calls[:-1] == path[:1] + path
     assert calls[-1] == (n_train, t["l2_id"])
-    assert t["l2_id"] == min(tried, key=lambda c: t["l2_id_val_loss"][str(c)])
+    assert t["l2_id"] == _by_the_rule(t)
     # The report's epochs are the passes over every row: the final fit's alone.
     assert report.epochs == t["l2_id_final_epochs"] == len(report.history) <= 8
     assert t["val_loss"] <= t["l2_id_val_loss"][str(t["l2_id"])]
@@ -203,7 +233,7 @@ def test_three_way_gain_is_the_paired_mean_and_its_standard_error_over_impressio
     clicks = rng.binomial(count, 0.1)
     z_off = rng.normal(-2.0, 0.5, n_rows)
     z_on = z_off + rng.normal(0.0, 0.2, n_rows)
-    gain, se = reward_fit.three_way_gain(
+    gain, se = reward_fit.paired_gain(
         *(torch.as_tensor(a, dtype=torch.float32) for a in (z_off, z_on, clicks / count, count))
     )
     # One impression per line: clicks then non-clicks of every row.
@@ -216,7 +246,7 @@ def test_three_way_gain_is_the_paired_mean_and_its_standard_error_over_impressio
     # The same fit twice gains nothing, with no noise: 0 is not > z x 0, so not kept.
     same = torch.as_tensor(z_off, dtype=torch.float32)
     ones = torch.ones(n_rows)
-    assert reward_fit.three_way_gain(same, same, ones * 0.1, ones) == (0.0, 0.0)
+    assert reward_fit.paired_gain(same, same, ones * 0.1, ones) == (0.0, 0.0)
 
 
 SMALL3 = replace(WORLDS["per_product_3way"], n_ads=8, n_candidates=4)
