@@ -124,7 +124,7 @@ L2_SAMPLE_ROWS = 250_000
 L2_SAMPLE_MIN_ROWS = 2 * L2_SAMPLE_ROWS
 # A weaker L2 must beat the stronger one's held-out loss by L2_PATH_Z standard errors of the
 # paired per-impression differences (``paired_gain``): the one-standard-error rule. "Lower"
-# alone flipped a closed-loop retrain on per_product to 1e-2 on 7e-5 of loss (0.6 se) and its
+# alone flipped a closed-loop retrain on per_product to 1e-2 on 1.1e-4 of loss (~0.9 se) and its
 # pick fell from 0.90 to 0.77 of the oracle (BENCHMARKS.md, closed loop, loop19).
 L2_PATH_Z = 1.0
 
