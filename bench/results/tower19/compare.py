@@ -13,7 +13,8 @@ BASE = "bench/results/quality_three_way_test_2026-11-30.json"
 
 
 def runs_of(path):
-    text = open(path).read()
+    with open(path) as f:
+        text = f.read()
     try:
         d = json.loads(text)
         return [r for w in d["results"] for r in w["runs"]]
@@ -22,7 +23,9 @@ def runs_of(path):
 
 
 base = {}
-for group in list(json.load(open(BASE))["results"].values())[:2]:  # the 2nd: this code
+with open(BASE) as f:
+    groups = list(json.load(f)["results"].values())[:2]  # the 2nd: this code's
+for group in groups:
     for r in group:
         for y in r.get("runs", [r]):
             base[(y["world"], y["seed"])] = y
@@ -39,12 +42,13 @@ for world in dict.fromkeys(r["world"] for r in new):
         att = (r.get("attribution") or {}).get("spearman_effect", np.nan)
         att0 = ((b or {}).get("attribution") or {}).get("spearman_effect", np.nan)
         line.append(
-            f"  seed {r['seed']}: {g:.4f} vs {g0:.4f} ({g - g0:+.4f}) tower {t.get('feature_tower')}"
+            f"  seed {r['seed']}: {g:.4f} vs {g0:.4f} ({g - g0:+.4f})"
+            f" tower {t.get('feature_tower')}"
             f" z {z:.2f} three_way {t.get('three_way')} cpu {r['seconds']['reward_model_cpu']}"
             f" (was {(b or {}).get('seconds', {}).get('reward_model_cpu')}) spearman {att:.4f}"
             f" vs {att0:.4f}"
         )
     g = np.array([r["gap_closed"]["genco"] for r in rows])
-    print(f"{world}: mean {g.mean():.4f} sd {g.std(ddof=1) if len(g) > 1 else 0:.4f} min {g.min():.4f}"
-          f"; diff mean {np.mean(d):+.4f}")
+    sd = g.std(ddof=1) if len(g) > 1 else 0.0
+    print(f"{world}: mean {g.mean():.4f} sd {sd:.4f} min {g.min():.4f}; diff {np.mean(d):+.4f}")
     print("\n".join(line))
