@@ -12,7 +12,7 @@ import pytest
 
 from genco.models.reward import RewardModelConfig
 from genco.models.vocab import encode
-from genco.training import reward_fit
+from genco.training import reward_fit, term_choice
 from genco.training.residuals import (
     EVIDENCE_FALLS,
     RESIDUAL_SD_GRID,
@@ -233,7 +233,7 @@ def test_three_way_gain_is_the_paired_mean_and_its_standard_error_over_impressio
     clicks = rng.binomial(count, 0.1)
     z_off = rng.normal(-2.0, 0.5, n_rows)
     z_on = z_off + rng.normal(0.0, 0.2, n_rows)
-    gain, se = reward_fit.paired_gain(
+    gain, se = term_choice.paired_gain(
         *(torch.as_tensor(a, dtype=torch.float32) for a in (z_off, z_on, clicks / count, count))
     )
     # One impression per line: clicks then non-clicks of every row.
@@ -246,7 +246,7 @@ def test_three_way_gain_is_the_paired_mean_and_its_standard_error_over_impressio
     # The same fit twice gains nothing, with no noise: 0 is not > z x 0, so not kept.
     same = torch.as_tensor(z_off, dtype=torch.float32)
     ones = torch.ones(n_rows)
-    assert reward_fit.paired_gain(same, same, ones * 0.1, ones) == (0.0, 0.0)
+    assert term_choice.paired_gain(same, same, ones * 0.1, ones) == (0.0, 0.0)
 
 
 SMALL3 = replace(WORLDS["per_product_3way"], n_ads=8, n_candidates=4)
@@ -266,14 +266,14 @@ def test_the_three_way_term_is_kept_only_beyond_z_standard_errors(small3_log, mo
     zero in the model returned."""
     world, enc = small3_log
     if z is not None:
-        monkeypatch.setattr(reward_fit, "THREE_WAY_Z", z)
+        monkeypatch.setattr(term_choice, "THREE_WAY_Z", z)
     model, report = _fit(world, enc, dim3=3, epochs=4)
     t = report.tuning
     gain, se, loss = t["three_way_gain"], t["three_way_gain_se"], t["three_way_val_loss"]
     assert gain == pytest.approx(loss["off"] - loss["on"], abs=1e-6)
     assert se > 0
-    assert t["three_way_z"] == reward_fit.THREE_WAY_Z
-    assert t["three_way"] == (gain > reward_fit.THREE_WAY_Z * se)
+    assert t["three_way_z"] == term_choice.THREE_WAY_Z
+    assert t["three_way"] == (gain > term_choice.THREE_WAY_Z * se)
     if z is not None:
         assert t["three_way"] == (z < 0)
     assert t["l2_id_val_loss"]["0.1"] == loss["on" if t["three_way"] else "off"]
@@ -308,7 +308,7 @@ def test_a_rejected_term_saves_and_loads_to_the_same_scores(small3_log, monkeypa
     from genco.models.reward import BoundModel
 
     world, enc = small3_log
-    monkeypatch.setattr(reward_fit, "THREE_WAY_Z", np.inf)
+    monkeypatch.setattr(term_choice, "THREE_WAY_Z", np.inf)
     model, _ = _fit(world, enc, dim3=3, epochs=2)
     assert model.d3 == 0
     save_reward_model(model, str(tmp_path))
@@ -321,7 +321,7 @@ def test_a_rejected_term_saves_and_loads_to_the_same_scores(small3_log, monkeypa
         with torch.no_grad():
             scores.append(m(*b._inputs(enc.ads[rows], enc.combos[rows], enc.ctx[rows])))
     assert torch.equal(scores[0], scores[1])
-    monkeypatch.setattr(reward_fit, "THREE_WAY_Z", -np.inf)
+    monkeypatch.setattr(term_choice, "THREE_WAY_Z", -np.inf)
     warm, report = reward_fit.train_reward_model(
         world.catalog, enc, replace(again.config, epochs=2), init=again
     )

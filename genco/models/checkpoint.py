@@ -105,6 +105,8 @@ def load_reward_model(model_dir: str, client=None) -> tuple[RewardModel, dict]:
     model.load_state_dict(state)
     if model.d3 and not (model.id3.weight.any() or model.w3.any()):
         model.drop_three_way()  # rejected in training, or a bundle from before the term
+    if model.tower_on and not any(p.any() for p in model.tower.parameters()):
+        model.switch_tower(False)  # rejected in training
     model.eval()
     return model, meta
 

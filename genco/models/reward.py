@@ -31,6 +31,7 @@ from genco.models.residual_index import ResidualIndex
 from genco.models.reward_config import RewardModelConfig
 from genco.models.tables import RewardTables
 from genco.models.three_way import e3, others_e2, shares
+from genco.models.tower import make_towers, set_towers
 from genco.models.vocab import Vocab, check_catalog, id_map, register_vocab_buffers
 
 # SD of the three-way feature map's initial weights (per standardised feature): u's products
@@ -72,12 +73,12 @@ class RewardModel(nn.Module):
         self.w_main = nn.Parameter(torch.zeros(K, max(F, 1), 1 + C))
         self.id_ffm = nn.Embedding(self.n_elements + 1, K * d, padding_idx=self.n_elements)
         self.w_ffm = nn.Parameter(torch.zeros(K, max(F, 1), K * d))
-        # Nonlinear part of the feature map, one small tower per component.
-        H = config.feature_hidden if F else 0
-        self.tower = nn.ModuleList(
-            nn.Sequential(nn.Linear(F, H), nn.Tanh(), nn.Linear(H, 1 + C + K * d))
-            for _ in range(K if H else 0)
+        # Nonlinear part of the feature map, one small tower per component (``tower_on``:
+        # computed; False once a fit switched it off, ``switch_tower``).
+        self.tower = make_towers(
+            K, F, config.feature_hidden, 1 + C + K * d, config.init_scale, config.seed
         )
+        self.tower_on = len(self.tower) > 0
         g = torch.Generator().manual_seed(config.seed)
         with torch.no_grad():
             nn.init.zeros_(self.appeal.weight)
@@ -85,11 +86,6 @@ class RewardModel(nn.Module):
             self.id_ffm.weight.normal_(0.0, config.init_scale, generator=g)
             self.id_ffm.weight[self.n_elements].zero_()
             self.w_ffm.normal_(0.0, config.init_scale / math.sqrt(max(F, 1)), generator=g)
-            for t in self.tower:
-                t[0].weight.normal_(0.0, 1.0 / math.sqrt(F), generator=g)
-                t[0].bias.normal_(0.0, 0.5, generator=g)
-                t[2].weight.normal_(0.0, config.init_scale / math.sqrt(H), generator=g)
-                t[2].bias.zero_()
         # Three-way vectors u(e) = id part + feature projection (``genco.models.three_way``);
         # none without three components or with dim3 = 0 (older bundles: none either).
         d3 = config.dim3 if K >= 3 else 0
@@ -164,7 +160,7 @@ class RewardModel(nn.Module):
         coefficients (B, K, 1 + C) and interaction vectors (B, K, K * d)."""
         main = torch.einsum("bkf,kfc->bkc", f, self.w_main)
         ffm = torch.einsum("bkf,kfm->bkm", f, self.w_ffm)
-        if len(self.tower):
+        if self.tower_on:
             out = torch.stack([t(f[:, k]) for k, t in enumerate(self.tower)], 1)
             main, ffm = main + out[..., : 1 + self.C], ffm + out[..., 1 + self.C :]
         return main, ffm
@@ -216,6 +212,10 @@ class RewardModel(nn.Module):
         self.d3 = self.id3.weight.shape[1]
         for p in (self.id3.weight, self.w3):
             p.requires_grad_(True)
+
+    def switch_tower(self, on: bool) -> None:
+        """Off: the towers zeroed and skipped; on: computed again (``set_towers``)."""
+        self.tower_on = set_towers(self.tower, on)
 
     def set_residuals(
         self, keys: np.ndarray, values: np.ndarray, sd: float, width: np.ndarray | None = None
@@ -337,9 +337,8 @@ class BoundModel:
     def _component_features(self, k: int, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised features (N, F) of component k's elements -> feature terms."""
         m = self.model
-        main = f @ m.w_main[k]
-        ffm = f @ m.w_ffm[k]
-        if len(m.tower):
+        main, ffm = f @ m.w_main[k], f @ m.w_ffm[k]
+        if m.tower_on:
             out = m.tower[k](f)
             main, ffm = main + out[:, : 1 + m.C], ffm + out[:, 1 + m.C :]
         return main, ffm

@@ -20,6 +20,7 @@ from genco.models.optim import Optimizers, RowStep, Snapshot, resolve_device, to
 from genco.models.reward import BoundModel, RewardModel, RewardModelConfig
 from genco.models.vocab import Encoded, Vocab, encode, fit_scalers
 from genco.training.residuals import fit_residuals, merge_impressions
+from genco.training.term_choice import choose_terms, paired_gain, val_logits
 
 
 @dataclass
@@ -67,11 +68,13 @@ def train_reward_model(
     torch.manual_seed(config.seed)
     model = RewardModel(Vocab.from_catalog(catalog, enc.context_columns), config)
     if init is not None:
-        # Tensors the previous model lacks or left at zero (a three-way term it did not
-        # have, or rejected) keep their random start: zeros are a saddle the fit cannot leave.
+        # Tensors the previous model lacks or left at zero (a three-way term or tower it did
+        # not have, or rejected) keep their random start: zeros are a saddle the fit cannot leave.
         state = init.state_dict()
-        if not init.d3:
-            state = {k: v for k, v in state.items() if k.split(".")[0] not in ("id3", "w3")}
+        dropped = ({"id3", "w3"} if not init.d3 else set()) | (
+            {"tower"} if not init.tower_on else set()
+        )
+        state = {k: v for k, v in state.items() if k.split(".")[0] not in dropped}
         model.load_state_dict({**model.state_dict(), **state})
     bound = BoundModel(model, catalog)
     tr, va, split = _split(enc, config)
@@ -141,14 +144,15 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
     each L2 scaled to its size) and the chosen L2 is then fitted once on every row, from the
     path's best weights at half the step, to ``config.patience`` plateaus (``config.epochs``
     passes on every row at most). The rows are merged and turned into tensors once for all.
-    A three-way term (``dim3``) is chosen on the held-out slice at the path's first L2
-    (``_choose_three_way``), on the sample when the path runs on one."""
+    The feature tower (``feature_hidden``) and the three-way term (``dim3``) are chosen on
+    the held-out slice at the path's first L2 (``term_choice.choose_terms``), on the sample
+    when the path runs on one."""
     train = _rows(bound, enc, tr, weights)
     val = _rows(bound, enc, va, np.ones(len(enc))) if len(va) else None
     rows = touched_rows(model, train.ad, train.elem)
     if config.l2_id > 0 or val is None:
         l2 = config.l2_id if config.l2_id > 0 else L2_ID_GRID[len(L2_ID_GRID) // 2]
-        history, best_epoch, three = _choose_three_way(
+        history, best_epoch, three = choose_terms(
             model,
             partial(
                 _fit_structure,
@@ -183,17 +187,19 @@ def _fit_tuned(model, bound, enc, tr, va, weights, config, progress) -> tuple[li
     for i, l2 in enumerate(L2_ID_GRID):
         if start is not None:
             start.restore(model)
-            if three.get("three_way") is False:  # a cold path, without the term as chosen
+            if three.get("three_way") is False:  # a cold path, without the terms as chosen
                 model.drop_three_way()
+            if three.get("feature_tower") is False:
+                model.switch_tower(False)
         cfg = replace(config, l2_id=l2 * scale, patience=path_patience)
         fit = partial(_fit_structure, model, path_train, val, n_path, cfg, progress, path_rows)
         if i == 0:  # the path goes on with the three-way term or without, as chosen here
-            history, best_epoch, three = _choose_three_way(model, fit, path_rows, val)
+            history, best_epoch, three = choose_terms(model, fit, path_rows, val)
         else:
             history, best_epoch = fit()
         losses[str(l2)] = min(h["val_loss"] for h in history)
         epochs[str(l2)] = len(history)
-        z = _val_logits(model, val)
+        z = val_logits(model, val)
         if z_best is not None:
             gain, se = paired_gain(z_best, z, val.y, val.weight)
             gains[str(l2)] = {"gain": gain, "se": se}
@@ -244,65 +250,6 @@ def _path_sample(tr: np.ndarray, n_rows: int, seed: int) -> np.ndarray | None:
         return None
     rng = np.random.default_rng([seed, 7])
     return np.sort(rng.choice(tr, L2_SAMPLE_ROWS, replace=False))
-
-
-# The three-way term is kept only when its held-out gain beats the noise: a one-sided paired
-# test over the held-out impressions (the per-impression log-loss without the term minus with
-# it: mean > THREE_WAY_Z x its standard error). A plain "lower held-out loss" kept it on
-# per_product_contextual seed 1 on a difference of 1.2e-5 and lost 0.015 of gap closed
-# (BENCHMARKS.md, "three-way term").
-THREE_WAY_Z = 2.0
-
-
-def _choose_three_way(model, fit, rows, val: _Rows | None) -> tuple[list, int, dict]:
-    """``fit()`` (one structure fit from the model's weights) with the three-way term, and,
-    with a held-out slice ``val``, also without it (``drop_three_way``: its vectors zero and
-    the term skipped) from the same start: the model keeps the term only when it lowers the
-    held-out log loss by more than THREE_WAY_Z standard errors of the paired per-impression
-    differences (``three_way_gain``), else the fit without it."""
-    if not model.d3 or val is None:
-        return (*fit(), {})
-    start = Snapshot(model, rows)
-    model.drop_three_way()
-    off = fit()
-    z_off = _val_logits(model, val)
-    off_state = Snapshot(model, rows)
-    start.restore(model)
-    model.restore_three_way()
-    on = fit()
-    gain, se = paired_gain(z_off, _val_logits(model, val), val.y, val.weight)
-    keep = gain > THREE_WAY_Z * se
-    if not keep:
-        off_state.restore(model)
-        model.drop_three_way()
-    loss = {k: min(h["val_loss"] for h in r[0]) for k, r in (("off", off), ("on", on))}
-    info = {"three_way": keep, "three_way_val_loss": loss, "three_way_gain": gain}
-    return (*(on if keep else off), {**info, "three_way_gain_se": se, "three_way_z": THREE_WAY_Z})
-
-
-def _val_logits(model: RewardModel, val: _Rows) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(val.ad, val.elem, val.feats, val.x).double()
-
-
-def paired_gain(
-    z_off: torch.Tensor, z_on: torch.Tensor, y: torch.Tensor, weight: torch.Tensor
-) -> tuple[float, float]:
-    """The held-out log loss of one fit (``z_off``: without the three-way term, or at the
-    stronger L2) minus another's (``z_on``), per impression, and its standard error, from
-    merged rows (their logits, click rate ``y``, weight: the impressions merged, or their
-    weights). Each impression's difference is
-    softplus(-z_off) - softplus(-z_on) when clicked, softplus(z_off) - softplus(z_on) when
-    not; the paired differences' weighted mean and its standard error over the impressions."""
-    sp = nn.functional.softplus
-    d_click, d_none = sp(-z_off) - sp(-z_on), sp(z_off) - sp(z_on)
-    w_click, w_none = (y * weight).double(), ((1 - y) * weight).double()
-    n = float(weight.sum())
-    mean = float((w_click * d_click + w_none * d_none).sum()) / n
-    var = float((w_click * (d_click - mean) ** 2 + w_none * (d_none - mean) ** 2).sum())
-    var /= max(n - 1.0, 1.0)
-    return mean, math.sqrt(var / n)
 
 
 def _check_learnable(enc: Encoded) -> None:
@@ -380,7 +327,11 @@ def l2_penalty(model: RewardModel, ad, elem, config: RewardModelConfig) -> torch
         out = out + config.l2_dense * (
             model.w_main.pow(2).sum()
             + model.w_ffm.pow(2).sum()
-            + sum(p.pow(2).sum() for t in model.tower for p in t.parameters())
+            + (
+                sum(p.pow(2).sum() for t in model.tower for p in t.parameters())
+                if model.tower_on
+                else 0.0
+            )
             + (model.w3.pow(2).sum() if model.d3 else 0.0)
         )
     return out
