@@ -138,6 +138,26 @@ def test_manifest_splits_traffic_only_while_a_canary_runs():
         inference_service("gs://b/s", 0.0)
 
 
+def _joined_log(tmp_path, canary_arm, prod_arm, seed, mode="sample", thompson_row=None):
+    """A served log of both arms (bundle, version, impressions, CTR each) and its clicks,
+    joined by ``genco validate`` against the production bundle's catalog: (its directory,
+    the served rows). ``thompson_row``: that served row is logged with mode thompson."""
+    rng = np.random.default_rng(seed)
+    (b, cv, nc, cc), (a, pv, npr, cp) = canary_arm, prod_arm
+    c_rows, c_clicks = _served(b, cv, nc, 0, cc, rng, mode=mode)
+    p_rows, p_clicks = _served(a, pv, npr, nc, cp, rng, mode=mode)
+    served = pd.DataFrame(c_rows + p_rows)
+    if thompson_row is not None:
+        served.loc[thompson_row, "mode"] = "thompson"
+    served.to_csv(tmp_path / "served.csv", index=False)
+    pd.DataFrame(c_clicks + p_clicks).to_csv(tmp_path / "clicks.csv", index=False)
+    joined = str(tmp_path / "joined")
+    argv = ["validate", "--served-log", str(tmp_path / "served.csv")]
+    argv += ["--clicks", str(tmp_path / "clicks.csv"), "--catalog", os.path.join(a, "catalog.csv")]
+    assert main([*argv, "--out", joined]) == 0
+    return joined, c_rows + p_rows
+
+
 def _served(
     bundle: str, version_arm: str, n: int, start: int, ctr: float, rng, mode: str = "sample"
 ) -> tuple:
@@ -172,15 +192,7 @@ def test_cli_canary_lifecycle_with_a_joined_served_log(bundles, tmp_path, capsys
     doc = yaml.safe_load(capsys.readouterr().out)
     assert doc["spec"]["predictor"]["canaryTrafficPercent"] == 20
 
-    rng = np.random.default_rng(1)
-    c_rows, c_clicks = _served(b, version, 1200, 0, 0.25, rng)
-    p_rows, p_clicks = _served(a, prod, 2400, 1200, 0.05, rng)
-    pd.DataFrame(c_rows + p_rows).to_csv(tmp_path / "served.csv", index=False)
-    pd.DataFrame(c_clicks + p_clicks).to_csv(tmp_path / "clicks.csv", index=False)
-    joined = str(tmp_path / "joined")
-    argv = ["validate", "--served-log", str(tmp_path / "served.csv")]
-    argv += ["--clicks", str(tmp_path / "clicks.csv"), "--catalog", os.path.join(a, "catalog.csv")]
-    assert main([*argv, "--out", joined]) == 0
+    joined, _ = _joined_log(tmp_path, (b, version, 1200, 0.25), (a, prod, 2400, 0.05), 1)
     capsys.readouterr()
     assert main(["canary", "decide", "--store", store, "--data", joined]) == 0
     out = yaml.safe_load(capsys.readouterr().out)  # JSON is YAML
@@ -197,18 +209,11 @@ def test_cli_canary_lifecycle_with_a_joined_served_log(bundles, tmp_path, capsys
 def test_triggered_decide_counts_the_requests_where_the_greedy_picks_differ(running, tmp_path):
     store, prod, version, b = running
     a = version_dir(store, prod)
-    rng = np.random.default_rng(2)
-    c_rows, c_clicks = _served(b, version, 600, 0, 0.25, rng, mode="beam")
-    p_rows, p_clicks = _served(a, prod, 2400, 600, 0.05, rng, mode="beam")
-    pd.DataFrame(c_rows + p_rows).to_csv(tmp_path / "served.csv", index=False)
-    pd.DataFrame(c_clicks + p_clicks).to_csv(tmp_path / "clicks.csv", index=False)
-    joined = str(tmp_path / "joined")
-    argv = ["validate", "--served-log", str(tmp_path / "served.csv")]
-    argv += ["--clicks", str(tmp_path / "clicks.csv"), "--catalog", os.path.join(a, "catalog.csv")]
-    assert main([*argv, "--out", joined]) == 0
+    arms = (b, version, 600, 0.25), (a, prod, 2400, 0.05)
+    joined, rows = _joined_log(tmp_path, *arms, 2, mode="beam")
     trig = canary.triggered_rows(store, version, joined)
     pa_, pb = Predictor.load(a), Predictor.load(b)
-    ads = [pa_.catalog.ad_code(r["ad_id"]) for r in c_rows + p_rows]
+    ads = [pa_.catalog.ad_code(r["ad_id"]) for r in rows]
     expect = [not np.array_equal(pa_.greedy(x, None), pb.greedy(x, None)) for x in ads]
     assert trig.tolist() == expect and 0 < trig.sum() < len(trig)  # both kinds of request
     with pytest.raises(ConfigError, match="canary_ab must be 'all' or 'triggered', got 'some'"):
@@ -219,9 +224,6 @@ def test_triggered_decide_counts_the_requests_where_the_greedy_picks_differ(runn
     assert result.gate["rule"] == "online_ab_triggered"
     assert result.gate["online"]["canary_triggered_n"] == trig[:600].sum()
     # posterior draws differ on every request: a thompson log is refused, naming its row
-    served = pd.read_csv(tmp_path / "served.csv")
-    served.loc[4, "mode"] = "thompson"
-    served.to_csv(tmp_path / "served.csv", index=False)
-    assert main([*argv, "--out", joined]) == 0
+    joined, _ = _joined_log(tmp_path, *arms, 2, mode="beam", thompson_row=4)
     with pytest.raises(ContractError, match="served-log row 5 has mode 'thompson'"):
         canary.triggered_rows(store, version, joined)
