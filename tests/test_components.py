@@ -163,9 +163,13 @@ def test_evaluate_logs_metrics_html_and_gate(chain, tmp_path):
         gate=gate,
     )
     assert passed is True
-    assert {"candidate_auc", "candidate_log_loss", "candidate_value", "passed"} <= set(
+    assert {"candidate_auc", "candidate_log_loss", "candidate_matched", "passed"} <= set(
         metrics.metadata
     )
+    # a policy value where some held-out row shows the candidate's choice (on this 4,000-row
+    # log, 125 combinations an ad, it may show none: then no value, and the matched count 0)
+    matched = metrics.metadata["candidate_matched"]
+    assert ("candidate_value" in metrics.metadata) == (matched > 0)
     page = Path(report.path).read_text()
     assert page.count("data:image/png;base64,") == 4 and "PASSED" in page
     decision = json.loads(Path(gate.path).read_text())

@@ -197,11 +197,12 @@ class EvalResult:
                 v = getattr(b, key)
                 if v is not None:
                     out[f"{who}_{key}"] = float(v)
+            if b.policy is not None:  # matched 0: no logged row shows its choice, no value
+                out[f"{who}_matched"] = float(b.policy.matched)
             if b.policy is not None and b.policy.value is not None:
                 out[f"{who}_value"] = b.policy.value
                 out[f"{who}_value_ci_low"] = float(b.policy.ci_low)
                 out[f"{who}_value_ci_high"] = float(b.policy.ci_high)
-                out[f"{who}_matched"] = float(b.policy.matched)
         return out
 
 
