@@ -89,10 +89,11 @@ def test_canary_gate_triggered_reason_and_too_few_triggered_rows():
     assert plain["rule"] == "online_ab" and plain["online"]["triggered_share"] == 1.0
     assert g["online"]["se"] < plain["online"]["se"]
     alike = canary_gate(version, y, "c", "p", "ab" * 32, triggered=np.zeros(len(y), bool))
-    assert (
-        not alike["passed"]
-        and "serve alike on all but 0 canary and 0 production" in (alike["reason"])
-    )
+    assert not alike["passed"] and alike["rule"] == "online_ab_triggered"
+    assert "serve alike on all but 0 canary and 0 production" in alike["reason"]
+    every = canary_gate(version, y, "c", "p", "ab" * 32, triggered=np.ones(len(y), bool))
+    assert every["rule"] == "online_ab_triggered" and every["online"]["triggered_share"] == 1.0
+    assert every["online"]["value"] == pytest.approx(plain["online"]["value"])
     # the mid-round looks: no evidence without triggered rows, the gate's rule otherwise
     assert not canary_clearly_better(y[on], y[~on], 0.0, 0.99, ~t[on] & False, t[~on])
     assert canary_clearly_better(y[on], y[~on], 0.0, 0.99, t[on], t[~on])

@@ -113,7 +113,7 @@ def canary_gate(
                 f"online A/B: the two policies serve alike on all but {few[0]} canary and "
                 f"{few[1]} production impressions, too few to tell them apart: roll back",
                 margin, canary_digest, production_version,
-                ab_difference(click[canary], click[prod], confidence),
+                ab_difference(click[canary], click[prod], confidence), triggered=True,
             )  # fmt: skip
     ab = _arms_ab(click, canary, prod, confidence, triggered)
     need = margin * ab.production_ctr
@@ -133,11 +133,19 @@ def canary_gate(
         f"{'>' if passed else '<='} margin x production = {need:+.5f}: "
         f"{'promote' if passed else 'roll back'}"
     )
-    return _record(passed, reason, margin, canary_digest, production_version, ab)
+    return _record(
+        passed, reason, margin, canary_digest, production_version, ab, triggered is not None
+    )
 
 
 def _record(
-    passed: bool, reason: str, margin: float, digest: str, production: str, ab: ABDifference
+    passed: bool,
+    reason: str,
+    margin: float,
+    digest: str,
+    production: str,
+    ab: ABDifference,
+    triggered: bool,
 ) -> dict:
     return {
         "passed": bool(passed),
@@ -148,7 +156,7 @@ def _record(
         "candidate_value": ab.canary_ctr,
         "production_value": ab.production_ctr,
         "online": asdict(ab),
-        "rule": "online_ab" if ab.triggered_share == 1.0 else "online_ab_triggered",
+        "rule": "online_ab_triggered" if triggered else "online_ab",
     }
 
 
@@ -167,7 +175,7 @@ def canary_clearly_worse(
     ab = _early_ab(
         clicks_production, clicks_canary, confidence, triggered_production, triggered_canary
     )
-    return ab is not None and ab.lower_bound > 0
+    return bool(ab is not None and ab.lower_bound > 0)
 
 
 def canary_clearly_better(
@@ -185,7 +193,7 @@ def canary_clearly_better(
     ab = _early_ab(
         clicks_canary, clicks_production, confidence, triggered_canary, triggered_production
     )
-    return ab is not None and ab.lower_bound > margin * ab.production_ctr
+    return bool(ab is not None and ab.lower_bound > margin * ab.production_ctr)
 
 
 def _early_ab(first, second, confidence, trig_first, trig_second) -> ABDifference | None:
