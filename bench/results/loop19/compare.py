@@ -6,41 +6,29 @@ decision.
     python bench/results/loop19/compare.py [triggered | l2rule]
 """
 
-import glob
-import json
+import importlib.util
 import os
 import sys
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PEERS = ("element_ts", "element_ts_online", "vw_squarecb", "vw_squarecb_online", "combo_ts")
-
-
-def load(d):
-    out = {}
-    for f in sorted(glob.glob(os.path.join(d, "*_rounds.json"))):
-        world, seed = os.path.basename(f)[: -len("_rounds.json")].rsplit("_s", 1)
-        with open(f) as fh:
-            out[(world, int(seed))] = json.load(fh)
-    return out
+# loop18's reader and per-run figures, loaded from its file (results folders are no package)
+_spec = importlib.util.spec_from_file_location(
+    "loop18_compare", os.path.join(HERE, "..", "loop18", "compare.py")
+)
+loop18 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(loop18)
+PEERS, load = loop18.PEERS, loop18.load
 
 
 def figures(s):
-    f, reg = s["final"], s["final"]["cum_regret"]
+    """loop18's figures plus the canaries run and promoted."""
     rounds = s["rounds"]
-    worse = sum(
-        bool(r.get("gate_shipped_worse")) + bool(r.get("canary_shipped_worse")) for r in rounds
-    )
     return {
-        "served": f["served_over_oracle"],
-        "greedy": f["greedy_over_oracle"],
-        "regret": reg["genco"],
-        **{p: reg["genco"] / reg[p] for p in PEERS if reg.get(p)},
+        **loop18.figures(s),
         "promoted": sum(bool(r.get("canary_promoted")) for r in rounds),
         "canaries": sum("canary_promoted" in r for r in rounds),
-        "worse": worse,
-        "floor": f["floor_held_every_round"],
     }
 
 
